@@ -1,0 +1,26 @@
+"""fa_jax: train neural networks without weight transport (BP, FA, DFA) in JAX."""
+
+from fa_jax._feedback import (
+    DFAFeedback,
+    FAFeedback,
+    TapSpec,
+    dfa_matrices,
+    init_feedback,
+    layer_id,
+    layer_key,
+    materialize_fa,
+)
+from fa_jax._grad import project_error, value_and_grad
+from fa_jax._model import Bound, FAOps, PlainOps, TapOps, apply
+from fa_jax._ops import feedback_bilinear, feedback_conv, feedback_dense, feedback_einsum
+from fa_jax._rules import BP, DFA, FA, RULES, Shallow, get_rule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BP", "DFA", "FA", "RULES", "Shallow", "get_rule",
+    "value_and_grad", "init_feedback", "apply", "project_error",
+    "FAFeedback", "DFAFeedback", "TapSpec", "dfa_matrices", "materialize_fa", "layer_id", "layer_key",
+    "Bound", "PlainOps", "FAOps", "TapOps",
+    "feedback_dense", "feedback_conv", "feedback_einsum", "feedback_bilinear",
+]

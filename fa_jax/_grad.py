@@ -1,0 +1,122 @@
+"""Gradient functions: ``value_and_grad(model, loss, rule)`` for every rule.
+
+All returned functions are pure: they compose with ``jit``, ``vmap`` (seed
+sweeps), ``lax.scan`` and ``jax.jacrev`` of the update itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fa_jax import _rules, _validate
+from fa_jax._feedback import DFAFeedback, dfa_projection
+from fa_jax._model import FAOps, PlainOps, TapOps, bind
+from fa_jax._ops import is_key
+
+Model = Callable[[Any, Any, PlainOps], Any]
+Loss = Callable[[Any, Any], Any]
+
+
+def project_error(
+    error: jax.Array, feedback: DFAFeedback, rule: _rules.DFA, tap_values: list[jax.Array]
+) -> list[jax.Array]:
+    """``δ_l = e B_l`` for every tap with **one** GEMM of ``e`` and ``[B_1 … B_L]``.
+
+    Args:
+      error: ``e = ∂L/∂y``, shape ``(*batch, *output_shape)``.
+      feedback: the DFA projection ``(output_features, Σ tap_features)`` or its key.
+      tap_values: the recorded taps, ``(*batch, *tap_shape_l)``.
+
+    Returns:
+      One cotangent per tap, with the tap's shape and dtype (Nøkland 2016, eq. 3).
+    """
+    batch_shape = error.shape[: rule.batch_dims]
+    flat_error = error.reshape(int(np.prod(batch_shape)), feedback.output_size)
+    projection = feedback.projection
+    if is_key(projection):
+        projection = dfa_projection(projection, feedback.taps, feedback.output_size, rule.init, error.dtype)
+    signal = flat_error @ jax.lax.stop_gradient(projection).astype(error.dtype)
+    offsets = np.cumsum([tap.size for tap in feedback.taps])[:-1]
+    return [
+        part.reshape(value.shape).astype(value.dtype)
+        for part, value in zip(jnp.split(signal, offsets, axis=1), tap_values)
+    ]
+
+
+def _loss_and_aux(loss: Loss, has_aux: bool) -> Callable:
+    return loss if has_aux else (lambda outputs, targets: (loss(outputs, targets), None))
+
+
+def _pack(value, aux, grads, has_aux):
+    return ((value, aux), grads) if has_aux else (value, grads)
+
+
+def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux: bool = False) -> Callable:
+    """Turn ``model`` and ``loss`` into ``grad_fn(params, feedback, inputs, targets)``.
+
+    Args:
+      model: ``model(params, inputs, ops) -> outputs``; layers through ``ops``.
+      loss: ``loss(outputs, targets) -> scalar`` (or ``(scalar, aux)`` with ``has_aux``).
+      rule: ``"bp"``, ``"fa"``, ``"dfa"``, ``"shallow"`` or a rule value.
+
+    Returns:
+      ``grad_fn(params, feedback, inputs, targets) -> (loss, grads)`` (or
+      ``((loss, aux), grads)``), where ``grads`` has the structure of ``params``
+      and goes straight into an optax optimizer. ``feedback`` is ``None`` for BP
+      and shallow. Errors for a wrong feedback or tap shape rise at trace time.
+    """
+    rule = _rules.get_rule(rule)
+    with_aux = _loss_and_aux(loss, has_aux)
+
+    if isinstance(rule, _rules.BP):
+
+        def grad_fn(params, feedback, inputs, targets):
+            def objective(p):
+                return with_aux(model(p, inputs, PlainOps()), targets)
+
+            (value, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            return _pack(value, aux, grads, has_aux)
+
+    elif isinstance(rule, _rules.FA):
+
+        def grad_fn(params, feedback, inputs, targets):
+            _validate.check_fa(feedback, params)
+            ops = FAOps(rule.init)
+
+            def objective(p):
+                return with_aux(model(bind(p, feedback.kernels), inputs, ops), targets)
+
+            (value, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            return _pack(value, aux, grads, has_aux)
+
+    elif _rules.uses_taps(rule):
+
+        def grad_fn(params, feedback, inputs, targets):
+            names: list[str] = []
+
+            def forward(p):
+                ops = TapOps()
+                outputs = model(p, inputs, ops)
+                names[:] = ops.names
+                return outputs, ops.values
+
+            (outputs, taps), pullback = jax.vjp(forward, params)
+            (value, aux), error = jax.value_and_grad(with_aux, has_aux=True)(outputs, targets)
+            if isinstance(rule, _rules.Shallow):
+                if not taps:
+                    raise ValueError("the model calls ops.tap nowhere; 'shallow' needs taps to cut the network")
+                signals = [jnp.zeros_like(t) for t in taps]
+            else:
+                _validate.check_dfa(feedback, names, taps, outputs, rule.batch_dims)
+                signals = project_error(error, feedback, rule, taps)
+            (grads,) = pullback((error, signals))
+            return _pack(value, aux, grads, has_aux)
+
+    else:  # pragma: no cover - get_rule only returns known rules
+        raise TypeError(f"no gradient function for rule {rule!r}")
+
+    return grad_fn

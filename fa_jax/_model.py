@@ -1,0 +1,142 @@
+"""The ``ops`` object a model calls for its layers and taps.
+
+A model is any function ``model(params, inputs, ops) -> outputs`` that builds
+its weight layers with ``ops.dense`` / ``ops.conv`` / ``ops.einsum`` and marks
+hidden activations with ``ops.tap``. The rule decides what those calls do:
+
+* :class:`PlainOps` (BP, evaluation): ordinary layers, taps are the identity.
+* :class:`FAOps`: kernels arrive bound to their B (:class:`Bound`); layers use
+  the feedback ops, so ``dx`` flows through B.
+* :class:`TapOps` (DFA, shallow): ordinary layers; every tap is recorded and
+  cut with a stop-gradient, so blocks are independent in the backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from fa_jax import _ops
+
+
+@jax.tree_util.register_pytree_node_class
+class Bound:
+    """A kernel travelling with its feedback. Slices like a pair under ``lax.scan``.
+
+    Use it only through ``ops.dense``/``ops.conv``/``ops.einsum``; turning it into
+    an array would silently compute BP, so that raises.
+    """
+
+    def __init__(self, weight: jax.Array, feedback: jax.Array, path: str = "?"):
+        self.weight, self.feedback, self.path = weight, feedback, path
+
+    def tree_flatten(self):
+        return (self.weight, self.feedback), self.path
+
+    @classmethod
+    def tree_unflatten(cls, path, children):
+        return cls(*children, path)
+
+    shape = property(lambda self: self.weight.shape)
+    dtype = property(lambda self: self.weight.dtype)
+    ndim = property(lambda self: self.weight.ndim)
+
+    def __jax_array__(self):
+        raise TypeError(
+            f"kernel {self.path!r} carries FA feedback and must go through ops.dense, ops.conv or "
+            "ops.einsum; using it as an array would compute BP"
+        )
+
+    def __repr__(self):
+        return f"Bound(path={self.path!r}, shape={self.shape})"
+
+
+def _apply_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
+    return y if bias is None else y + bias
+
+
+class PlainOps:
+    """Ordinary layers and identity taps (BP and evaluation)."""
+
+    def dense(self, x, kernel, bias=None):
+        """``x @ kernel + bias`` over leading batch dims. Shapes ``(*b, i), (i, o) -> (*b, o)``."""
+        return _apply_bias(_ops.dense_product(x, self._weight(kernel)), bias)
+
+    def conv(self, x, kernel, bias=None, *, strides=1, padding="SAME"):
+        """Channels-last convolution ``(n, *s, c_in), (*w, c_in, c_out) -> (n, *s', c_out)``."""
+        strides = (strides,) * (kernel.ndim - 2) if isinstance(strides, int) else tuple(strides)
+        return _apply_bias(_ops.ConvProduct(strides, padding)(x, self._weight(kernel)), bias)
+
+    def einsum(self, spec, x, kernel):
+        """``jnp.einsum(spec, x, kernel)`` with a weight as second operand."""
+        return jnp.einsum(spec, x, self._weight(kernel))
+
+    def tap(self, h, name: str | None = None):
+        """Mark a hidden activation for DFA; the identity here."""
+        return h
+
+    @staticmethod
+    def _weight(kernel):
+        return kernel.weight if isinstance(kernel, Bound) else kernel
+
+
+class FAOps(PlainOps):
+    """Layers whose input-gradient goes through the kernel's bound B."""
+
+    def __init__(self, init: Callable | None):
+        self.init = init
+
+    def _bound(self, kernel, op: str) -> Bound:
+        if not isinstance(kernel, Bound):
+            raise ValueError(
+                f"ops.{op} got a kernel of shape {getattr(kernel, 'shape', None)} with no FA feedback; "
+                "pass the kernel leaf of params as it is (feedback is bound to it), or select it in "
+                "init_feedback(select=...)"
+            )
+        return kernel
+
+    def dense(self, x, kernel, bias=None):
+        k = self._bound(kernel, "dense")
+        return _ops.feedback_dense(x, k.weight, bias, k.feedback, init=self.init)
+
+    def conv(self, x, kernel, bias=None, *, strides=1, padding="SAME"):
+        k = self._bound(kernel, "conv")
+        return _ops.feedback_conv(x, k.weight, bias, k.feedback, strides=strides, padding=padding, init=self.init)
+
+    def einsum(self, spec, x, kernel):
+        k = self._bound(kernel, "einsum")
+        return _ops.feedback_einsum(spec, x, k.weight, k.feedback, init=self.init)
+
+
+class TapOps(PlainOps):
+    """Records every tap and cuts the graph there with a stop-gradient (DFA)."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.values: list[jax.Array] = []
+
+    def tap(self, h, name: str | None = None):
+        name = f"tap_{len(self.names)}" if name is None else name
+        if name in self.names:
+            raise ValueError(f"tap name {name!r} is used twice; tap names must be unique")
+        self.names.append(name)
+        self.values.append(h)
+        return jax.lax.stop_gradient(h)
+
+
+def bind(params: Any, kernels: Any) -> Any:
+    """Replace each kernel of ``params`` that has feedback by ``Bound(kernel, B, path)``."""
+
+    def pair(path, feedback, weight):
+        if feedback is None:
+            return weight
+        return Bound(weight, feedback, jax.tree_util.keystr(path, simple=True, separator="/"))
+
+    return jax.tree_util.tree_map_with_path(pair, kernels, params, is_leaf=lambda x: x is None)
+
+
+def apply(model: Callable, params: Any, inputs: Any) -> Any:
+    """Run ``model`` forward with plain layers (evaluation under any rule)."""
+    return model(params, inputs, PlainOps())
