@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fa_jax import _rules
+from fa_jax import _checks, _rules
 from fa_jax._ops import is_key
 
 KERNEL_NAMES = ("kernel", "w", "weight")
@@ -84,6 +84,8 @@ class DFAFeedback:
     projection: jax.Array
     taps: tuple[TapSpec, ...] = dataclasses.field(metadata=dict(static=True))
     output_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    # TinyDFA layout: projection is (output_features, widest tap); tap l reads columns [:d_l].
+    shared_prefix: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def output_size(self) -> int:
@@ -133,14 +135,36 @@ def dfa_projection(
     return jnp.concatenate(blocks, axis=1)
 
 
+SHARED_PREFIX_PATH = "shared_prefix"  # the layer path whose key draws the one shared matrix
+
+
+def shared_projection(key: jax.Array, taps: tuple[TapSpec, ...], output_size: int, init: Callable, dtype: Any = jnp.float32) -> jax.Array:
+    """TinyDFA's single ``(output_size, max_l tap_size_l)`` matrix; tap ``l`` uses its first ``d_l`` columns."""
+    widest = max(tap.size for tap in taps)
+    return init(layer_key(key, SHARED_PREFIX_PATH), (output_size, widest), dtype)
+
+
+def projection_matrix(feedback: DFAFeedback, init: Callable, dtype: Any = jnp.float32) -> jax.Array:
+    """The stored projection, or the one regenerated from its key (per-tap blocks or shared prefix)."""
+    projection = feedback.projection
+    if not is_key(projection):
+        return projection
+    draw = shared_projection if feedback.shared_prefix else dfa_projection
+    return draw(projection, feedback.taps, feedback.output_size, init, dtype)
+
+
+def split_taps(signal: jax.Array, feedback: DFAFeedback) -> list[jax.Array]:
+    """Split ``(..., columns)`` into one block per tap: consecutive blocks, or prefixes when shared."""
+    sizes = [tap.size for tap in feedback.taps]
+    if feedback.shared_prefix:
+        return [signal[..., :size] for size in sizes]
+    return jnp.split(signal, np.cumsum(sizes)[:-1], axis=-1)
+
+
 def dfa_matrices(feedback: DFAFeedback, rule: _rules.DFA | None = None) -> list[jax.Array]:
     """The per-tap ``B_l``, each ``(output_features, tap_features)``, materialized from a key if needed."""
-    projection = feedback.projection
-    if is_key(projection):
-        init = (rule or _rules.DFA()).init
-        projection = dfa_projection(projection, feedback.taps, feedback.output_size, init)
-    offsets = np.cumsum([tap.size for tap in feedback.taps])[:-1]
-    return jnp.split(projection, offsets, axis=1)
+    projection = projection_matrix(feedback, (rule or _rules.DFA()).init)
+    return split_taps(projection, feedback)
 
 
 def materialize_fa(feedback: FAFeedback, params: Any, rule: _rules.FA | None = None) -> Any:
@@ -201,13 +225,24 @@ def init_feedback(
     rule = _rules.get_rule(rule)
     if isinstance(rule, (_rules.BP, _rules.Shallow)):
         return None
+    _checks.check_key(key, "key")
+    _checks.check_array_tree(params, "params")
+    if dtype is not None:
+        _checks.check_dtype(dtype, "dtype")
+    _checks.check_callable(select, "select")
     if isinstance(rule, _rules.FA):
         return fa_feedback(params, key=key, init=rule.init, regenerate=rule.regenerate, select=select, dtype=dtype)
     if isinstance(rule, _rules.DFA):
         if model is None or inputs is None:
-            raise ValueError("init_feedback('dfa', ...) needs model= and inputs= to find the taps")
+            raise ValueError("model, inputs: init_feedback('dfa', ...) needs model= and inputs= to find the taps")
+        _checks.check_callable(model, "model")
+        _checks.check_array_tree(inputs, "inputs")
         taps, output_shape = trace_taps(model, params, inputs, rule.batch_dims)
         output_size = math.prod(output_shape)
-        projection = key if rule.regenerate else dfa_projection(key, taps, output_size, rule.init, dtype or jnp.float32)
-        return DFAFeedback(projection, taps, output_shape)
+        shared = getattr(rule, "shared_prefix", False)
+        draw = shared_projection if shared else dfa_projection
+        projection = key if rule.regenerate else draw(key, taps, output_size, rule.init, dtype or jnp.float32)
+        return DFAFeedback(projection, taps, output_shape, shared)
+    if hasattr(rule, "init_feedback"):  # the rule family: sign symmetry, Kolen–Pollack, DRTP
+        return rule.init_feedback(params, key=key, model=model, inputs=inputs, dtype=dtype, select=select)
     raise TypeError(f"init_feedback does not know rule {rule!r}")

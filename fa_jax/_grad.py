@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fa_jax import _rules, _validate
+from fa_jax import _checks, _rules, _validate
 from fa_jax._feedback import DFAFeedback, dfa_projection
 from fa_jax._model import FAOps, PlainOps, TapOps, bind
 from fa_jax._ops import is_key
@@ -51,6 +51,23 @@ def _loss_and_aux(loss: Loss, has_aux: bool) -> Callable:
     return loss if has_aux else (lambda outputs, targets: (loss(outputs, targets), None))
 
 
+def _check_call(params: Any, inputs: Any, targets: Any) -> None:
+    """Trace-time checks of a ``grad_fn`` call: floating params, numeric inputs and targets."""
+    _checks.check_floating_tree(params, "params")
+    _checks.check_array_tree(inputs, "inputs")
+    _checks.check_array_tree(targets, "targets")
+
+
+def _checked(with_aux: Callable) -> Callable:
+    """The loss, after checking that a same-rank target can broadcast against the outputs."""
+
+    def run(outputs, targets):
+        _checks.check_targets(outputs, targets)
+        return with_aux(outputs, targets)
+
+    return run
+
+
 def _pack(value, aux, grads, has_aux):
     return ((value, aux), grads) if has_aux else (value, grads)
 
@@ -70,11 +87,15 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
       and shallow. Errors for a wrong feedback or tap shape rise at trace time.
     """
     rule = _rules.get_rule(rule)
-    with_aux = _loss_and_aux(loss, has_aux)
+    _checks.check_callable(model, "model")
+    _checks.check_callable(loss, "loss")
+    _checks.check_bool(has_aux, "has_aux")
+    with_aux = _checked(_loss_and_aux(loss, has_aux))
 
     if isinstance(rule, _rules.BP):
 
         def grad_fn(params, feedback, inputs, targets):
+            _check_call(params, inputs, targets)
             def objective(p):
                 return with_aux(model(p, inputs, PlainOps()), targets)
 
@@ -84,6 +105,7 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
     elif isinstance(rule, _rules.FA):
 
         def grad_fn(params, feedback, inputs, targets):
+            _check_call(params, inputs, targets)
             _validate.check_fa(feedback, params)
             ops = FAOps(rule.init)
 
@@ -96,6 +118,7 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
     elif _rules.uses_taps(rule):
 
         def grad_fn(params, feedback, inputs, targets):
+            _check_call(params, inputs, targets)
             names: list[str] = []
 
             def forward(p):

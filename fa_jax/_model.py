@@ -18,7 +18,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fa_jax import _ops
+from fa_jax import _checks, _ops
 
 
 @jax.tree_util.register_pytree_node_class
@@ -53,6 +53,11 @@ class Bound:
         return f"Bound(path={self.path!r}, shape={self.shape})"
 
 
+def _where(op: str, kernel: Any) -> str:
+    """``"ops.dense(layer 0/kernel)"`` when the kernel knows its path (FA), else the op's name."""
+    return f"{op}(layer {kernel.path!r})" if isinstance(kernel, Bound) else op
+
+
 def _apply_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:
     return y if bias is None else y + bias
 
@@ -62,10 +67,12 @@ class PlainOps:
 
     def dense(self, x, kernel, bias=None):
         """``x @ kernel + bias`` over leading batch dims. Shapes ``(*b, i), (i, o) -> (*b, o)``."""
+        _checks.check_dense_args(x, self._weight(kernel), bias, _where("ops.dense", kernel))
         return _apply_bias(_ops.dense_product(x, self._weight(kernel)), bias)
 
     def conv(self, x, kernel, bias=None, *, strides=1, padding="SAME"):
         """Channels-last convolution ``(n, *s, c_in), (*w, c_in, c_out) -> (n, *s', c_out)``."""
+        _checks.check_conv_args(x, self._weight(kernel), bias, strides, padding, _where("ops.conv", kernel))
         strides = (strides,) * (kernel.ndim - 2) if isinstance(strides, int) else tuple(strides)
         return _apply_bias(_ops.ConvProduct(strides, padding)(x, self._weight(kernel)), bias)
 
@@ -99,10 +106,12 @@ class FAOps(PlainOps):
 
     def dense(self, x, kernel, bias=None):
         k = self._bound(kernel, "dense")
+        _checks.check_dense_args(x, k.weight, bias, _where("ops.dense", k))
         return _ops.feedback_dense(x, k.weight, bias, k.feedback, init=self.init)
 
     def conv(self, x, kernel, bias=None, *, strides=1, padding="SAME"):
         k = self._bound(kernel, "conv")
+        _checks.check_conv_args(x, k.weight, bias, strides, padding, _where("ops.conv", k))
         return _ops.feedback_conv(x, k.weight, bias, k.feedback, strides=strides, padding=padding, init=self.init)
 
     def einsum(self, spec, x, kernel):

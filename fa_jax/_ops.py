@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from fa_jax import _checks
+
 Bilinear = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -75,6 +77,14 @@ def feedback_bilinear(f: Bilinear, x: jax.Array, weight: jax.Array, feedback: ja
       feedback: B with ``weight``'s shape, or a typed PRNG key to regenerate B.
       init: ``init(key, shape, dtype)``, required when ``feedback`` is a key.
     """
+    _checks.check_callable(f, "f")
+    _checks.check_array_tree(x, "x")
+    if not _checks.is_array(x):
+        raise TypeError(f"x: expected an array, given {_checks.describe(x)}")
+    _checks.check_floating(weight, "weight")
+    _checks.check_feedback_matrix(feedback, weight, "feedback")
+    if is_key(feedback) and init is None:
+        raise ValueError("init: feedback is a PRNG key, so init(key, shape, dtype) is needed to regenerate B")
     return _feedback_bilinear(f, x, weight, feedback, init)
 
 
@@ -96,6 +106,7 @@ def feedback_dense(
     Lillicrap et al. 2016, eq. 2. ``x`` may have any leading dims, e.g.
     ``(batch, seq, fan_in)``; the bias gradient is exact by ordinary autodiff.
     """
+    _checks.check_dense_args(x, kernel, bias, "feedback_dense")
     y = feedback_bilinear(dense_product, x, kernel, feedback, init=init)
     return y if bias is None else y + bias
 
@@ -141,6 +152,7 @@ def feedback_conv(
     ``dx = conv_transpose(g, B)``, ``dW`` exact. B has the kernel's shape
     ``(*window, c_in, c_out)`` (biotorch's FA Conv2d).
     """
+    _checks.check_conv_args(x, kernel, bias, strides, padding, "feedback_conv")
     spatial = kernel.ndim - 2
     strides = (strides,) * spatial if isinstance(strides, int) else tuple(strides)
     y = feedback_bilinear(ConvProduct(strides, padding), x, kernel, feedback, init=init)
@@ -165,4 +177,39 @@ class EinsumProduct:
 
 def feedback_einsum(spec: str, x: jax.Array, kernel: jax.Array, feedback: jax.Array, *, init: Callable | None = None) -> jax.Array:
     """FA ``einsum(spec, x, kernel)`` (e.g. attention projections ``"bsd,dhk->bshk"``)."""
+    _checks.check_einsum_args(spec, x, kernel, "feedback_einsum")
     return feedback_bilinear(EinsumProduct(spec), x, kernel, feedback, init=init)
+
+
+# Rules whose backward matrix depends on W itself (sign symmetry: |M| ⊙ sign(W)) keep
+# W as a residual; under jit W is a live argument anyway, so no copy is held.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def _matrix_bilinear(f: Bilinear, x, weight, feedback, backward_matrix):
+    return f(x, weight)
+
+
+def _matrix_fwd(f, x, weight, feedback, backward_matrix):
+    return f(x, weight), (x, weight, feedback)
+
+
+def _matrix_bwd(f, backward_matrix, residuals, g):
+    x, weight, feedback = residuals
+    matrix = backward_matrix(weight, feedback)
+    # The FA backward with the computed matrix as B (an array, so nothing is regenerated).
+    dx, dw, _ = _bwd(f, None, (x, jax.ShapeDtypeStruct(weight.shape, weight.dtype), matrix), g)
+    return dx, dw, None
+
+
+_matrix_bilinear.defvjp(_matrix_fwd, _matrix_bwd)
+
+
+def matrix_bilinear(f: Bilinear, x: jax.Array, weight: jax.Array, feedback: Any, *, backward_matrix: Callable) -> jax.Array:
+    """``f(x, weight)`` whose input-gradient uses ``backward_matrix(weight, feedback)`` in W's place.
+
+    The generalisation of :func:`feedback_bilinear` used by the rule family: uSF
+    (``sign(W)·s``), frSF/brSF (``|M| ⊙ sign(W)``) and Kolen–Pollack (learned B).
+    ``backward_matrix`` is static and hashable and runs inside the backward, so a
+    regenerated M never lives past its layer's backward. ``feedback`` is any pytree
+    (e.g. ``(key, step)``) and gets no cotangent; ``dW`` stays exact.
+    """
+    return _matrix_bilinear(f, x, weight, feedback, backward_matrix)

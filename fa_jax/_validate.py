@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 
+from fa_jax import _checks
 from fa_jax._feedback import DFAFeedback, FAFeedback, TapSpec, path_str
 from fa_jax._ops import is_key
 
@@ -19,25 +20,26 @@ def check_fa(feedback: Any, params: Any) -> None:
     """FA feedback must mirror ``params`` and each B must have its kernel's shape."""
     if not isinstance(feedback, FAFeedback):
         raise ValueError(
-            f"rule 'fa' needs FAFeedback from init_feedback('fa', params, key=...), got {type(feedback).__name__}"
+            f"feedback: rule 'fa' needs FAFeedback from init_feedback('fa', params, key=...), got {type(feedback).__name__}"
         )
     have, want = _paths(feedback.kernels), _paths(params)
     if have != want:
         missing = [p for p in want if p not in have]
         extra = [p for p in have if p not in want]
         raise ValueError(
-            "FA feedback does not match params: "
+            "feedback: FA feedback does not match params: "
             f"params have layers {missing[:5]} that feedback lacks, feedback has {extra[:5]} that params lack"
             if missing or extra
-            else f"FA feedback does not match params: leaf order differs, expected {want[:5]}, given {have[:5]}"
+            else f"feedback: FA feedback does not match params: leaf order differs, expected {want[:5]}, given {have[:5]}"
         )
 
     def check(path, matrix, weight):
         if matrix is None or is_key(matrix):
             return
+        _checks.check_floating(matrix, f"feedback: B for layer {path_str(path)!r}")
         if matrix.shape != weight.shape:
             raise ValueError(
-                f"feedback for layer {path_str(path)!r}: expected shape {tuple(weight.shape)} "
+                f"feedback: B for layer {path_str(path)!r}: expected shape {tuple(weight.shape)} "
                 f"(the kernel's), given {tuple(matrix.shape)}"
             )
 
@@ -48,31 +50,32 @@ def check_dfa(feedback: Any, names: list[str], values: list[jax.Array], outputs:
     """Recorded taps and output must match the taps the DFA feedback was made for."""
     if not isinstance(feedback, DFAFeedback):
         raise ValueError(
-            "rule 'dfa' needs DFAFeedback from init_feedback('dfa', params, key=..., model=..., inputs=...), "
+            "feedback: rule 'dfa' needs DFAFeedback from init_feedback('dfa', params, key=..., model=..., inputs=...), "
             f"got {type(feedback).__name__}"
         )
     if not values:
-        raise ValueError("the model calls ops.tap nowhere; DFA needs at least one tap to reach hidden layers")
+        raise ValueError("model: the model calls ops.tap nowhere; DFA needs at least one tap to reach hidden layers")
     given = [TapSpec(n, tuple(v.shape[batch_dims:])) for n, v in zip(names, values)]
     if [t.name for t in given] != [t.name for t in feedback.taps]:
         raise ValueError(
-            f"DFA taps differ from the feedback's: expected {[t.name for t in feedback.taps]}, "
+            f"feedback: DFA taps differ from the feedback's: expected {[t.name for t in feedback.taps]}, "
             f"given {[t.name for t in given]}"
         )
     for want, got in zip(feedback.taps, given):
         if want.shape != got.shape:
-            raise ValueError(f"tap {want.name!r}: expected feature shape {want.shape}, given {got.shape}")
+            raise ValueError(f"feedback: tap {want.name!r}: expected feature shape {want.shape}, given {got.shape}")
     if tuple(outputs.shape[batch_dims:]) != feedback.output_shape:
         raise ValueError(
-            f"model output: expected feature shape {feedback.output_shape}, given {tuple(outputs.shape[batch_dims:])}"
+            f"feedback: model output: expected feature shape {feedback.output_shape}, given {tuple(outputs.shape[batch_dims:])}"
         )
     batch = tuple(outputs.shape[:batch_dims])
     for tap, value in zip(given, values):
         shape = tuple(value.shape[:batch_dims])
         if shape != batch:
-            raise ValueError(f"tap {tap.name!r}: batch dims {shape} differ from the output's {batch}")
+            raise ValueError(f"model: tap {tap.name!r}: batch dims {shape} differ from the output's {batch}")
     projection = feedback.projection
     if not is_key(projection):
+        _checks.check_floating(projection, "feedback: DFA projection")
         want = (feedback.output_size, sum(t.size for t in feedback.taps))
         if tuple(projection.shape) != want:
-            raise ValueError(f"DFA projection: expected shape {want}, given {tuple(projection.shape)}")
+            raise ValueError(f"feedback: DFA projection: expected shape {want}, given {tuple(projection.shape)}")

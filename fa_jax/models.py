@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from fa_jax import _checks
+
 ACTIVATIONS: dict[str, Callable] = {
     "tanh": jnp.tanh,
     "relu": jax.nn.relu,
@@ -19,6 +21,12 @@ ACTIVATIONS: dict[str, Callable] = {
 
 def init_mlp(sizes: Sequence[int], *, key: jax.Array, dtype=jnp.float32) -> list[dict[str, jax.Array]]:
     """LeCun-normal kernels ``(sizes[i], sizes[i+1])`` and zero biases, one dict per layer."""
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or len(sizes) < 2:
+        raise ValueError(f"sizes: expected a sequence of at least 2 layer widths, given {sizes!r}")
+    for index, size in enumerate(sizes):
+        _checks.check_int(size, f"sizes[{index}]", minimum=1)
+    _checks.check_key(key, "key")
+    _checks.check_dtype(dtype, "dtype")
     keys = jax.random.split(key, len(sizes) - 1)
     init = jax.nn.initializers.lecun_normal()
     return [
@@ -32,14 +40,40 @@ def mlp(activation: str = "tanh") -> Callable:
 
     Shapes: ``x (*batch, sizes[0]) -> (*batch, sizes[-1])``.
     """
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation: unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
     act = ACTIVATIONS[activation]
 
     def model(params, x: Float[Array, "*batch d_in"], ops) -> Float[Array, "*batch d_out"]:
+        _check_mlp(params, x)
         *hidden, last = params
         for index, layer in enumerate(hidden):
             x = ops.tap(act(ops.dense(x, layer["kernel"], layer["bias"])), name=f"layer_{index}")
         return ops.dense(x, last["kernel"], last["bias"])
 
     return model
+
+
+def _check_mlp(params, x) -> None:
+    """``params`` is a list of ``{"kernel", "bias"}`` layers chained in width, fed by ``x (*batch, d_in)``."""
+    if not isinstance(params, (list, tuple)) or not params:
+        raise TypeError(f"params: expected a non-empty list of layers from init_mlp, given {_checks.describe(params)}")
+    for index, layer in enumerate(params):
+        if not isinstance(layer, dict) or set(layer) != {"kernel", "bias"}:
+            raise ValueError(f"params[{index}]: expected a dict with 'kernel' and 'bias', given {_checks.describe(layer)}")
+        if getattr(layer["kernel"], "ndim", None) != 2:
+            raise ValueError(
+                f"params[{index}]['kernel']: expected shape (fan_in, fan_out), given {_checks.describe(layer['kernel'])}"
+            )
+    if not _checks.is_array(x):
+        raise TypeError(f"inputs: expected an array (*batch, d_in), given {_checks.describe(x)}")
+    width = params[0]["kernel"].shape[0]
+    if x.ndim < 1 or x.shape[-1] != width:
+        raise ValueError(f"inputs: expected shape (*batch, {width}) for params[0]['kernel'], given {_checks.describe(x)}")
+    for index in range(1, len(params)):
+        want, got = params[index - 1]["kernel"].shape[1], params[index]["kernel"].shape[0]
+        if want != got:
+            raise ValueError(
+                f"params[{index}]['kernel']: expected fan_in {want} (params[{index - 1}]'s fan_out), given "
+                f"{_checks.describe(params[index]['kernel'])}"
+            )
