@@ -1,5 +1,6 @@
 """fa_jax: train neural networks without weight transport (BP, FA, DFA) in JAX."""
 
+from fa_jax import models
 from fa_jax._feedback import (
     DFAFeedback,
     FAFeedback,
@@ -18,7 +19,7 @@ from fa_jax._rules import BP, DFA, FA, RULES, Shallow, get_rule
 __version__ = "0.1.0"
 
 __all__ = [
-    "BP", "DFA", "FA", "RULES", "Shallow", "get_rule",
+    "BP", "DFA", "FA", "RULES", "Shallow", "get_rule", "models",
     "value_and_grad", "init_feedback", "apply", "project_error",
     "FAFeedback", "DFAFeedback", "TapSpec", "dfa_matrices", "materialize_fa", "layer_id", "layer_key",
     "Bound", "PlainOps", "FAOps", "TapOps",
