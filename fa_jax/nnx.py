@@ -1,0 +1,366 @@
+"""Train an unmodified Flax NNX model with FA, DFA or the shallow baseline.
+
+:func:`convert` walks the module graph (``nnx.iter_modules``) and re-types
+modules in place, keeping the module objects, their ``nnx.Param`` s and their
+paths (so shared layers stay shared and optimizer state lines up):
+
+* **FA**: every ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv`` and
+  ``nnx.Einsum`` becomes a feedback-aware subclass holding B in a
+  :class:`Feedback` variable. The layer's own ``__call__`` runs unchanged
+  except that its primitive (``dot_general`` / ``conv_general_dilated`` /
+  ``einsum_op``) routes ``dx`` through B (Lillicrap et al. 2016, eq. 2):
+  ``dx = g Bᵀ`` for dense layers, the transposed convolution with B for conv.
+* **DFA**: modules chosen by ``taps`` are cut with a stop-gradient and recorded;
+  the root's output goes through a ``custom_vjp`` identity whose backward sends
+  ``δ_l = e B_l`` to each tap (Nøkland 2016, eq. 3) with one GEMM of ``e`` and
+  the concatenated ``[B_1 … B_L]`` (held by the root in a :class:`Feedback`).
+* **shallow**: the same cuts, no projection: only the part after the last tap trains.
+
+Feedback is a :class:`Feedback` variable, not an ``nnx.Param``, so
+``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and ``nnx.value_and_grad`` leave it
+alone. Gradients are ordinary autodiff of the converted model::
+
+    model = fa_jax.nnx.convert(model, "fa", key=jax.random.key(0))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)     # FA gradients
+    optimizer.update(model, grads)
+
+Pure path (seed sweeps under ``jax.vmap``): ``graphdef, params, feedback =
+fa_jax.nnx.split(model)`` and ``grad_fn = fa_jax.nnx.value_and_grad(graphdef,
+loss)``, ``grad_fn(params, feedback, inputs, targets) -> (loss, grads)``, the
+signature of the core ``fa_jax.value_and_grad``.
+
+DFA tap placements (``taps=``), following Launay et al. 2020:
+
+* ``"layer"``: one tap at the input of every weight layer that does not read
+  the model input directly. For an MLP that is the post-activation ``h_l`` of
+  every hidden layer, Nøkland's DFA exactly; for a CNN it is every feature map
+  a conv or dense layer reads.
+* ``"macro"``: one tap at the output of every block (``blocks=``: a module
+  type, a tuple of types, or a list of module paths).
+* ``"micro"``: inside every block, a tap at the output of each attention module
+  (``attention=``, default ``nnx.MultiHeadAttention``), plus the block output
+  (after the MLP and its residual).
+* a list of module paths (``"blocks/0"``): a tap at each module's output.
+
+Normalization, dropout and residual connections need nothing: between taps
+they are differentiated as usual (they carry no transported weight matrix).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fa_jax import _flax, _rules
+
+__all__ = ["Feedback", "WEIGHT_LAYERS", "convert", "split", "value_and_grad", "feedback_of"]
+
+
+class Feedback(nnx.Variable):
+    """Fixed random feedback (B, a DFA projection, or a key). Not an ``nnx.Param``: no optimizer touches it."""
+
+
+WEIGHT_LAYERS: tuple[type, ...] = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
+
+# The primitive each layer calls through ``self.<attribute>`` and its default.
+_PRIMITIVE = (
+    (nnx.Conv, "conv_general_dilated", (jax.lax.conv_general_dilated,)),
+    (nnx.Einsum, "einsum_op", (jnp.einsum,)),
+    (nnx.LinearGeneral, "dot_general", (None, jax.lax.dot_general)),
+    (nnx.Linear, "dot_general", (jax.lax.dot_general,)),
+)
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def _primitive(module: nnx.Module) -> tuple[str, tuple]:
+    for cls, attribute, defaults in _PRIMITIVE:
+        if isinstance(module, cls):
+            return attribute, defaults
+    raise TypeError(f"{type(module).__name__} is not one of {[c.__name__ for c in WEIGHT_LAYERS]}")
+
+
+class _Overlay:
+    """``module`` with a few attributes replaced; the layer's own ``__call__`` runs on it."""
+
+    def __init__(self, module: Any, overrides: dict[str, Any]):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_overrides", overrides)
+
+    def __getattr__(self, name):
+        overrides = object.__getattribute__(self, "_overrides")
+        return overrides[name] if name in overrides else getattr(object.__getattribute__(self, "_module"), name)
+
+
+def _value(variable: nnx.Variable) -> jax.Array:
+    return variable.get_value() if hasattr(variable, "get_value") else variable.value
+
+
+_CLASSES: dict[tuple, type] = {}
+
+
+def _fa_class(base: type) -> type:
+    """``FA<Base>``: ``Base.__call__`` with its primitive's input-gradient through ``self.fa_feedback``."""
+    if ("fa", base) not in _CLASSES:
+
+        def __call__(self, *args, **kwargs):
+            attribute, _ = _primitive(self)
+            feedback = _value(self.fa_feedback)
+            if attribute == "conv_general_dilated":
+                primitive = _flax.feedback_conv_general_dilated(feedback, self.fa_rule, getattr(self, "mask", None))
+            elif attribute == "einsum_op":
+                primitive = _flax.feedback_einsum(feedback, self.fa_rule)
+            else:
+                primitive = _flax.feedback_dot_general(feedback, self.fa_rule)
+            overrides = {attribute: primitive, "dot_general_cls": None}
+            return base.__call__(_Overlay(self, overrides), *args, **kwargs)
+
+        _CLASSES["fa", base] = type(f"FA{base.__name__}", (base,), {"__call__": __call__, "__module__": __name__})
+    return _CLASSES["fa", base]
+
+
+def _tap_class(base: type, where: str) -> type:
+    """``Tapped<Base>``: records and cuts the module's input (``where="input"``) or output."""
+    if (where, base) not in _CLASSES:
+
+        def __call__(self, x, *args, **kwargs):
+            if where == "input":
+                return base.__call__(self, _flax.tap(self.fa_tap, x, self.fa_tap), *args, **kwargs)
+            return _flax.tap(self.fa_tap, base.__call__(self, x, *args, **kwargs), self.fa_tap)
+
+        name = f"Tapped{base.__name__}" + ("Input" if where == "input" else "")
+        _CLASSES[where, base] = type(name, (base,), {"__call__": __call__, "__module__": __name__})
+    return _CLASSES[where, base]
+
+
+def _root_class(base: type) -> type:
+    """``DFA<Base>``: runs ``Base.__call__`` recording taps, then the DFA head on the output."""
+    if ("root", base) not in _CLASSES:
+
+        def __call__(self, *args, **kwargs):
+            rule = self.fa_rule
+            with _flax.recording(cut=True) as recorder:
+                outputs = base.__call__(self, *args, **kwargs)
+            if not (hasattr(outputs, "shape") and hasattr(outputs, "dtype")):
+                raise TypeError(f"DFA needs the model to return one array, given {type(outputs).__name__}")
+            _flax.check_taps(self.fa_taps, recorder.names, recorder.values, rule.batch_dims)
+            if isinstance(rule, _rules.Shallow):
+                return outputs
+            return _flax.dfa_head(outputs, _value(self.fa_dfa_feedback), recorder.values, taps=self.fa_taps, rule=rule)
+
+        _CLASSES["root", base] = type(f"{base.__name__}With{'Taps'}", (base,), {"__call__": __call__, "__module__": __name__})
+    return _CLASSES["root", base]
+
+
+def _is_converted(module: nnx.Module) -> bool:
+    return type(module) in _CLASSES.values()
+
+
+def _modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    return [(_path_str(path), module) for path, module in nnx.iter_modules(model)]
+
+
+def _weight_layers(model: nnx.Module, rule_name: str) -> list[tuple[str, nnx.Module]]:
+    layers = [(p, m) for p, m in _modules(model) if isinstance(m, WEIGHT_LAYERS) and p]
+    if not layers:
+        found = sorted({type(m).__name__ for _, m in _modules(model)})
+        raise ValueError(
+            f"rule {rule_name!r}: the model has no layer it can handle; expected at least one of "
+            f"{[c.__name__ for c in WEIGHT_LAYERS]} as a sub-module, found modules {found}"
+        )
+    for path, module in layers:
+        attribute, defaults = _primitive(module)
+        custom = getattr(module, attribute, None)
+        if all(custom is not d for d in defaults) or getattr(module, "dot_general_cls", None) is not None:
+            raise ValueError(
+                f"layer {path!r} ({type(module).__name__}): expected the default {attribute}, given a custom one "
+                f"({custom!r}); FA replaces that primitive, so a custom one cannot be honoured"
+            )
+    return layers
+
+
+def _convert_fa(model: nnx.Module, rule: _rules.FA, key: jax.Array) -> None:
+    for path, module in _weight_layers(model, rule.name):
+        kernel = _value(module.kernel)
+        module.fa_feedback = Feedback(_flax.fa_matrix(rule, key, f"{path}/kernel", kernel.shape, kernel.dtype))
+        module.fa_rule = rule
+        module.__class__ = _fa_class(type(module))
+
+
+def _match(path: str, module: nnx.Module, spec: Any) -> bool:
+    if isinstance(spec, type) or (isinstance(spec, tuple) and all(isinstance(s, type) for s in spec)):
+        return isinstance(module, spec)
+    return path in spec
+
+
+def _named(modules: list[tuple[str, nnx.Module]], spec: Any, what: str) -> list[tuple[str, nnx.Module]]:
+    if spec is None:
+        raise ValueError(f"DFA taps={what!r} needs blocks=: a module type, a tuple of types, or a list of module paths")
+    if isinstance(spec, str):
+        spec = [spec]
+    if not isinstance(spec, type) and not (isinstance(spec, tuple) and all(isinstance(s, type) for s in spec)):
+        known = {p for p, _ in modules}
+        missing = [s for s in spec if s not in known]
+        if missing:
+            raise ValueError(
+                f"DFA taps ({what}): {missing} name no module; expected paths among {sorted(known - {''})[:20]}"
+            )
+    chosen = [(p, m) for p, m in modules if p and _match(p, m, spec)]
+    if not chosen:
+        raise ValueError(f"DFA taps ({what}): no module matches {spec!r}")
+    return chosen
+
+
+def _tap_sites(model, taps, blocks, attention, rule_name) -> list[tuple[str, nnx.Module, str]]:
+    """``(path, module, "input" | "output")`` for each tap of the placement."""
+    modules = _modules(model)
+    if taps == "layer":
+        return [(p, m, "input") for p, m in _weight_layers(model, rule_name)]
+    if taps == "macro":
+        return [(p, m, "output") for p, m in _named(modules, blocks, "macro")]
+    if taps == "micro":
+        sites = []
+        for block_path, block in _named(modules, blocks, "micro"):
+            inner = [(p, m) for p, m in modules if p.startswith(block_path + "/") and isinstance(m, attention)]
+            if not inner:
+                raise ValueError(
+                    f"DFA taps ('micro'): block {block_path!r} holds no attention module of type "
+                    f"{attention!r}; pass attention= or use taps='macro'"
+                )
+            sites += [(p, m, "output") for p, m in inner] + [(block_path, block, "output")]
+        return sites
+    if isinstance(taps, str) or not isinstance(taps, Sequence):
+        raise ValueError(f"taps: expected 'layer', 'macro', 'micro' or a list of module paths, given {taps!r}")
+    return [(p, m, "output") for p, m in _named(modules, list(taps), "paths")]
+
+
+def _discover(model: nnx.Module, inputs: Any) -> tuple[list[str], list[Any], Any, set[str]]:
+    """Run the model abstractly: tap names and values in call order, output, and taps that read the model input."""
+    graphdef, state = nnx.split(model)
+    found: dict[str, Any] = {}
+
+    def run(state, inputs):
+        with _flax.recording(cut=True) as recorder:
+            outputs = nnx.merge(graphdef, state)(inputs)
+        leaves = jax.tree.leaves(inputs)
+        found["names"] = list(recorder.names)
+        found["raw"] = {n for n, v in zip(recorder.names, recorder.values) if any(v is leaf for leaf in leaves)}
+        return outputs, recorder.values
+
+    outputs, values = jax.eval_shape(run, state, inputs)
+    return found["names"], values, outputs, found["raw"]
+
+
+def _convert_taps(model, rule, key, inputs, taps, blocks, attention) -> None:
+    if inputs is None:
+        raise ValueError(f"convert(model, {rule.name!r}, ...) needs inputs= (an example batch) to find the taps")
+    sites = _tap_sites(model, taps, blocks, attention, rule.name)
+    originals = {}
+    for path, module, where in sites:
+        if _is_converted(module):
+            raise ValueError(f"module {path!r} is already converted ({type(module).__name__})")
+        originals[path] = (module, type(module))
+        module.fa_tap = f"{path}:in" if where == "input" else path
+        module.__class__ = _tap_class(type(module), where)
+    try:
+        names, values, outputs, raw = _discover(model, inputs)
+    except Exception:
+        for module, cls in originals.values():
+            module.__class__ = cls
+        raise
+    # A tap on the model input itself feeds no parameter: leave that layer alone.
+    for path, (module, cls) in originals.items():
+        if module.fa_tap in raw or module.fa_tap not in names:
+            module.__class__ = cls
+            del module.fa_tap
+    kept = [(n, v) for n, v in zip(names, values) if n not in raw]
+    if not kept:
+        raise ValueError(
+            f"rule {rule.name!r} with taps={taps!r}: no tap reaches a hidden layer (sites {[s[0] for s in sites]} "
+            "read only the model input or never ran)"
+        )
+    if not (hasattr(outputs, "shape") and hasattr(outputs, "dtype")):
+        raise TypeError(f"rule {rule.name!r} needs the model to return one array, given {type(outputs).__name__}")
+    specs = _flax.tap_specs([n for n, _ in kept], [v for _, v in kept], rule.batch_dims)
+    model.fa_taps = specs
+    model.fa_rule = rule
+    if isinstance(rule, _rules.DFA):
+        output_shape = tuple(outputs.shape[rule.batch_dims:])
+        model.fa_dfa_feedback = Feedback(_flax.draw_projection(rule, key, specs, output_shape))
+    model.__class__ = _root_class(type(model))
+
+
+def convert(
+    model: nnx.Module,
+    rule: Any,
+    *,
+    key: jax.Array | None = None,
+    inputs: Any = None,
+    taps: str | Sequence[str] = "layer",
+    blocks: Any = None,
+    attention: type | tuple[type, ...] = (nnx.MultiHeadAttention,),
+) -> nnx.Module:
+    """Convert ``model`` in place for ``rule`` and return it.
+
+    Args:
+      model: an ``nnx.Module`` whose root call takes the batch and returns one array.
+      rule: ``"bp"`` (no change), ``"fa"``, ``"dfa"``, ``"shallow"`` or a rule value.
+      key: typed PRNG key for B (FA, DFA); keyword-only. Layer ``path`` draws
+        from ``layer_key(key, path)``: FA from ``"<module path>/kernel"``, DFA
+        from the tap name (``"<module path>"`` or ``"<module path>:in"``).
+      inputs: DFA and shallow: an example batch, traced abstractly to find taps.
+      taps, blocks, attention: DFA and shallow tap placement (see the module doc).
+    """
+    rule = _rules.get_rule(rule)
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model: expected an nnx.Module, given {type(model).__name__}")
+    if any(_is_converted(m) for _, m in nnx.iter_modules(model)):
+        raise ValueError("model is already converted; build a fresh model to convert it for another rule")
+    needs_key = isinstance(rule, (_rules.FA, _rules.DFA))
+    if needs_key and (key is None or not jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key)):
+        raise TypeError(f"key: rule {rule.name!r} needs a typed PRNG key, jax.random.key(seed); given {key!r}")
+    if isinstance(rule, _rules.BP):
+        return model
+    if isinstance(rule, _rules.FA):
+        _convert_fa(model, rule, key)
+    elif isinstance(rule, (_rules.DFA, _rules.Shallow)):
+        _convert_taps(model, rule, key, inputs, taps, blocks, attention)
+    else:
+        raise TypeError(f"fa_jax.nnx.convert does not support rule {rule!r} yet")
+    return model
+
+
+def feedback_of(model: nnx.Module) -> nnx.State:
+    """All :class:`Feedback` variables of ``model`` (e.g. to check that training left them unchanged)."""
+    return nnx.state(model, Feedback)
+
+
+def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``(graphdef, params, feedback)``: ``nnx.split(model, nnx.Param, ...)``; ``feedback`` holds every non-Param state."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def value_and_grad(graphdef: nnx.GraphDef, loss: Callable, *, has_aux: bool = False) -> Callable:
+    """Pure ``grad_fn(params, feedback, inputs, targets) -> (loss, grads)`` for a converted model.
+
+    ``params`` and ``feedback`` come from :func:`split`; ``grads`` is an
+    ``nnx.State`` shaped like ``params``, the rule's gradients (FA, DFA, …) since
+    the model was converted. Pure, so it composes with ``jax.jit`` and
+    ``jax.vmap`` over seeds. ``loss(outputs, targets)``.
+    """
+
+    def objective(params, feedback, inputs, targets):
+        return loss(nnx.merge(graphdef, params, feedback)(inputs), targets)
+
+    grad = jax.value_and_grad(objective, has_aux=has_aux)
+
+    def grad_fn(params, feedback, inputs, targets):
+        return grad(params, feedback, inputs, targets)
+
+    return grad_fn
