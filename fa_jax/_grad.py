@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fa_jax import _checks, _rules, _validate
-from fa_jax._feedback import DFAFeedback, dfa_projection
+from fa_jax._feedback import DFAFeedback, dfa_projection, projection_matrix, split_taps
 from fa_jax._model import FAOps, PlainOps, TapOps, bind
 from fa_jax._ops import is_key
 
@@ -36,14 +36,11 @@ def project_error(
     """
     batch_shape = error.shape[: rule.batch_dims]
     flat_error = error.reshape(int(np.prod(batch_shape)), feedback.output_size)
-    projection = feedback.projection
-    if is_key(projection):
-        projection = dfa_projection(projection, feedback.taps, feedback.output_size, rule.init, error.dtype)
+    projection = projection_matrix(feedback, rule.init, error.dtype)
     signal = flat_error @ jax.lax.stop_gradient(projection).astype(error.dtype)
-    offsets = np.cumsum([tap.size for tap in feedback.taps])[:-1]
     return [
         part.reshape(value.shape).astype(value.dtype)
-        for part, value in zip(jnp.split(signal, offsets, axis=1), tap_values)
+        for part, value in zip(split_taps(signal, feedback), tap_values)
     ]
 
 
@@ -85,6 +82,8 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
       ``((loss, aux), grads)``), where ``grads`` has the structure of ``params``
       and goes straight into an optax optimizer. ``feedback`` is ``None`` for BP
       and shallow. Errors for a wrong feedback or tap shape rise at trace time.
+      The keyword ``step`` (an int or int32 scalar) is read only by rules that redraw
+      feedback each batch (brSF: ``M_t = init(fold_in(k, step))``); others ignore it.
     """
     rule = _rules.get_rule(rule)
     _checks.check_callable(model, "model")
@@ -94,7 +93,7 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
 
     if isinstance(rule, _rules.BP):
 
-        def grad_fn(params, feedback, inputs, targets):
+        def grad_fn(params, feedback, inputs, targets, *, step=None):
             _check_call(params, inputs, targets)
             def objective(p):
                 return with_aux(model(p, inputs, PlainOps()), targets)
@@ -102,12 +101,17 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
             (value, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
             return _pack(value, aux, grads, has_aux)
 
-    elif isinstance(rule, _rules.FA):
+    elif isinstance(rule, _rules.FA) or _rules.uses_backward_matrix(rule):
 
-        def grad_fn(params, feedback, inputs, targets):
+        def grad_fn(params, feedback, inputs, targets, *, step=None):
             _check_call(params, inputs, targets)
             _validate.check_fa(feedback, params)
-            ops = FAOps(rule.init)
+            if getattr(rule, "needs_step", False) and step is None:
+                raise ValueError(
+                    f"step: rule {rule.name!r} redraws its feedback every batch from (key, step); "
+                    "call grad_fn(params, feedback, inputs, targets, step=step)"
+                )
+            ops = FAOps(rule.init) if isinstance(rule, _rules.FA) else FAOps(None, rule=rule, step=step)
 
             def objective(p):
                 return with_aux(model(bind(p, feedback.kernels), inputs, ops), targets)
@@ -117,7 +121,7 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
 
     elif _rules.uses_taps(rule):
 
-        def grad_fn(params, feedback, inputs, targets):
+        def grad_fn(params, feedback, inputs, targets, *, step=None):
             _check_call(params, inputs, targets)
             names: list[str] = []
 
@@ -135,7 +139,9 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
                 signals = [jnp.zeros_like(t) for t in taps]
             else:
                 _validate.check_dfa(feedback, names, taps, outputs, rule.batch_dims)
-                signals = project_error(error, feedback, rule, taps)
+                # DRTP projects the target, not the error (Frenkel et al. 2021): no backward dependency.
+                source = rule.teaching_signal(outputs, targets) if hasattr(rule, "teaching_signal") else error
+                signals = project_error(source, feedback, rule, taps)
             (grads,) = pullback((error, signals))
             return _pack(value, aux, grads, has_aux)
 

@@ -92,8 +92,14 @@ class PlainOps:
 class FAOps(PlainOps):
     """Layers whose input-gradient goes through the kernel's bound B."""
 
-    def __init__(self, init: Callable | None):
+    def __init__(self, init: Callable | None, rule: Any = None, step: Any = None):
         self.init = init
+        # FA-family rules (sign symmetry, Kolen–Pollack) build the backward matrix from
+        # (W, bound feedback leaf, step) inside the backward: ``rule.backward_matrix``.
+        self.rule, self.step = rule, step
+
+    def _rule_product(self, f, x, k: Bound):
+        return _ops.matrix_bilinear(f, x, k.weight, (k.feedback, self.step), backward_matrix=self.rule.backward_matrix)
 
     def _bound(self, kernel, op: str) -> Bound:
         if not isinstance(kernel, Bound):
@@ -107,15 +113,22 @@ class FAOps(PlainOps):
     def dense(self, x, kernel, bias=None):
         k = self._bound(kernel, "dense")
         _checks.check_dense_args(x, k.weight, bias, _where("ops.dense", k))
+        if self.rule is not None:
+            return _apply_bias(self._rule_product(_ops.dense_product, x, k), bias)
         return _ops.feedback_dense(x, k.weight, bias, k.feedback, init=self.init)
 
     def conv(self, x, kernel, bias=None, *, strides=1, padding="SAME"):
         k = self._bound(kernel, "conv")
         _checks.check_conv_args(x, k.weight, bias, strides, padding, _where("ops.conv", k))
+        if self.rule is not None:
+            strides = (strides,) * (k.ndim - 2) if isinstance(strides, int) else tuple(strides)
+            return _apply_bias(self._rule_product(_ops.ConvProduct(strides, padding), x, k), bias)
         return _ops.feedback_conv(x, k.weight, bias, k.feedback, strides=strides, padding=padding, init=self.init)
 
     def einsum(self, spec, x, kernel):
         k = self._bound(kernel, "einsum")
+        if self.rule is not None:
+            return self._rule_product(_ops.EinsumProduct(spec), x, k)
         return _ops.feedback_einsum(spec, x, k.weight, k.feedback, init=self.init)
 
 

@@ -58,11 +58,15 @@ class DFA:
       regenerate: store one key and redraw the projection in every step.
       batch_dims: leading dims shared by the output and every tap (2 for a
         ``(batch, seq, ·)`` language model); the rest are flattened.
+      shared_prefix: TinyDFA's layout: one ``(output_features, widest tap)`` matrix,
+        tap ``l`` using its first ``tap_features_l`` columns (one GEMM, less memory).
     """
 
     init: Callable = DFA_DEFAULT_INIT
     regenerate: bool = False
     batch_dims: int = 1
+    # TinyDFA's layout: one (output_features, widest tap) matrix, each tap a prefix slice.
+    shared_prefix: bool = False
     name = "dfa"
 
 
@@ -91,5 +95,16 @@ def get_rule(rule: Rule | str) -> Rule:
 
 
 def uses_taps(rule: Rule) -> bool:
-    """True for rules that cut the network at taps (DFA and its relatives)."""
-    return isinstance(rule, (DFA, Shallow))
+    """True for rules that cut the network at taps (DFA and its relatives, e.g. DRTP)."""
+    return isinstance(rule, (DFA, Shallow)) or hasattr(rule, "teaching_signal")
+
+
+def register(cls: type) -> type:
+    """Add a rule class to :data:`RULES` so ``get_rule(cls.name)`` finds it (used by the rule family)."""
+    RULES[cls.name] = cls
+    return cls
+
+
+def uses_backward_matrix(rule: Rule) -> bool:
+    """True for FA-family rules that build their backward matrix from ``(W, feedback, step)``."""
+    return hasattr(rule, "backward_matrix")

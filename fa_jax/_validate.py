@@ -76,6 +76,7 @@ def check_dfa(feedback: Any, names: list[str], values: list[jax.Array], outputs:
     projection = feedback.projection
     if not is_key(projection):
         _checks.check_floating(projection, "feedback: DFA projection")
-        want = (feedback.output_size, sum(t.size for t in feedback.taps))
+        columns = (max if feedback.shared_prefix else sum)(t.size for t in feedback.taps)
+        want = (feedback.output_size, columns)
         if tuple(projection.shape) != want:
             raise ValueError(f"feedback: DFA projection: expected shape {want}, given {tuple(projection.shape)}")

@@ -1,0 +1,100 @@
+"""The feedback-matrix conventions in use, as ``init(key, shape, dtype)`` initializers.
+
+Pass one as ``init=`` of a rule (``FA``, ``DFA``, ``DRTP``, ``FRSF``, ``KolenPollack``).
+For DFA-style rules the shape is ``(output_features, tap_features)`` = ``(c, d)``; for
+FA-style rules it is the kernel's ``(*window, fan_in, fan_out)``.
+
+* :func:`tinydfa_uniform`: ``U[−1, 1) / √d_max`` (TinyDFA, Launay et al. 2020).
+* :func:`launay2019`: ``N(0, 1) / √(d c) · √(d_max / d)`` (Launay et al. 2019).
+* :func:`xavier`, :func:`kaiming`: like a forward kernel (biotorch's ``init`` option).
+* :func:`nokland_zero_hidden`: not a B but the forward init DFA allows, hidden W = 0 (Nøkland 2016).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from fa_jax._feedback import is_kernel, trace_taps
+
+Init = Callable[[jax.Array, tuple, Any], jax.Array]
+
+
+def _check_width(widest: Any, name: str) -> None:
+    if widest is not None and (not isinstance(widest, int) or isinstance(widest, bool) or widest < 1):
+        raise ValueError(f"{name}: expected a positive int (the widest tap's features), given {widest!r}")
+
+
+def tinydfa_uniform(widest: int | None = None) -> Init:
+    """TinyDFA's B: ``U[−1, 1)``, the projection divided by ``√(widest tap)``.
+
+    TinyDFA (Launay et al. 2020) draws one uniform matrix and divides the projected
+    error by ``√d_max``; by linearity that is ``B = U[−1, 1) / √d_max``.
+
+    Args:
+      widest: ``d_max``. ``None`` divides by the matrix's own width, which *is*
+        ``d_max`` in the shared-prefix layout (``DFA(shared_prefix=True)``).
+    """
+    _check_width(widest, "widest")
+
+    def init(key, shape, dtype=jnp.float32):
+        width = widest if widest is not None else shape[-1]
+        return (jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0) / math.sqrt(width)).astype(dtype)
+
+    return init
+
+
+def launay2019(widest: int) -> Init:
+    """Launay et al. 2019 ("Principled training of NNs with DFA"): ``B_l = N(0,1)/√(d c) · √(d_max/d)``.
+
+    For a tap of ``d`` features and ``c`` outputs the entries have std ``1/√(d c)``,
+    rescaled per layer by ``√(d_max / d)`` so narrow layers are not under-driven.
+
+    Args:
+      widest: ``d_max``, the widest tap (see :func:`widest_tap`).
+    """
+    _check_width(widest, "widest")
+
+    def init(key, shape, dtype=jnp.float32):
+        c, d = shape[0], math.prod(shape[1:])
+        std = math.sqrt(widest / d) / math.sqrt(d * c)
+        return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+
+    return init
+
+
+def xavier() -> Init:
+    """Xavier/Glorot uniform, ``U[±√(6/(fan_in + fan_out))]`` (biotorch ``init="xavier"``).
+
+    Fans follow JAX's kernel layout: ``fan_in = shape[-2]·window``, ``fan_out = shape[-1]·window``;
+    for a DFA matrix ``(c, d)`` that is ``fan_in = c``, ``fan_out = d``.
+    """
+    return jax.nn.initializers.glorot_uniform()
+
+
+def kaiming() -> Init:
+    """Kaiming/He uniform, ``U[±√(6/fan_in)]`` (biotorch ``init="kaiming"``, torch's ReLU gain)."""
+    return jax.nn.initializers.he_uniform()
+
+
+def widest_tap(model: Callable, params: Any, inputs: Any, *, batch_dims: int = 1) -> int:
+    """``d_max``: the largest tap's feature count, found by abstract evaluation (no FLOPs)."""
+    taps, _ = trace_taps(model, params, inputs, batch_dims)
+    return max(tap.size for tap in taps)
+
+
+def nokland_zero_hidden(params: Any, *, select: Callable[[tuple, Any], bool] = is_kernel) -> Any:
+    """Zero every selected kernel but the last (Nøkland 2016: DFA trains from zero hidden weights).
+
+    With BP or FA a zero W blocks the backward signal; DFA's ``δ_l = e B_l`` does not
+    pass through W, so hidden layers can start at 0. The output layer (the last selected
+    kernel in ``params``' leaf order) keeps its init. Biases are left as they are.
+    """
+    paths = [path for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if select(path, leaf)]
+    if len(paths) < 2:
+        raise ValueError(f"params: nokland_zero_hidden needs at least two kernels (hidden + output), found {len(paths)}")
+    hidden = set(paths[:-1])
+    return jax.tree_util.tree_map_with_path(lambda p, x: jnp.zeros_like(x) if p in hidden else x, params)
