@@ -323,6 +323,8 @@ def value_and_grad_with_alignment(
 
     Cost of ``measure=True``: one extra forward and BP backward (for FA the
     rule's own backward also yields its tap signals, for DFA they are ``e B_l``).
+    Other rules (e.g. the FA family) get gradient alignment; ``delta`` is
+    ``None`` for them. ``call_kwargs`` (e.g. ``step=``) go to the core function.
 
     Args:
       deltas: measure per-sample delta alignment at the taps (needs ``ops.tap``).
@@ -338,9 +340,9 @@ def value_and_grad_with_alignment(
     def pack(value, aux, alignment, grads):
         return ((value, (aux, alignment)) if has_aux else (value, alignment)), grads
 
-    def grad_fn(params, feedback, inputs, targets, *, measure: bool = True):
+    def grad_fn(params, feedback, inputs, targets, *, measure: bool = True, **call_kwargs):
         if not measure:
-            value, grads = core(params, feedback, inputs, targets)
+            value, grads = core(params, feedback, inputs, targets, **call_kwargs)
             if has_aux:
                 value, aux = value
                 return pack(value, aux, None, grads)
@@ -354,11 +356,13 @@ def value_and_grad_with_alignment(
             fa = _probe_pass(model, loss_with_aux, lambda z: _FAProbe(rule.init, z), params, inputs, targets, feedback.kernels)
             value, aux, grads, signals = fa.value, fa.aux, fa.grads, fa.signals
         else:
-            value, grads = core(params, feedback, inputs, targets)
+            value, grads = core(params, feedback, inputs, targets, **call_kwargs)
             value, aux = value if has_aux else (value, None)
-            signals = _rule_signals_from_bp(rule, bp, feedback) if deltas else None
+            known = isinstance(rule, (_rules.DFA, _rules.Shallow))
+            signals = _rule_signals_from_bp(rule, bp, feedback) if deltas and known else None
 
-        delta = delta_alignment(signals, bp.signals, batch_dims=batch_dims) if deltas and bp.signals else None
+        measured = deltas and bp.signals and signals is not None
+        delta = delta_alignment(signals, bp.signals, batch_dims=batch_dims) if measured else None
         alignment = Alignment(
             gradient=gradient_alignment(grads, bp.grads),
             total=total_alignment(grads, bp.grads),
