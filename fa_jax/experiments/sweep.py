@@ -1,0 +1,289 @@
+"""Seed sweeps: one ``jax.jit`` over all seeds around a ``lax.scan`` training loop.
+
+Everything a run needs lives in one pytree, :class:`TrainState` (params,
+optimizer state, feedback, data key, step, metrics so far), and training is
+``run_chunk(state, n_steps) -> state``: a jitted ``lax.scan`` over eval
+intervals, each a ``lax.scan`` over steps. A sweep calls it once by default;
+calling it several times (for checkpoints or a progress bar) gives the same
+numbers, because the data order is ``fold_in(data_key, step)``.
+
+Seed ``s`` fixes everything random: ``key(s)`` splits into the init, feedback
+and data keys. Seed ``i`` of a sweep equals :func:`run_single` with seed ``i``.
+
+The seed axis is laid out over a 1-d :class:`jax.sharding.Mesh` (axis
+``"seed"``, all devices by default) with ``NamedSharding`` and split with
+``jax.shard_map``. Inside a device the seeds run with one of two strategies:
+
+* ``"vmap"``: batch the seeds (best on GPU, and on CPU for small models);
+* ``"map"``: ``lax.map(..., batch_size=k)``, a loop of ``k``-seed vmaps
+  (CPU, compute-bound models: XLA's batched matmuls on CPU are slower than
+  ``k`` plain ones, so ``k = 1`` keeps the loop's speed in one program).
+
+``strategy="auto"`` picks ``vmap`` off CPU, and on CPU by the XLA FLOP count of
+one training step (see :func:`choose_strategy`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import fa_jax
+from fa_jax import _rules
+from fa_jax.experiments._task import Task
+
+#: On CPU, steps above this many FLOPs per seed run as ``lax.map`` (batch 1), below it as ``vmap``.
+#: Measured by benchmarks/sweep.py on 2 cores: vmap wins at 784-64-64-10 batch 32
+#: (~1e7 FLOPs/step) and loses at 784-256-256-10 batch 64 (~1e8 FLOPs/step).
+CPU_VMAP_MAX_FLOPS = 2e7
+
+
+class TrainState(NamedTuple):
+    """The whole state of one run (or, with a leading seed axis, of a sweep).
+
+    Attributes:
+      params: model parameters.
+      opt_state: optax state (of ``params`` only; feedback is never optimized).
+      feedback: the rule's feedback (``None`` for BP and shallow).
+      key: the data key; batch ``t`` is drawn from ``fold_in``-derived keys of it.
+      step: int32 scalar, steps done.
+      metrics: ``(n_evals + 1,)`` metric after ``0, E, 2E, …`` steps (NaN = not reached).
+      losses: ``(n_evals + 1,)`` mean training loss over each interval (index 0 is NaN).
+    """
+
+    params: Any
+    opt_state: Any
+    feedback: Any
+    key: jax.Array
+    step: jax.Array
+    metrics: jax.Array
+    losses: jax.Array
+
+
+class Trainer(NamedTuple):
+    """Jitted functions of one (task, rule) sweep. States carry a leading seed axis.
+
+    Attributes:
+      init: ``init(seeds) -> TrainState`` (seeds padded to a multiple of the mesh size).
+      run_chunk: ``run_chunk(state, n_steps) -> state``; ``n_steps`` a multiple of ``eval_every``.
+      n_seeds: seeds asked for (the state may hold padding seeds after them).
+      strategy: ``"vmap"`` or ``"map"`` as used inside each device.
+      mesh: the device mesh of the seed axis.
+    """
+
+    init: Callable
+    run_chunk: Callable
+    n_seeds: int
+    strategy: str
+    mesh: Mesh
+
+
+def _n_evals(task: Task, steps: int) -> int:
+    if steps % task.eval_every:
+        raise ValueError(f"steps={steps} must be a multiple of eval_every={task.eval_every} for task {task.name!r}")
+    return steps // task.eval_every
+
+
+def init_state(task: Task, rule: _rules.Rule, data: Any, seed: jax.Array, *, steps: int) -> TrainState:
+    """The state of one run with ``seed`` (traceable: ``seed`` may be a traced int)."""
+    init_key, feedback_key, data_key = jax.random.split(jax.random.key(seed), 3)
+    params = task.init_params(key=init_key)
+    inputs, _ = task.batch(data, data_key, jnp.int32(0))
+    feedback = fa_jax.init_feedback(rule, params, key=feedback_key, model=task.model, inputs=inputs)
+    metrics = jnp.full((_n_evals(task, steps) + 1,), jnp.nan, jnp.float32)
+    metrics = metrics.at[0].set(task.evaluate(params, data))
+    return TrainState(params, task.optimizer.init(params), feedback, data_key, jnp.int32(0), metrics, jnp.full_like(metrics, jnp.nan))
+
+
+def _train_step(task: Task, rule: _rules.Rule) -> Callable:
+    """``step(params, opt_state, feedback, data, key, t) -> (params, opt_state, loss)``: one update."""
+    grad_fn = fa_jax.value_and_grad(task.model, task.loss, rule)
+
+    def step(params, opt_state, feedback, data, key, t):
+        inputs, targets = task.batch(data, key, t)
+        loss, grads = grad_fn(params, feedback, inputs, targets)
+        updates, opt_state = task.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def _chunk(task: Task, rule: _rules.Rule) -> Callable:
+    """``chunk(state, data, n_intervals) -> state`` for one seed: nested ``lax.scan``s."""
+    step = _train_step(task, rule)
+
+    def train_step(carry, _):
+        params, opt_state, state = carry
+        params, opt_state, loss = step(params, opt_state, state.feedback, state.data, state.key, state.step)
+        return (params, opt_state, state._replace(step=state.step + 1)), loss
+
+    class _Ctx(NamedTuple):  # what a step reads besides params and opt_state
+        data: Any
+        key: jax.Array
+        feedback: Any
+        step: jax.Array
+
+    def interval(state: TrainState, data):
+        ctx = _Ctx(data, state.key, state.feedback, state.step)
+        (params, opt_state, ctx), losses = jax.lax.scan(train_step, (state.params, state.opt_state, ctx), length=task.eval_every)
+        slot = ctx.step // task.eval_every
+        return state._replace(
+            params=params, opt_state=opt_state, step=ctx.step,
+            metrics=state.metrics.at[slot].set(task.evaluate(params, data)),
+            losses=state.losses.at[slot].set(losses.mean()),
+        )
+
+    def chunk(state: TrainState, data, n_intervals: int) -> TrainState:
+        return jax.lax.scan(lambda s, _: (interval(s, data), None), state, length=n_intervals)[0]
+
+    return chunk
+
+
+def run_single(task: Task, rule: str | _rules.Rule, seed: int, *, steps: int | None = None) -> TrainState:
+    """One run with ``seed``: a jitted ``lax.scan`` (the reference a sweep must match)."""
+    rule = task.rule(rule)
+    steps = task.steps if steps is None else steps
+    chunk = _chunk(task, rule)
+
+    @jax.jit
+    def run(data, seed):
+        return chunk(init_state(task, rule, data, seed, steps=steps), data, steps // task.eval_every)
+
+    return run(task.data, jnp.int32(seed))
+
+
+def step_flops(task: Task, rule: _rules.Rule) -> float:
+    """XLA's FLOP estimate of one training step of one seed (0 when unavailable)."""
+    try:
+        state = jax.eval_shape(lambda d: init_state(task, rule, d, jnp.int32(0), steps=task.eval_every), task.data)
+        step = jax.jit(_train_step(task, rule))
+        lowered = step.lower(state.params, state.opt_state, state.feedback, task.data, state.key, state.step)
+        cost = lowered.cost_analysis()  # HLO estimate before compilation: no compile cost
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0))
+    except Exception:  # cost analysis is best effort; never fail a sweep over it
+        return 0.0
+
+
+def choose_strategy(task: Task, rule: _rules.Rule, mesh: Mesh) -> tuple[str, int]:
+    """``(strategy, batch_size)``: ``vmap`` off CPU or for small steps; ``map`` with batch 1 otherwise."""
+    if mesh.devices.flat[0].platform != "cpu":
+        return "vmap", 0
+    flops = step_flops(task, rule)
+    return ("vmap", 0) if flops <= CPU_VMAP_MAX_FLOPS else ("map", 1)
+
+
+def seed_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-d mesh with axis ``"seed"`` over ``devices`` (default: all, including other hosts')."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), ("seed",))
+
+
+def make_trainer(
+    task: Task, rule: str | _rules.Rule, n_seeds: int, *, steps: int | None = None, strategy: str = "auto",
+    batch_size: int = 1, mesh: Mesh | None = None,
+) -> Trainer:
+    """Jitted ``init``/``run_chunk`` for ``n_seeds`` seeds of ``task`` under ``rule``.
+
+    Args:
+      steps: total steps the metric arrays are sized for (default ``task.steps``).
+      strategy: ``"auto"``, ``"vmap"`` or ``"map"`` (``lax.map`` with ``batch_size``).
+      mesh: 1-d mesh named ``"seed"`` (default: all devices). Seeds are padded
+        to a multiple of its size; padding seeds continue the seed numbering.
+    """
+    rule = task.rule(rule)
+    steps = task.steps if steps is None else steps
+    _n_evals(task, steps)  # validates steps
+    mesh = seed_mesh() if mesh is None else mesh
+    if strategy == "auto":
+        strategy, batch_size = choose_strategy(task, rule, mesh)
+    if strategy not in ("vmap", "map"):
+        raise ValueError(f"unknown strategy {strategy!r}; expected 'auto', 'vmap' or 'map'")
+    chunk = _chunk(task, rule)
+    seeds_spec = NamedSharding(mesh, P("seed"))
+    replicated = NamedSharding(mesh, P())
+    data = jax.device_put(task.data, replicated)
+
+    def per_device(fn: Callable) -> Callable:
+        if strategy == "vmap":
+            return jax.vmap(fn)
+        return lambda xs: jax.lax.map(fn, xs, batch_size=batch_size)
+
+    def sharded(fn: Callable) -> Callable:
+        return jax.shard_map(fn, mesh=mesh, in_specs=(P("seed"), P()), out_specs=P("seed"), check_vma=False)
+
+    @jax.jit
+    def init_all(seeds, data):
+        return sharded(lambda s, d: per_device(lambda seed: init_state(task, rule, d, seed, steps=steps))(s))(seeds, data)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def run_all(state, data, n_intervals):
+        return sharded(lambda s, d: per_device(lambda one: chunk(one, d, n_intervals))(s))(state, data)
+
+    padded = math.ceil(n_seeds / mesh.size) * mesh.size
+
+    def init(seeds=None):
+        seeds = np.arange(n_seeds) if seeds is None else np.asarray(seeds)
+        if len(seeds) < padded:
+            seeds = np.concatenate([seeds, seeds.max() + 1 + np.arange(padded - len(seeds))])
+        return init_all(jax.device_put(jnp.asarray(seeds, jnp.int32), seeds_spec), data)
+
+    def run_chunk(state: TrainState, n_steps: int) -> TrainState:
+        if n_steps % task.eval_every:
+            raise ValueError(f"n_steps={n_steps} must be a multiple of eval_every={task.eval_every}")
+        return run_all(state, data, n_steps // task.eval_every)
+
+    return Trainer(init, run_chunk, n_seeds, strategy, mesh)
+
+
+class SweepResult(NamedTuple):
+    """Per-seed curves of one rule: ``metrics``/``losses`` ``(n_seeds, n_evals + 1)``, ``steps (n_evals + 1,)``."""
+
+    rule: str
+    seeds: np.ndarray
+    steps: np.ndarray
+    metrics: np.ndarray
+    losses: np.ndarray
+    strategy: str
+
+    @property
+    def final(self) -> np.ndarray:
+        """Final metric per seed, ``(n_seeds,)``."""
+        return self.metrics[:, -1]
+
+
+def run_sweep(
+    task: Task, rule: str | _rules.Rule, seeds: int | Sequence[int] = 8, *, steps: int | None = None,
+    chunks: int = 1, strategy: str = "auto", batch_size: int = 1, mesh: Mesh | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> SweepResult:
+    """Train ``task`` under ``rule`` for every seed in one jitted program per chunk.
+
+    Args:
+      seeds: a count (seeds ``0..n-1``) or explicit seed values.
+      chunks: number of ``run_chunk`` calls (same numbers for any value; default one).
+      on_chunk: called with the steps done after each chunk (progress bars).
+    """
+    seeds = np.arange(seeds) if isinstance(seeds, int) else np.asarray(seeds)
+    steps = task.steps if steps is None else steps
+    n_evals = _n_evals(task, steps)
+    if n_evals % chunks:
+        raise ValueError(f"chunks={chunks} must divide the {n_evals} eval intervals")
+    trainer = make_trainer(task, rule, len(seeds), steps=steps, strategy=strategy, batch_size=batch_size, mesh=mesh)
+    state = trainer.init(seeds)
+    for index in range(chunks):
+        state = trainer.run_chunk(state, steps // chunks)
+        if on_chunk is not None:
+            on_chunk((index + 1) * steps // chunks)
+    metrics, losses = jax.device_get((state.metrics, state.losses))
+    n = len(seeds)
+    return SweepResult(
+        task.rule(rule).name, seeds, np.arange(n_evals + 1) * task.eval_every,
+        np.asarray(metrics)[:n], np.asarray(losses)[:n], trainer.strategy,
+    )
