@@ -6,6 +6,8 @@
 A step is one gradient evaluation plus the SGD update, jitted. ``dfa_hand_fused``
 is DFA written by hand in plain ``jnp`` (one projection GEMM, no ``Wᵀ``
 products): the yardstick for fa_jax's DFA. Absolute times count only on a GPU.
+The rule family (uSF, frSF, brSF, Kolen–Pollack with its B update, DRTP, shallow)
+gets one row each, timed in the same paired rounds.
 """
 
 from __future__ import annotations
@@ -39,6 +41,23 @@ def rule_step(model, rule):
         return jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads), loss
 
     return step
+
+
+def family_step(model, rule):
+    """A rule-family step: brSF reads a traced step count, Kolen–Pollack also updates its B."""
+    grad_fn = fj.value_and_grad(model, cross_entropy, rule)
+
+    @jax.jit
+    def step(params, feedback, x, y, t):
+        loss, grads = grad_fn(params, feedback, x, y, step=t)
+        updates = jax.tree.map(lambda g: -LEARNING_RATE * g, grads)
+        feedback = fj.update_feedback(rule, feedback, updates, params)
+        return jax.tree.map(jnp.add, params, updates), feedback, loss
+
+    return step
+
+
+FAMILY = ("usf", "frsf", "brsf", "kp", "drtp", "shallow")  # one row per rule beyond BP/FA/DFA
 
 
 @jax.jit
@@ -88,6 +107,11 @@ def main(argv=None):
         feedbacks[name] = fj.init_feedback(name, params, key=jax.random.key(3), model=model, inputs=x)
         step = rule_step(model, name)
         steps[name] = lambda step=step, fb=feedbacks[name]: step(params, fb, x, y)
+    step_count = jnp.int32(1)  # traced, so brSF's M_t cannot be constant-folded
+    for name in FAMILY:
+        feedbacks[name] = fj.init_feedback(name, params, key=jax.random.key(3), model=model, inputs=x)
+        step = family_step(model, name)
+        steps[name] = lambda step=step, fb=feedbacks[name]: step(params, fb, x, y, step_count)
     projection = feedbacks["dfa"].projection
     steps["dfa_hand_fused"] = lambda: hand_fused_dfa_step(params, projection, x, y)
 
