@@ -84,6 +84,7 @@ class _Plan:
     used: set = dataclasses.field(default_factory=set)
     seen: set = dataclasses.field(default_factory=set)
     layers: list = dataclasses.field(default_factory=list)
+    active: set = dataclasses.field(default_factory=set)
 
     def is_block(self, module: nn.Module, path: str) -> bool:
         if self.blocks is None:
@@ -147,8 +148,16 @@ class _Plan:
 
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name != "__call__" or not module.path:
+        # A subclass's __call__ calling super().__call__ (nn.SelfAttention) is one layer call, not two.
+        if context.method_name != "__call__" or not module.path or id(module) in self.active:
             return next_fun(*args, **kwargs)
+        self.active.add(id(module))
+        try:
+            return self.intercept(module, next_fun, args, kwargs)
+        finally:
+            self.active.discard(id(module))
+
+    def intercept(self, module, next_fun, args, kwargs):
         path = "/".join(module.path)
         self.seen.add(path)
         weight = isinstance(module, WEIGHT_LAYERS)
