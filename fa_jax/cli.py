@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strategy", default="auto", choices=("auto", "vmap", "map"), help="how seeds share a device")
     run.add_argument("--no-plot", action="store_true", help="skip curves.png")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--checkpoint-dir", default=None,
+        help="save the sweep state under DIR/RULE; re-running the same command resumes (bit-identical results)",
+    )
+    run.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint period in steps (default: every eval)")
     sub.add_parser("list", help="list the tasks")
     return parser
 
@@ -73,6 +78,7 @@ def run(args) -> int:
     import numpy as np
 
     from fa_jax.experiments import TASKS, get_task, run_sweep
+    from fa_jax.experiments.divergence import describe as describe_summary
 
     if args.task not in TASKS:
         raise _UsageError(f"unknown task {args.task!r}; expected one of {sorted(TASKS)}")
@@ -107,17 +113,24 @@ def run(args) -> int:
             done[0] = steps_done
 
         start = time.perf_counter()
-        results[rule] = run_sweep(task, rule, seeds, steps=steps, chunks=n_evals, strategy=args.strategy, on_chunk=tick)
+        ckpt = None if args.checkpoint_dir is None else os.path.join(args.checkpoint_dir, rule)
+        results[rule] = run_sweep(
+            task, rule, seeds, steps=steps, chunks=n_evals, strategy=args.strategy, on_chunk=tick,
+            checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every,
+        )
         timings[rule] = time.perf_counter() - start
     bar.close()
 
-    rows = []
+    rows, summaries = [], {}
     for rule, r in results.items():
-        final = r.final
-        rows.append((rule, float(np.mean(final)), float(np.std(final)), timings[rule], r.strategy))
+        summaries[rule] = summary = r.summary()  # diverged seeds are listed, never averaged in
+        rows.append((rule, summary.mean, summary.std, timings[rule], r.strategy))
     width = max(len(task.metric), 20)
-    lines = [f"{'rule':<8} {task.metric:<{width}} {'time':>8}  strategy"]
-    lines += [f"{rule:<8} {_format(m, s, task.metric):<{width}} {t:7.1f}s  {strat}" for rule, m, s, t, strat in rows]
+    lines = [f"{'rule':<8} {task.metric:<{width}} {'time':>8}  strategy  seeds"]
+    lines += [
+        f"{rule:<8} {_format(m, s, task.metric):<{width}} {t:7.1f}s  {strat:<8}  {describe_summary(summaries[rule])}"
+        for rule, m, s, t, strat in rows
+    ]
     for name, value in task.baselines.items():
         lines.append(f"{name:<8} {value:<{width}.4f} (baseline)")
     print("\n".join(lines))
@@ -129,7 +142,8 @@ def run(args) -> int:
         "baselines": task.baselines,
         "rules": {
             rule: {
-                "mean": m, "std": s, "seconds": t, "strategy": strat, "final": results[rule].final.tolist(),
+                "mean": m, "std": s, "strategy": strat, "final": results[rule].final.tolist(),
+                "healthy_seeds": summaries[rule].healthy, "diverged": {str(k): v for k, v in summaries[rule].diverged.items()},
                 "steps": results[rule].steps.tolist(), "metrics": results[rule].metrics.tolist(),
                 "losses": results[rule].losses.tolist(),
             }
@@ -138,6 +152,9 @@ def run(args) -> int:
     }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(payload, f, indent=1, allow_nan=True)
+    # Wall-clock times live apart so the same command twice writes an identical results.json.
+    with open(os.path.join(out, "timings.json"), "w") as f:
+        json.dump({rule: {"seconds": t} for rule, _, _, t, _ in rows}, f, indent=1)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["rule", "seed", "step", task.metric, "train_loss"])
@@ -147,7 +164,7 @@ def run(args) -> int:
                     writer.writerow([rule, int(seed), int(step), float(r.metrics[i, j]), float(r.losses[i, j])])
     if not args.no_plot:
         _plot(results, task, os.path.join(out, "curves.png"))
-    print(f"wrote {out}/results.json, results.csv" + ("" if args.no_plot else ", curves.png"))
+    print(f"wrote {out}/results.json, results.csv, timings.json" + ("" if args.no_plot else ", curves.png"))
     return 0
 
 

@@ -25,6 +25,7 @@ one training step (see :func:`choose_strategy`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
@@ -36,7 +37,8 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import fa_jax
-from fa_jax import _rules
+from fa_jax import _checks, _rules
+from fa_jax.experiments import divergence
 from fa_jax.experiments._task import Task
 
 #: On CPU, steps above this many FLOPs per seed run as ``lax.map`` (batch 1), below it as ``vmap``.
@@ -56,6 +58,8 @@ class TrainState(NamedTuple):
       step: int32 scalar, steps done.
       metrics: ``(n_evals + 1,)`` metric after ``0, E, 2E, …`` steps (NaN = not reached).
       losses: ``(n_evals + 1,)`` mean training loss over each interval (index 0 is NaN).
+      diverged_at: int32 scalar, ``-1``, or the step whose loss, gradients or
+        update first had a NaN/Inf; from then on params and opt_state stay frozen.
     """
 
     params: Any
@@ -65,6 +69,7 @@ class TrainState(NamedTuple):
     step: jax.Array
     metrics: jax.Array
     losses: jax.Array
+    diverged_at: jax.Array
 
 
 class Trainer(NamedTuple):
@@ -99,18 +104,25 @@ def init_state(task: Task, rule: _rules.Rule, data: Any, seed: jax.Array, *, ste
     feedback = fa_jax.init_feedback(rule, params, key=feedback_key, model=task.model, inputs=inputs)
     metrics = jnp.full((_n_evals(task, steps) + 1,), jnp.nan, jnp.float32)
     metrics = metrics.at[0].set(task.evaluate(params, data))
-    return TrainState(params, task.optimizer.init(params), feedback, data_key, jnp.int32(0), metrics, jnp.full_like(metrics, jnp.nan))
+    return TrainState(
+        params, task.optimizer.init(params), feedback, data_key, jnp.int32(0), metrics, jnp.full_like(metrics, jnp.nan),
+        jnp.int32(divergence.NOT_DIVERGED),
+    )
 
 
 def _train_step(task: Task, rule: _rules.Rule) -> Callable:
-    """``step(params, opt_state, feedback, data, key, t) -> (params, opt_state, loss)``: one update."""
+    """``step(params, opt_state, feedback, data, key, t) -> (params, opt_state, loss, finite)``: one update.
+
+    ``finite`` says the loss, the gradients and the new params are free of NaN/Inf.
+    """
     grad_fn = fa_jax.value_and_grad(task.model, task.loss, rule)
 
     def step(params, opt_state, feedback, data, key, t):
         inputs, targets = task.batch(data, key, t)
         loss, grads = grad_fn(params, feedback, inputs, targets)
         updates, opt_state = task.optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, loss, divergence.all_finite((loss, grads, params))
 
     return step
 
@@ -121,21 +133,26 @@ def _chunk(task: Task, rule: _rules.Rule) -> Callable:
 
     def train_step(carry, _):
         params, opt_state, state = carry
-        params, opt_state, loss = step(params, opt_state, state.feedback, state.data, state.key, state.step)
-        return (params, opt_state, state._replace(step=state.step + 1)), loss
+        new_params, new_opt_state, loss, finite = step(params, opt_state, state.feedback, state.data, state.key, state.step)
+        # A seed with a NaN/Inf is frozen at its last finite state; the other seeds go on.
+        (params, opt_state), diverged_at = divergence.guard(
+            (params, opt_state), (new_params, new_opt_state), finite=finite, step=state.step, diverged_at=state.diverged_at
+        )
+        return (params, opt_state, state._replace(step=state.step + 1, diverged_at=diverged_at)), loss
 
     class _Ctx(NamedTuple):  # what a step reads besides params and opt_state
         data: Any
         key: jax.Array
         feedback: Any
         step: jax.Array
+        diverged_at: jax.Array
 
     def interval(state: TrainState, data):
-        ctx = _Ctx(data, state.key, state.feedback, state.step)
+        ctx = _Ctx(data, state.key, state.feedback, state.step, state.diverged_at)
         (params, opt_state, ctx), losses = jax.lax.scan(train_step, (state.params, state.opt_state, ctx), length=task.eval_every)
         slot = ctx.step // task.eval_every
         return state._replace(
-            params=params, opt_state=opt_state, step=ctx.step,
+            params=params, opt_state=opt_state, step=ctx.step, diverged_at=ctx.diverged_at,
             metrics=state.metrics.at[slot].set(task.evaluate(params, data)),
             losses=state.losses.at[slot].set(losses.mean()),
         )
@@ -251,17 +268,37 @@ class SweepResult(NamedTuple):
     metrics: np.ndarray
     losses: np.ndarray
     strategy: str
+    diverged_at: np.ndarray | None = None  # (n_seeds,) step each seed diverged at, -1 if it did not
 
     @property
     def final(self) -> np.ndarray:
         """Final metric per seed, ``(n_seeds,)``."""
         return self.metrics[:, -1]
 
+    def summary(self) -> divergence.Summary:
+        """Mean ± std of the final metric over seeds that did not diverge, and the diverged ones."""
+        diverged_at = np.full(len(self.seeds), -1) if self.diverged_at is None else self.diverged_at
+        return divergence.summarize(self.final, diverged_at, self.seeds)
+
+
+def sweep_config(task: Task, rule: _rules.Rule, seeds: np.ndarray, steps: int, chunks: int) -> dict:
+    """What a checkpoint must agree on to be resumed by this sweep (JSON-able)."""
+    fields = {
+        f.name: getattr(rule, f.name)
+        for f in dataclasses.fields(rule)
+        if isinstance(getattr(rule, f.name), (bool, int, float, str))
+    } if dataclasses.is_dataclass(rule) else {}
+    return {
+        "task": task.name, "description": task.description, "rule": rule.name, "rule_options": fields,
+        "seeds": [int(s) for s in seeds], "steps": steps, "eval_every": task.eval_every, "chunks": chunks,
+    }
+
 
 def run_sweep(
     task: Task, rule: str | _rules.Rule, seeds: int | Sequence[int] = 8, *, steps: int | None = None,
     chunks: int = 1, strategy: str = "auto", batch_size: int = 1, mesh: Mesh | None = None,
-    on_chunk: Callable[[int], None] | None = None,
+    on_chunk: Callable[[int], None] | None = None, checkpoint_dir: str | None = None,
+    checkpoint_every: int | None = None,
 ) -> SweepResult:
     """Train ``task`` under ``rule`` for every seed in one jitted program per chunk.
 
@@ -269,21 +306,52 @@ def run_sweep(
       seeds: a count (seeds ``0..n-1``) or explicit seed values.
       chunks: number of ``run_chunk`` calls (same numbers for any value; default one).
       on_chunk: called with the steps done after each chunk (progress bars).
+      checkpoint_dir: save the whole state there (see ``checkpoint.Checkpointer``)
+        and, when it already holds a checkpoint of this same sweep, resume from
+        it: the result is bit-identical to an uninterrupted run.
+      checkpoint_every: save period in steps, a multiple of ``steps // chunks``
+        (default: after every chunk). The last step is always saved.
     """
-    seeds = np.arange(seeds) if isinstance(seeds, int) else np.asarray(seeds)
-    steps = task.steps if steps is None else steps
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        seeds = np.arange(_checks.check_int(seeds, "seeds", minimum=1))
+    elif isinstance(seeds, (str, bytes, bool)) or not hasattr(seeds, "__iter__"):
+        raise TypeError(f"seeds: expected a count or a sequence of integer seeds, given {seeds!r}")
+    else:
+        seeds = np.asarray([_checks.check_seed(s, f"seeds[{i}]") for i, s in enumerate(seeds)], np.int64)
+        if seeds.size == 0 or len(set(seeds.tolist())) != seeds.size:
+            raise ValueError(f"seeds: expected distinct seeds, at least one, given {seeds.tolist()}")
+    steps = task.steps if steps is None else _checks.check_int(steps, "steps", minimum=1)
+    chunks = _checks.check_int(chunks, "chunks", minimum=1)
     n_evals = _n_evals(task, steps)
     if n_evals % chunks:
         raise ValueError(f"chunks={chunks} must divide the {n_evals} eval intervals")
+    chunk_steps = steps // chunks
+    every = chunk_steps if checkpoint_every is None else _checks.check_int(checkpoint_every, "checkpoint_every", minimum=1)
+    if every % chunk_steps:
+        raise ValueError(f"checkpoint_every={every} must be a multiple of the chunk size, {chunk_steps} steps")
     trainer = make_trainer(task, rule, len(seeds), steps=steps, strategy=strategy, batch_size=batch_size, mesh=mesh)
     state = trainer.init(seeds)
-    for index in range(chunks):
-        state = trainer.run_chunk(state, steps // chunks)
+    checkpointer, start = None, 0
+    if checkpoint_dir is not None:
+        from fa_jax.experiments.checkpoint import Checkpointer  # orbax is imported only when asked for
+
+        config = sweep_config(task, task.rule(rule), seeds, steps, chunks)
+        checkpointer = Checkpointer(checkpoint_dir, every=every, config=config)
+        restored = checkpointer.restore(like=state)
+        if restored is not None:
+            state, start = restored, int(np.asarray(jax.device_get(restored.step)).reshape(-1)[0])
+            if on_chunk is not None:
+                on_chunk(start)
+    for index in range(start // chunk_steps, chunks):
+        state = trainer.run_chunk(state, chunk_steps)
+        done = (index + 1) * chunk_steps
+        if checkpointer is not None:
+            checkpointer.maybe_save(done, state, final=index == chunks - 1)
         if on_chunk is not None:
-            on_chunk((index + 1) * steps // chunks)
-    metrics, losses = jax.device_get((state.metrics, state.losses))
+            on_chunk(done)
+    metrics, losses, diverged_at = jax.device_get((state.metrics, state.losses, state.diverged_at))
     n = len(seeds)
     return SweepResult(
         task.rule(rule).name, seeds, np.arange(n_evals + 1) * task.eval_every,
-        np.asarray(metrics)[:n], np.asarray(losses)[:n], trainer.strategy,
+        np.asarray(metrics)[:n], np.asarray(losses)[:n], trainer.strategy, np.asarray(diverged_at)[:n],
     )
