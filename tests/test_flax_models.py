@@ -146,3 +146,21 @@ def test_linen_micro_taps_attention_inside_blocks():
     feedback = adapted.init_feedback(variables, tokens, key=jax.random.key(1))
     assert [t.name for t in feedback.taps] == [
         "LinenBlock_0/SelfAttention_0", "LinenBlock_0", "LinenBlock_1/SelfAttention_0", "LinenBlock_1"]
+
+
+def readme_snippet(section):
+    """The first ```python block under ``## <section>`` in README.md."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    code = body.split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) < 20, section
+    return code
+
+
+@pytest.mark.parametrize("section", ["Flax NNX", "Flax Linen"])
+def test_readme_snippet_runs_and_trains(section):
+    namespace = {}
+    exec(compile(readme_snippet(section), f"README {section}", "exec"), namespace)
+    assert float(namespace["loss"]) < 0.8 * np.log(3)  # started near ln 3, the loss of a uniform guess
