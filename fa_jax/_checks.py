@@ -92,6 +92,17 @@ def check_steps(steps: Any, name: str = "steps") -> int:
     return check_int(steps, name, minimum=0)
 
 
+def check_step_value(step: Any, name: str = "step") -> None:
+    """A training step: a non-negative Python int, or an integer scalar array (traced values pass)."""
+    if is_array(step) and not isinstance(step, np.generic):
+        if step.shape != () or not jnp.issubdtype(step.dtype, jnp.integer):
+            raise TypeError(f"{name}: expected an integer scalar, given {describe(step)}")
+        if not isinstance(step, jax.core.Tracer) and int(step) < 0:
+            raise ValueError(f"{name}: expected a step >= 0, given {int(step)}")
+        return
+    check_steps(step, name)
+
+
 def check_floating_tree(tree: Any, name: str) -> None:
     """Every leaf of ``tree`` is a floating-point array (what ``grad`` and optimizers need)."""
     leaves = jax.tree_util.tree_leaves_with_path(tree)

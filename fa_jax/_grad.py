@@ -48,11 +48,13 @@ def _loss_and_aux(loss: Loss, has_aux: bool) -> Callable:
     return loss if has_aux else (lambda outputs, targets: (loss(outputs, targets), None))
 
 
-def _check_call(params: Any, inputs: Any, targets: Any) -> None:
-    """Trace-time checks of a ``grad_fn`` call: floating params, numeric inputs and targets."""
+def _check_call(params: Any, inputs: Any, targets: Any, step: Any = None) -> None:
+    """Trace-time checks of a ``grad_fn`` call: floating params, numeric inputs and targets, a step >= 0."""
     _checks.check_floating_tree(params, "params")
     _checks.check_array_tree(inputs, "inputs")
     _checks.check_array_tree(targets, "targets")
+    if step is not None:
+        _checks.check_step_value(step, "step")
 
 
 def _checked(with_aux: Callable) -> Callable:
@@ -94,7 +96,7 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
     if isinstance(rule, _rules.BP):
 
         def grad_fn(params, feedback, inputs, targets, *, step=None):
-            _check_call(params, inputs, targets)
+            _check_call(params, inputs, targets, step)
             def objective(p):
                 return with_aux(model(p, inputs, PlainOps()), targets)
 
@@ -104,7 +106,7 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
     elif isinstance(rule, _rules.FA) or _rules.uses_backward_matrix(rule):
 
         def grad_fn(params, feedback, inputs, targets, *, step=None):
-            _check_call(params, inputs, targets)
+            _check_call(params, inputs, targets, step)
             _validate.check_fa(feedback, params)
             if getattr(rule, "needs_step", False) and step is None:
                 raise ValueError(
@@ -122,7 +124,7 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
     elif _rules.uses_taps(rule):
 
         def grad_fn(params, feedback, inputs, targets, *, step=None):
-            _check_call(params, inputs, targets)
+            _check_call(params, inputs, targets, step)
             names: list[str] = []
 
             def forward(p):

@@ -238,3 +238,24 @@ def test_sweep_refuses_bad_seeds_steps_and_periods(tmp_path):
         Checkpointer(tmp_path, every=0, config={})
     with pytest.raises(TypeError, match="every"):
         Checkpointer(tmp_path, every=2.5, config={})
+
+
+def test_brsf_and_data_order_depend_only_on_seed_and_step():
+    from fa_jax._sign import BRSF
+    from fa_jax.experiments._task import sample_rows
+
+    # M_t = |init(fold_in(k, t))|: a pure function of (layer key, step).
+    rule, weight, key = BRSF(), jnp.ones((4, 3)), jax.random.key(3)
+    np.testing.assert_array_equal(rule.backward_matrix(weight, (key, 5)), rule.backward_matrix(weight, (key, 5)))
+    assert not np.array_equal(rule.backward_matrix(weight, (key, 5)), rule.backward_matrix(weight, (key, 6)))
+    data_key = jax.random.key(11)
+    np.testing.assert_array_equal(sample_rows(48, 8, data_key, jnp.int32(9)), sample_rows(48, 8, data_key, jnp.int32(9)))
+
+    # A brSF sweep gives the same numbers whether it runs in one chunk or two, and with the
+    # seeds listed in either order: each seed's run depends on its seed and the step alone.
+    task = reliability_task.make_task(steps=8, eval_every=4)
+    one = run_sweep(task, "brsf", [5, 9], chunks=1, strategy="vmap")
+    two = run_sweep(task, "brsf", [9, 5], chunks=2, strategy="vmap")
+    np.testing.assert_array_equal(one.metrics, two.metrics[::-1])
+    np.testing.assert_array_equal(one.losses, two.losses[::-1])
+    assert np.all(one.diverged_at == -1)

@@ -119,7 +119,7 @@ def _train_step(task: Task, rule: _rules.Rule) -> Callable:
 
     def step(params, opt_state, feedback, data, key, t):
         inputs, targets = task.batch(data, key, t)
-        loss, grads = grad_fn(params, feedback, inputs, targets)
+        loss, grads = grad_fn(params, feedback, inputs, targets, step=t)  # brSF redraws M from (seed, step)
         updates, opt_state = task.optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, loss, divergence.all_finite((loss, grads, params))
