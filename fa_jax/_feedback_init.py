@@ -12,6 +12,7 @@ FA-style rules it is the kernel's ``(*window, fan_in, fan_out)``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
@@ -98,3 +99,75 @@ def nokland_zero_hidden(params: Any, *, select: Callable[[tuple, Any], bool] = i
         raise ValueError(f"params: nokland_zero_hidden needs at least two kernels (hidden + output), found {len(paths)}")
     hidden = set(paths[:-1])
     return jax.tree_util.tree_map_with_path(lambda p, x: jnp.zeros_like(x) if p in hidden else x, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiled:
+    """A dense B drawn in row tiles, so a regenerated B is drawn and used one tile at a time.
+
+    ``B[i·r : (i+1)·r] = std(shape) · unit(fold_in(key, i), (r, fan_out))``, with
+    ``std = √(scale / fan)`` for the *whole* kernel (LeCun normal by default, FA's
+    default distribution). Stored (``init(key, shape)``) and regenerated B are equal.
+    Regenerating through FA's dense op then computes ``dx = g Bᵀ`` tile by tile in a
+    ``lax.scan``: only one ``(rows, fan_out)`` tile and its random bits are ever live,
+    instead of a full B (see ``benchmarks/memory.py``).
+
+    Attributes:
+      rows: rows of B per tile.
+      distribution: unit-variance draws, ``"truncated_normal"`` (±2σ), ``"normal"`` or ``"uniform"``.
+      mode: ``"fan_in"``, ``"fan_out"`` or ``"fan_avg"``, as in variance scaling.
+      scale: variance scale (1 = LeCun, 2 = He).
+    """
+
+    rows: int = 256
+    distribution: str = "truncated_normal"
+    mode: str = "fan_in"
+    scale: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.rows, int) or self.rows < 1:
+            raise ValueError(f"Tiled.rows: expected a positive int, given {self.rows!r}")
+        if self.distribution not in ("truncated_normal", "normal", "uniform"):
+            raise ValueError(f"Tiled.distribution: expected 'truncated_normal', 'normal' or 'uniform', given {self.distribution!r}")
+        if self.mode not in ("fan_in", "fan_out", "fan_avg"):
+            raise ValueError(f"Tiled.mode: expected 'fan_in', 'fan_out' or 'fan_avg', given {self.mode!r}")
+
+    def std(self, shape: tuple[int, ...]) -> float:
+        fan_in, fan_out = shape[-2], shape[-1]
+        fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[self.mode]
+        return math.sqrt(self.scale / fan)
+
+    def tile(self, key: jax.Array, index: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+        """Rows ``[index·rows, (index+1)·rows)`` of B (past the last row: unused padding)."""
+        tile_key, tile_shape = jax.random.fold_in(key, index), (self.rows, shape[-1])
+        if self.distribution == "truncated_normal":
+            unit = jax.random.truncated_normal(tile_key, -2.0, 2.0, tile_shape, jnp.float32) / _TRUNCATED_STD
+        elif self.distribution == "normal":
+            unit = jax.random.normal(tile_key, tile_shape, jnp.float32)
+        else:
+            unit = jax.random.uniform(tile_key, tile_shape, jnp.float32, -math.sqrt(3.0), math.sqrt(3.0))
+        return (unit * self.std(shape)).astype(dtype)
+
+    def tiles(self, shape: tuple[int, ...]) -> int:
+        return -(-shape[-2] // self.rows)
+
+    def __call__(self, key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        if len(shape) != 2:
+            raise ValueError(f"Tiled init draws dense kernels (fan_in, fan_out); given shape {shape}")
+        blocks = jax.lax.map(lambda i: self.tile(key, i, shape, dtype), jnp.arange(self.tiles(shape)))
+        return blocks.reshape(-1, shape[-1])[: shape[-2]]
+
+    def dense_input_gradient(self, key: jax.Array, g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+        """``dx = g Bᵀ`` with B regenerated tile by tile: ``(*batch, fan_out) -> (*batch, fan_in)``."""
+
+        def one_tile(_, index):
+            block = jax.lax.stop_gradient(self.tile(key, index, shape, g.dtype))
+            return None, jax.lax.dot_general(g, block, (((g.ndim - 1,), (1,)), ((), ())))
+
+        _, parts = jax.lax.scan(one_tile, None, jnp.arange(self.tiles(shape)))  # (tiles, *batch, rows)
+        parts = jnp.moveaxis(parts, 0, -2)
+        return parts.reshape(*g.shape[:-1], -1)[..., : shape[-2]]
+
+
+# Standard deviation of a standard normal truncated to ±2 (what jax's variance scaling divides by).
+_TRUNCATED_STD = 0.87962566103423978

@@ -55,9 +55,14 @@ def _fwd(f, x, weight, feedback, init):
 
 def _bwd(f, init, residuals, g):
     x, weight_struct, feedback = residuals
-    matrix = materialize(feedback, weight_struct.shape, weight_struct.dtype, init)
-    matrix = jax.lax.stop_gradient(matrix).astype(g.dtype)
-    (dx,) = jax.linear_transpose(lambda x_: f(x_, matrix), jax.ShapeDtypeStruct(x.shape, g.dtype))(g)
+    if is_key(feedback) and f is dense_product and hasattr(init, "dense_input_gradient"):
+        # A tiled init (fa_jax.Tiled) redraws B and multiplies it one tile at a time,
+        # so a regenerated B never exists whole.
+        dx = init.dense_input_gradient(feedback, g, weight_struct.shape)
+    else:
+        matrix = materialize(feedback, weight_struct.shape, weight_struct.dtype, init)
+        matrix = jax.lax.stop_gradient(matrix).astype(g.dtype)
+        (dx,) = jax.linear_transpose(lambda x_: f(x_, matrix), jax.ShapeDtypeStruct(x.shape, g.dtype))(g)
     (dw,) = jax.linear_transpose(
         lambda w_: f(x.astype(g.dtype), w_), jax.ShapeDtypeStruct(weight_struct.shape, g.dtype)
     )(g)

@@ -146,3 +146,24 @@ def test_bf16_feedback_with_float32_model(rule):
     if rule.name == "kp":  # the learned B stays bf16 through its update
         updates = jax.tree.map(lambda g: -0.1 * g, g16)
         assert all(m.dtype == jnp.bfloat16 for m in jax.tree.leaves(fa_jax.kolen_pollack_update(fb16, updates, params, decay=0.01)))
+
+
+@pytest.mark.parametrize("distribution", ["truncated_normal", "uniform"])
+def test_tiled_regeneration_equals_stored_and_keeps_scale(distribution):
+    """fa_jax.Tiled: B drawn in row tiles; regenerated dx = g Bᵀ tile by tile equals the stored B's."""
+    init = fa_jax.Tiled(rows=3, distribution=distribution)  # 9 and 5 rows: ragged last tiles
+    b = np.asarray(fa_jax.Tiled(rows=64, distribution=distribution)(jax.random.key(0), (512, 300), jnp.float32))
+    np.testing.assert_allclose(b.std(), 1 / math.sqrt(512), rtol=0.03)  # LeCun: std 1/sqrt(fan_in) for the whole B
+    params = models.init_mlp(SIZES, key=jax.random.key(0))
+    x, y = data()
+    x3 = jnp.stack([x, -x])  # (2, batch, features): the tiled dx keeps leading dims
+    for inputs, targets in [(x, y), (x3, jnp.stack([y, y]))]:
+        fb_stored, g_stored = _feedback_and_grads(fa_jax.FA(init=init), params, inputs, targets, jax.random.key(3))
+        _, g_regen = _feedback_and_grads(fa_jax.FA(init=init, regenerate=True), params, inputs, targets, jax.random.key(3))
+        for a, c in zip(jax.tree.leaves(g_stored), jax.tree.leaves(g_regen)):
+            np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+    assert fb_stored.kernels[1]["kernel"].shape == (9, 5)
+    with pytest.raises(ValueError, match="Tiled.rows"):
+        fa_jax.Tiled(rows=0)
+    with pytest.raises(ValueError, match="dense kernels"):
+        init(jax.random.key(0), (3, 3, 4, 5))
