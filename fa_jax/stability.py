@@ -217,12 +217,25 @@ class FixedPoint(NamedTuple):
 
 
 def find_fixed_point(
-    update: Update, params: Any, *, learning_rate: float, tol: float = 1e-5, max_steps: int = 10_000
+    update: Update,
+    params: Any,
+    *,
+    learning_rate: float,
+    tol: float = 1e-5,
+    max_steps: int = 10_000,
+    newton_steps: int = 0,
 ) -> FixedPoint:
     """Run ``θ ← θ - η g(θ)`` until ``‖g(θ)‖ < tol`` or ``max_steps`` (one ``lax.while_loop``).
 
     ``tol`` applies to the update direction ``g``, not to the step ``η g``, so it
     does not depend on the learning rate.
+
+    ``newton_steps``: if the rule has not converged, polish with up to this many
+    Newton steps ``θ ← θ - J⁺ g`` on the dense update Jacobian (small models
+    only; least squares, so a singular ``J`` on a manifold of fixed points is
+    fine). Near slow directions the rule itself needs ``~1/(η λ_min)`` steps;
+    Newton converges quadratically to the nearby fixed point, stable or not,
+    which is what a stability analysis needs. ``steps`` counts both kinds.
     """
 
     def norm(tree):
@@ -244,6 +257,23 @@ def find_fixed_point(
         return jax.lax.while_loop(cond, body, (theta, grads, jnp.asarray(0), norm(grads), value))
 
     theta, _, steps, gnorm, value = run(params)
+    if newton_steps and not gnorm < tol:
+        flat, unravel = ravel_pytree(theta)
+
+        @jax.jit
+        def newton(v):
+            g = ravel_pytree(update(unravel(v))[1])[0]
+            jac = jax.jacrev(lambda w: ravel_pytree(update(unravel(w))[1])[0])(v)
+            return v - jnp.linalg.lstsq(jac, g)[0]
+
+        measure = jax.jit(lambda v: (lambda lv: (lv[0], norm(lv[1])))(update(unravel(v))))
+        for _ in range(newton_steps):
+            flat = newton(flat)
+            steps = steps + 1
+            value, gnorm = measure(flat)
+            if gnorm < tol:
+                break
+        theta = unravel(flat)
     return FixedPoint(theta, value, gnorm, steps, gnorm < tol)
 
 

@@ -90,6 +90,10 @@ def test_finder_reaches_least_squares_and_bp_eigenvalues_are_those_of_the_covari
         fp = st.find_fixed_point(update, start, learning_rate=0.3, tol=1e-11, max_steps=20_000)
         assert bool(fp.converged)
         np.testing.assert_allclose(fp.params["kernel"], np.linalg.solve(xn.T @ xn, xn.T @ tn), atol=1e-9)
+        # Newton on g = Σ W - XᵀT/N lands on W* in one step.
+        newton = st.find_fixed_point(update, start, learning_rate=0.3, tol=1e-11, max_steps=0, newton_steps=3)
+        assert bool(newton.converged) and int(newton.steps) == 1
+        np.testing.assert_allclose(newton.params["kernel"], fp.params["kernel"], atol=1e-9)
         sigma = xn.T @ xn / n
         want = np.repeat(np.linalg.eigvalsh(sigma), m)
         got = st.jacobian_eigenvalues(update, fp.params)
@@ -124,6 +128,11 @@ def test_fa_fixed_point_of_a_linear_network_and_its_eigenvalues():
         w_ls = np.linalg.solve(xn.T @ xn, xn.T @ tn)
         np.testing.assert_allclose(w1 @ w2, w_ls, atol=1e-8)
         np.testing.assert_allclose(fp.loss, 0.5 * np.sum((xn @ w_ls - tn) ** 2) / n, rtol=1e-10)
+
+        # Newton polish from a point the rule has not reached yet: a fixed point on the same manifold.
+        rough = st.find_fixed_point(update, params, learning_rate=0.2, tol=1e-10, max_steps=300, newton_steps=20)
+        assert bool(rough.converged) and int(rough.steps) < 320
+        np.testing.assert_allclose(rough.params["l1"]["kernel"] @ rough.params["l2"]["kernel"], w_ls, atol=1e-8)
 
         sigma = xn.T @ xn / n
         jac = np.block([
