@@ -216,8 +216,8 @@ def _planetoid_masks(labels: np.ndarray, num_classes: int, per_class: int, rng: 
 
 
 def make_csbm(
-    *, nodes: int = 600, classes: int = 3, features: int = 32, degree_in: float = 6.0, degree_out: float = 1.5,
-    mu: float = 0.6, train_per_class: int = 20, seed: int = 0,
+    *, nodes: int = 600, classes: int = 3, features: int = 32, degree_in: float = 4.0, degree_out: float = 2.0,
+    mu: float = 0.3, train_per_class: int = 20, seed: int = 0,
 ) -> Graph:
     """A contextual stochastic block model (Deshpande et al. 2018), generated with ``RandomState(seed)``.
 

@@ -60,15 +60,13 @@ class Task(NamedTuple):
 
 
 def sample_rows(n: int, batch_size: int, key: jax.Array, step: jax.Array) -> jax.Array:
-    """Row indices of minibatch ``step``: epochs of a seed-dependent permutation, ``(batch_size,)``.
+    """Row indices of minibatch ``step``: ``(batch_size,)`` uniform draws (with replacement) from ``fold_in(key, step)``.
 
-    Epoch ``e`` uses ``permutation(fold_in(key, e), n)``; the last partial batch of an
-    epoch is dropped so every batch has ``batch_size`` distinct rows.
+    Drawing with replacement costs nothing beside a training step; an
+    epoch-wise ``random.permutation`` (a sort of all ``n`` rows) cost ~4 ms per
+    step on CPU, more than the step itself for the small MLPs here.
     """
-    per_epoch = n // batch_size
-    epoch, index = step // per_epoch, step % per_epoch
-    order = jax.random.permutation(jax.random.fold_in(key, epoch), n)
-    return jax.lax.dynamic_slice_in_dim(order, index * batch_size, batch_size)
+    return jax.random.randint(jax.random.fold_in(key, step), (batch_size,), 0, n)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:

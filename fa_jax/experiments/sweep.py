@@ -163,17 +163,22 @@ def _chunk(task: Task, rule: _rules.Rule) -> Callable:
     return chunk
 
 
-def run_single(task: Task, rule: str | _rules.Rule, seed: int, *, steps: int | None = None) -> TrainState:
-    """One run with ``seed``: a jitted ``lax.scan`` (the reference a sweep must match)."""
+def make_single(task: Task, rule: str | _rules.Rule, *, steps: int | None = None) -> Callable:
+    """``run(data, seed) -> TrainState``: one jitted run (a ``lax.scan`` over all steps)."""
     rule = task.rule(rule)
     steps = task.steps if steps is None else steps
     chunk = _chunk(task, rule)
 
     @jax.jit
     def run(data, seed):
-        return chunk(init_state(task, rule, data, seed, steps=steps), data, steps // task.eval_every)
+        return chunk(init_state(task, rule, data, seed, steps=steps), data, _n_evals(task, steps))
 
-    return run(task.data, jnp.int32(seed))
+    return run
+
+
+def run_single(task: Task, rule: str | _rules.Rule, seed: int, *, steps: int | None = None) -> TrainState:
+    """One run with ``seed``: the reference a sweep must match."""
+    return make_single(task, rule, steps=steps)(task.data, jnp.int32(seed))
 
 
 def step_flops(task: Task, rule: _rules.Rule) -> float:
