@@ -84,15 +84,21 @@ def test_nnx_cnn_trains_on_digits(rule):
     falls(train_nnx(model, batches, 1e-2), 0.5)
 
 
-@pytest.mark.parametrize("rule,taps", [("fa", None), ("dfa", "macro"), ("dfa", "micro")])
+@pytest.mark.parametrize("rule,taps", [("fa", None), ("dfa", "macro")])
 def test_nnx_transformer_trains_on_text(rule, taps):
     batches = text_batches()
     model = Transformer(rngs=nnx.Rngs(0))
     rule_value = fa_jax.DFA(batch_dims=2) if rule == "dfa" else rule
     fnnx.convert(model, rule_value, key=jax.random.key(1), inputs=batches[0][0], taps=taps or "layer", blocks=Block)
-    if taps == "micro":
-        assert [t.name for t in model.fa_taps] == ["blocks/0/attn", "blocks/0", "blocks/1/attn", "blocks/1"]
     falls(train_nnx(model, batches, 3e-3 if rule == "dfa" else 1e-2), 0.8)
+
+
+def test_nnx_transformer_micro_taps_attention_inside_blocks():
+    tokens = text_batches(n=1)[0][0]
+    model = fnnx.convert(Transformer(rngs=nnx.Rngs(0)), fa_jax.DFA(batch_dims=2), key=jax.random.key(1),
+                         inputs=tokens, taps="micro", blocks=Block)
+    assert [t.name for t in model.fa_taps] == ["blocks/0/attn", "blocks/0", "blocks/1/attn", "blocks/1"]
+    assert model.fa_dfa_feedback.shape == (128, 4 * 32)
 
 
 def test_nnx_transformer_layer_taps_cover_every_weight_layer():

@@ -216,18 +216,17 @@ def test_vmap_over_8_seeds_equals_single_runs(rule):
     model = MLP()
     adapted = flinen.adapt(model, rule)
 
-    def run(seed):
+    def init(seed):
         variables = model.init(jax.random.key(seed), x)
-        feedback = adapted.init_feedback(variables, x, key=jax.random.fold_in(jax.random.key(100), seed))
-        params = variables["params"]
-        for _ in range(2):
-            loss, grads = jax.value_and_grad(lambda p: mse(adapted.apply({"params": p}, feedback, x), t))(params)
-            params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
-        return loss, params
+        return variables["params"], adapted.init_feedback(variables, x, key=jax.random.fold_in(jax.random.key(100), seed))
 
-    losses, params = jax.jit(jax.vmap(run))(jnp.arange(8))
+    def run(params, feedback):
+        loss, grads = jax.value_and_grad(lambda p: mse(adapted.apply({"params": p}, feedback, x), t))(params)
+        return loss, jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+
+    losses, params = jax.jit(jax.vmap(run))(*jax.vmap(init)(jnp.arange(8)))
     for i in (0, 6):
-        loss, single = jax.jit(run)(jnp.int32(i))
+        loss, single = jax.jit(run)(*init(i))
         np.testing.assert_allclose(losses[i], loss, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single)):
             np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-6)
