@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from fa_jax import _ops, _rules
-from fa_jax._feedback import DFAFeedback, TapSpec, dfa_projection, layer_key
+from fa_jax._feedback import DFAFeedback, TapSpec, dfa_projection, layer_key, shared_projection
 from fa_jax._grad import project_error
 
 
@@ -104,6 +104,18 @@ def feedback_einsum(feedback, rule: Any) -> Callable:
         return feedback_product(op, lhs, rhs, feedback, rule)
 
     return einsum
+
+
+SUPPORTED_RULES = (_rules.BP, _rules.FA, _rules.DFA, _rules.Shallow)
+
+
+def check_rule(rule: Any, where: str) -> None:
+    """Only BP, FA, DFA and shallow are wired into the Flax adapters; anything else would be computed wrongly."""
+    if type(rule) not in SUPPORTED_RULES:
+        raise TypeError(
+            f"{where}: rule {getattr(rule, 'name', rule)!r} is not supported by the Flax adapters yet; expected one of "
+            f"{[r.name for r in SUPPORTED_RULES]} (use the functional core, fa_jax.value_and_grad, for the others)"
+        )
 
 
 def fa_matrix(rule: _rules.FA, key: jax.Array, path: str, shape: tuple[int, ...], dtype: Any) -> jax.Array:
@@ -192,7 +204,8 @@ def _head_fwd(feedback_spec, rule, outputs, projection, tap_values):
 def _head_bwd(feedback_spec, rule, residuals, error):
     projection, structs = residuals
     taps, output_shape = feedback_spec
-    signals = project_error(error, DFAFeedback(projection, taps, output_shape), rule, structs)
+    feedback = DFAFeedback(projection, taps, output_shape, shared_prefix=_shared(rule))
+    signals = project_error(error, feedback, rule, structs)
     return error, None, signals
 
 
@@ -210,13 +223,26 @@ def dfa_head(outputs: jax.Array, projection: jax.Array, tap_values: list[jax.Arr
     """
     output_shape = tuple(outputs.shape[rule.batch_dims:])
     if not _ops.is_key(projection):
-        want = (math.prod(output_shape), sum(t.size for t in taps))
+        columns = max(t.size for t in taps) if _shared(rule) else sum(t.size for t in taps)
+        want = (math.prod(output_shape), columns)
         if tuple(projection.shape) != want:
             raise ValueError(f"DFA projection: expected shape {want} for output {output_shape}, given {tuple(projection.shape)}")
     return _dfa_head((taps, output_shape), rule, outputs, projection, list(tap_values))
 
 
+def _shared(rule: Any) -> bool:
+    """TinyDFA's layout: one (output, widest tap) matrix whose prefixes serve every tap."""
+    return bool(getattr(rule, "shared_prefix", False))
+
+
 def draw_projection(rule: _rules.DFA, key: jax.Array, taps: tuple[TapSpec, ...], output_shape: tuple[int, ...],
                     dtype: Any = jnp.float32) -> jax.Array:
-    """``[B_1 … B_L]`` from ``layer_key(key, tap name)`` (the core's ``dfa_projection``), or the key."""
-    return key if rule.regenerate else dfa_projection(key, taps, math.prod(output_shape), rule.init, dtype)
+    """``[B_1 … B_L]`` from ``layer_key(key, tap name)`` (the core's ``dfa_projection``), the shared matrix, or the key."""
+    if rule.regenerate:
+        return key
+    draw = shared_projection if _shared(rule) else dfa_projection
+    return draw(key, taps, math.prod(output_shape), rule.init, dtype)
+
+
+def dfa_feedback(projection: Any, taps: tuple[TapSpec, ...], output_shape: tuple[int, ...], rule: Any) -> DFAFeedback:
+    return DFAFeedback(projection, taps, output_shape, shared_prefix=_shared(rule))

@@ -211,6 +211,7 @@ def adapt(
       rule's gradients. Both are pure: jit them, vmap them over seeds.
     """
     rule = _rules.get_rule(rule)
+    _flax.check_rule(rule, "fa_jax.linen.adapt")
     apply_fn = model.apply if isinstance(model, nn.Module) else model
     if not callable(apply_fn):
         raise TypeError(f"model: expected an nn.Module or an apply function, given {type(model).__name__}")
@@ -287,7 +288,7 @@ def adapt(
         output_shape = tuple(outputs.shape[rule.batch_dims:])
         # shallow: the taps only cut the network; there is no projection
         projection = _flax.draw_projection(rule, key, specs, output_shape) if isinstance(rule, _rules.DFA) else None
-        return DFAFeedback(projection, specs, output_shape)
+        return _flax.dfa_feedback(projection, specs, output_shape, rule)
 
     def apply(variables, feedback, *args, **kwargs):
         if isinstance(rule, _rules.BP):

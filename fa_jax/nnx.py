@@ -318,6 +318,7 @@ def convert(
       taps, blocks, attention: DFA and shallow tap placement (see the module doc).
     """
     rule = _rules.get_rule(rule)
+    _flax.check_rule(rule, "fa_jax.nnx.convert")
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model: expected an nnx.Module, given {type(model).__name__}")
     if any(_is_converted(m) for _, m in nnx.iter_modules(model)):

@@ -255,3 +255,9 @@ def test_errors_are_clear():
     _, _, adapted, _ = setup("fa")
     with pytest.raises(TypeError, match="needs FAFeedback"):
         adapted.apply(variables, None, x)
+
+
+def test_rules_the_adapter_does_not_handle_are_refused():
+    for name in ("drtp", "usf"):
+        with pytest.raises(TypeError, match="not supported by the Flax adapters"):
+            flinen.adapt(MLP(), name)

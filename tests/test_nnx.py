@@ -247,3 +247,53 @@ def test_errors_are_clear():
     dfa = build("dfa", x=x)
     with pytest.raises(ValueError, match="outside its converted root"):
         dfa.layers[1](jnp.ones((2, SIZES[1])))  # a tapped layer on its own would silently be BP
+
+
+def test_shared_prefix_dfa_matches_core():
+    x, t = batch()
+    rule = fa_jax.DFA(shared_prefix=True)
+    model = fnnx.convert(MLP(SIZES, rngs=nnx.Rngs(0)), rule, key=jax.random.key(3), inputs=x)
+    assert model.fa_dfa_feedback.shape == (SIZES[-1], max(SIZES[1:-1]))  # one matrix, prefixes per tap
+    loss, grads = nnx_grads(model, x, t, jit=True)
+    taps = tuple(fa_jax.TapSpec(f"layer_{i}", tap.shape) for i, tap in enumerate(model.fa_taps))
+    core_fb = fa_jax.DFAFeedback(model.fa_dfa_feedback[...], taps, (SIZES[-1],), shared_prefix=True)
+    _, core = fa_jax.value_and_grad(mlp("tanh"), mse, rule)(core_params(model), core_fb, x, t)
+    for i in range(3):
+        np.testing.assert_allclose(grads["layers"][i]["kernel"][...], core[i]["kernel"], rtol=1e-5, atol=1e-6)
+
+
+class Residual(nnx.Module):
+    """LayerNorm, dropout and a residual around two linear layers."""
+
+    def __init__(self, rngs):
+        self.inp = nnx.Linear(SIZES[0], 8, rngs=rngs)
+        self.norm = nnx.LayerNorm(8, rngs=rngs)
+        self.inner = nnx.Linear(8, 8, rngs=rngs)
+        self.drop = nnx.Dropout(0.3, rngs=rngs)
+        self.out = nnx.Linear(8, SIZES[-1], rngs=rngs)
+
+    def __call__(self, x):
+        h = self.inp(x)
+        h = h + self.drop(jnp.tanh(self.inner(self.norm(h))))
+        return self.out(h)
+
+
+def test_norm_dropout_residual_pass_through_fa_with_B_equal_to_W_is_bp():
+    x, t = batch()
+    bp = Residual(nnx.Rngs(0))
+    fa = fnnx.convert(Residual(nnx.Rngs(0)), "fa", key=jax.random.key(1))
+    want = nnx.grad(lambda m: mse(m(x), t))(bp)
+    _, fa_grads = nnx_grads(fa, x, t, jit=False)
+    assert not np.allclose(fa_grads["inp"]["kernel"][...], want["inp"]["kernel"][...], atol=1e-4)
+    same = fnnx.convert(Residual(nnx.Rngs(0)), "fa", key=jax.random.key(1))
+    for layer in (same.inp, same.inner, same.out):
+        layer.fa_feedback.set_value(layer.kernel[...])
+    got = nnx.grad(lambda m: mse(m(x), t))(same)  # same dropout mask: same Rngs seed, first call
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_rules_the_adapter_does_not_handle_are_refused():
+    for name in ("drtp", "kp"):
+        with pytest.raises(TypeError, match="not supported by the Flax adapters"):
+            fnnx.convert(MLP(SIZES, rngs=nnx.Rngs(0)), name, key=jax.random.key(0), inputs=batch()[0])
