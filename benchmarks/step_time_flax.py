@@ -19,7 +19,6 @@ import os
 import statistics
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 

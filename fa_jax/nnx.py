@@ -154,7 +154,7 @@ def _root_class(base: type) -> type:
                 return outputs
             return _flax.dfa_head(outputs, _value(self.fa_dfa_feedback), recorder.values, taps=self.fa_taps, rule=rule)
 
-        _CLASSES["root", base] = type(f"{base.__name__}With{'Taps'}", (base,), {"__call__": __call__, "__module__": __name__})
+        _CLASSES["root", base] = type(f"{base.__name__}WithTaps", (base,), {"__call__": __call__, "__module__": __name__})
     return _CLASSES["root", base]
 
 
@@ -166,6 +166,23 @@ def _modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     return [(_path_str(path), module) for path, module in nnx.iter_modules(model)]
 
 
+def _check_not_stacked(path: str, module: nnx.Module) -> None:
+    """A layer made under ``nnx.vmap`` holds a stack of kernels; one B drawn for the stack would be wrong."""
+    if isinstance(module, nnx.Linear):
+        want = (module.in_features, module.out_features)
+    elif isinstance(module, (nnx.Conv, nnx.Einsum)):
+        want = tuple(module.kernel_shape)
+    else:
+        return
+    given = tuple(module.kernel.shape)
+    if given != want:
+        raise ValueError(
+            f"layer {path!r} ({type(module).__name__}): expected a kernel of shape {want}, given {given}, a stack "
+            "of layers made with nnx.vmap / run with nnx.scan; fa_jax.nnx draws one B per module, so it does not "
+            "convert layer stacks. Use a Python loop over an nnx.List, or the functional core with lax.scan"
+        )
+
+
 def _weight_layers(model: nnx.Module, rule_name: str) -> list[tuple[str, nnx.Module]]:
     layers = [(p, m) for p, m in _modules(model) if isinstance(m, WEIGHT_LAYERS) and p]
     if not layers:
@@ -175,6 +192,7 @@ def _weight_layers(model: nnx.Module, rule_name: str) -> list[tuple[str, nnx.Mod
             f"{[c.__name__ for c in WEIGHT_LAYERS]} as a sub-module, found modules {found}"
         )
     for path, module in layers:
+        _check_not_stacked(path, module)
         attribute, defaults = _primitive(module)
         custom = getattr(module, attribute, None)
         if all(custom is not d for d in defaults) or getattr(module, "dot_general_cls", None) is not None:

@@ -6,12 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference
-from test_nnx import conv_input_gradient_numpy
+from test_nnx import assert_matches_core_and_numpy, conv_input_gradient_numpy
 
 import fa_jax
 import fa_jax.linen as flinen
-from fa_jax.models import mlp
 
 SIZES = (5, 7, 6, 3)
 
@@ -67,14 +65,7 @@ def test_mlp_matches_core_and_numpy(rule, jit):
         np_fb = [np.asarray(b) for b in fa_jax.dfa_matrices(core_fb)]
     else:
         core_fb = np_fb = None
-    core_loss, core = fa_jax.value_and_grad(mlp("tanh"), mse, rule)(params, core_fb, x, t)
-    want_loss, want = reference.gradients(params, x, t, "tanh", rule, np_fb)
-    np.testing.assert_allclose(loss, core_loss, rtol=1e-6)
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-    for g, c, w in zip(got, core, want):
-        for name in ("kernel", "bias"):
-            np.testing.assert_allclose(g[name], c[name], rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(g[name], w[name], rtol=1e-4, atol=1e-5)
+    assert_matches_core_and_numpy(rule, loss, got, params, core_fb, np_fb, x, t)
 
 
 def test_fa_feedback_lives_outside_params_and_uses_layer_keys():

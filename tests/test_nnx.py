@@ -67,6 +67,18 @@ def numpy_feedback(rule, model):
     return None
 
 
+def assert_matches_core_and_numpy(rule, loss, got, params, core_feedback, numpy_feedback, x, t):
+    """``got`` (list of {"kernel", "bias"}) equals the core's tanh-MLP gradients and the NumPy closed form."""
+    core_loss, core = fa_jax.value_and_grad(mlp("tanh"), mse, rule)(params, core_feedback, x, t)
+    want_loss, want = reference.gradients(params, x, t, "tanh", rule, numpy_feedback)
+    np.testing.assert_allclose(loss, core_loss, rtol=1e-6)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    for g, c, w in zip(got, core, want):
+        for name in ("kernel", "bias"):
+            np.testing.assert_allclose(g[name], c[name], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(g[name], w[name], rtol=1e-4, atol=1e-5)
+
+
 def nnx_grads(model, x, t, jit):
     grad = nnx.value_and_grad(lambda m: mse(m(x), t))
     return (nnx.jit(grad) if jit else grad)(model)
@@ -81,14 +93,7 @@ def test_mlp_matches_core_and_numpy(rule, jit):
     got = [{"kernel": grads["layers"][i]["kernel"][...], "bias": grads["layers"][i]["bias"][...]} for i in range(3)]
 
     params = core_params(model)
-    core_loss, core = fa_jax.value_and_grad(mlp("tanh"), mse, rule)(params, core_feedback(rule, model), x, t)
-    want_loss, want = reference.gradients(params, x, t, "tanh", rule, numpy_feedback(rule, model))
-    np.testing.assert_allclose(loss, core_loss, rtol=1e-6)
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-    for g, c, w in zip(got, core, want):
-        for name in ("kernel", "bias"):
-            np.testing.assert_allclose(g[name], c[name], rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(g[name], w[name], rtol=1e-4, atol=1e-5)
+    assert_matches_core_and_numpy(rule, loss, got, params, core_feedback(rule, model), numpy_feedback(rule, model), x, t)
     if rule in ("fa", "dfa"):  # and not BP: the hidden gradients differ
         _, bp = reference.gradients(params, x, t, "tanh", "bp")
         assert not np.allclose(got[0]["kernel"], bp[0]["kernel"], atol=1e-3)
@@ -297,3 +302,30 @@ def test_rules_the_adapter_does_not_handle_are_refused():
     for name in ("drtp", "kp"):
         with pytest.raises(TypeError, match="not supported by the Flax adapters"):
             fnnx.convert(MLP(SIZES, rngs=nnx.Rngs(0)), name, key=jax.random.key(0), inputs=batch()[0])
+
+
+@nnx.split_rngs(splits=3)
+@nnx.vmap(in_axes=(0,), out_axes=0)
+def _stacked_linear(rngs):
+    return nnx.Linear(SIZES[0], SIZES[0], rngs=rngs)
+
+
+class Stacked(nnx.Module):
+    """Three layers as one stacked nnx.Linear (kernel (3, d, d)) run with nnx.scan."""
+
+    def __init__(self, rngs):
+        self.layers = _stacked_linear(rngs)
+        self.head = nnx.Linear(SIZES[0], SIZES[-1], rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def body(x, layer):
+            return jnp.tanh(layer(x))
+
+        return self.head(body(x, self.layers))
+
+
+@pytest.mark.parametrize("rule", ["fa", "dfa"])
+def test_layer_stacks_raise_instead_of_one_B_for_the_stack(rule):
+    with pytest.raises(ValueError, match=r"layer 'layers'.*\(5, 5\), given \(3, 5, 5\).*nnx.scan"):
+        fnnx.convert(Stacked(nnx.Rngs(0)), rule, key=jax.random.key(0), inputs=batch()[0])
