@@ -177,7 +177,8 @@ def _plot(results, task, path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for rule, r in results.items():
-        mean, std = np.nanmean(r.metrics, 0), np.nanstd(r.metrics, 0)
+        healthy = r.metrics if r.diverged_at is None else r.metrics[r.diverged_at < 0]  # diverged seeds left out
+        mean, std = np.nanmean(healthy, 0), np.nanstd(healthy, 0)
         ax.plot(r.steps, mean, label=rule)
         ax.fill_between(r.steps, mean - std, mean + std, alpha=0.2)
     for name, value in task.baselines.items():

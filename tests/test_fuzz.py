@@ -47,7 +47,7 @@ def corrupt_key(kind: str):
 
 CORRUPTIONS = [
     "none", "rule", "sizes", "key", "dtype", "params_dtype", "inputs_shape", "inputs_dtype",
-    "targets_shape", "feedback_model", "feedback_kind", "activation",
+    "targets_shape", "feedback_model", "feedback_kind", "feedback_key", "activation",
 ]
 scenarios = st.fixed_dictionaries(
     {
@@ -85,7 +85,8 @@ def test_fuzz_training_api(corrupt, case):
         params = models.init_mlp(sizes, key=key, dtype=init_dtype)
         inputs = jnp.asarray(rng.normal(size=(batch, sizes[0])), jnp.float32)
         targets = jnp.asarray(rng.normal(size=(batch, sizes[-1])), jnp.float32)
-        feedback = fa_jax.init_feedback(rule, params, key=jax.random.key(7), model=model, inputs=inputs)
+        feedback_key = corrupt_key(str(rng.choice(["raw", "int", "batch"]))) if corrupt == "feedback_key" else jax.random.key(7)
+        feedback = fa_jax.init_feedback(rule, params, key=feedback_key, model=model, inputs=inputs)
         if corrupt == "params_dtype":
             leaves, tree = jax.tree.flatten(params)
             index = int(rng.integers(len(leaves)))
@@ -121,9 +122,10 @@ def test_fuzz_training_api(corrupt, case):
         "targets_shape": ("targets",),
         "feedback_model": ("feedback",),
         "feedback_kind": ("feedback",),
+        "feedback_key": ("key",),
     }
     expected = expected or names.get(corrupt, ())
-    if corrupt in ("feedback_model", "feedback_kind") and rule not in ("fa", "dfa"):
+    if corrupt in ("feedback_model", "feedback_kind", "feedback_key") and rule not in ("fa", "dfa"):
         expected = ()  # BP and shallow take no feedback: nothing was corrupted
     no_taps = isinstance(sizes, list) and len(sizes) == 2  # no hidden layer: nothing for DFA to tap
     if no_taps and (rule in ("dfa", "shallow") or corrupt == "feedback_kind") and corrupt not in (

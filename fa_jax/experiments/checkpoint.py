@@ -40,15 +40,11 @@ class CheckpointMismatch(ValueError):
     """The checkpoint on disk was written by a different run (rule, model, shapes...)."""
 
 
-def _is_key(leaf: Any) -> bool:
-    return _checks.is_key(leaf)
-
-
 def leaf_specs(state: Any) -> list[dict]:
     """``[{"path", "shape", "dtype"}]`` of every leaf; keys as ``"key<impl>"`` dtypes."""
     specs = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        if _is_key(leaf):
+        if _checks.is_key(leaf):
             dtype = f"key<{jax.random.key_impl(leaf)}>"
         else:
             dtype = str(np.dtype(leaf.dtype)) if hasattr(leaf, "dtype") else type(leaf).__name__
@@ -59,7 +55,7 @@ def leaf_specs(state: Any) -> list[dict]:
 def _to_numpy(state: Any) -> dict[str, np.ndarray]:
     """Flat ``{"leaf_00000": array}``; keys become their raw ``key_data``."""
     leaves = jax.tree_util.tree_leaves(state)
-    leaves = [jax.random.key_data(x) if _is_key(x) else x for x in leaves]
+    leaves = [jax.random.key_data(x) if _checks.is_key(x) else x for x in leaves]
     leaves = jax.device_get(leaves)
     return {f"leaf_{i:05d}": np.asarray(x) for i, x in enumerate(leaves)}
 
@@ -69,7 +65,7 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _differences(saved: dict, current: dict, directory: str) -> list[str]:
+def _differences(saved: dict, current: dict) -> list[str]:
     """Human-readable list of what differs between the saved run and this one."""
     problems = []
     if saved.get("format") != FORMAT:
@@ -180,7 +176,7 @@ class Checkpointer:
             return None
         ocp = self._ocp
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        problems = _differences(meta, self._record(like, step), self.directory)
+        problems = _differences(meta, self._record(like, step))
         if problems:
             raise CheckpointMismatch(
                 f"checkpoint {self.directory}/{step} does not match this run: " + "; ".join(problems)
@@ -194,7 +190,7 @@ class Checkpointer:
         restored = []
         for i, like_leaf in enumerate(leaves):
             value = np.asarray(arrays[f"leaf_{i:05d}"])
-            if _is_key(like_leaf):
+            if _checks.is_key(like_leaf):
                 value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(like_leaf))
             sharding = getattr(like_leaf, "sharding", None)
             restored.append(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
@@ -202,7 +198,7 @@ class Checkpointer:
 
 
 def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
-    data = jax.random.key_data(leaf) if _is_key(leaf) else leaf
+    data = jax.random.key_data(leaf) if _checks.is_key(leaf) else leaf
     return jax.ShapeDtypeStruct(np.shape(data), np.dtype(data.dtype))
 
 
