@@ -29,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--devices", type=int, default=1, help="force this many host (CPU) devices")
     parser.add_argument("--rule", default="dfa")
     args = parser.parse_args()
@@ -59,7 +59,7 @@ def main() -> None:
         for strategy, batch_size in (("vmap", 1), ("map", 1), ("map", 4)):
             trainer = make_trainer(task, rule, args.seeds, steps=args.steps, strategy=strategy, batch_size=batch_size)
             label = strategy if strategy == "vmap" else f"map(batch_size={batch_size})"
-            if (strategy, batch_size if strategy == "map" else 0) == auto:
+            if (strategy, batch_size if strategy == "map" else 0) == tuple(auto):
                 label += " [auto]"
             contenders[label] = lambda t=trainer: t.run_chunk(t.init(), args.steps)
         for fn in contenders.values():  # compile and warm up

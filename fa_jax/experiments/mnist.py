@@ -62,7 +62,7 @@ def cnn(side: int):
 
 def make_task(
     *, dataset: str = "mnist_5k", data: str | None = None, model: str = "mlp", hidden: Sequence[int] = (128, 128),
-    batch_size: int = 64, learning_rate: float = 1e-3, steps: int = 1500, eval_every: int = 150, seeds: int = 8,
+    batch_size: int = 64, learning_rate: float = 1e-3, steps: int = 1000, eval_every: int = 100, seeds: int = 8,
 ) -> Task:
     """The digit task. MLP ``d-128-128-10`` with tanh (taps after each hidden layer), Adam 1e-3, batch 64."""
     split = load(dataset, data)
