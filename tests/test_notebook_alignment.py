@@ -32,7 +32,7 @@ def test_alignment_notebook_runs_at_small_size(monkeypatch, tmp_path):
     assert not errors
     assert "small size (CI)" in text
     assert "fixed point: converged=" in text and "max Re eig(-J)" in text
-    assert "width    1" in text and "width   32" in text
+    assert "width    2" in text and "width   16" in text
     assert "than the most accurate run but accuracy > 1 point lower" in text
     images = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) >= 4
