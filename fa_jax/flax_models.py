@@ -86,7 +86,8 @@ class LinenBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         dim = x.shape[-1]
-        x = x + nn.SelfAttention(self.heads)(nn.LayerNorm()(x), mask=nn.make_causal_mask(jnp.ones(x.shape[:2])))
+        causal = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+        x = x + nn.MultiHeadDotProductAttention(self.heads)(nn.LayerNorm()(x), mask=causal)
         return x + nn.Dense(dim)(nn.gelu(nn.Dense(4 * dim)(nn.LayerNorm()(x))))
 
 

@@ -1,6 +1,5 @@
 """Unmodified Flax models (a CNN on sklearn digits, a 2-block Transformer on stdlib text) train under FA and DFA."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,10 +147,11 @@ def test_linen_micro_taps_attention_inside_blocks():
     tokens = text_batches(n=1)[0][0]
     model = LinenTransformer()
     variables = model.init(jax.random.key(0), tokens)
-    adapted = flinen.adapt(model, fa_jax.DFA(batch_dims=2), taps="micro", blocks=LinenBlock, attention=nn.SelfAttention)
+    adapted = flinen.adapt(model, fa_jax.DFA(batch_dims=2), taps="micro", blocks=LinenBlock)
     feedback = adapted.init_feedback(variables, tokens, key=jax.random.key(1))
     assert [t.name for t in feedback.taps] == [
-        "LinenBlock_0/SelfAttention_0", "LinenBlock_0", "LinenBlock_1/SelfAttention_0", "LinenBlock_1"]
+        "LinenBlock_0/MultiHeadDotProductAttention_0", "LinenBlock_0",
+        "LinenBlock_1/MultiHeadDotProductAttention_0", "LinenBlock_1"]
 
 
 def readme_snippet(section):
