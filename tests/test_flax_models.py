@@ -130,7 +130,7 @@ def test_linen_cnn_trains_on_digits(rule):
     falls(train_linen(adapted, variables, feedback, batches, 1e-2), 0.5)
 
 
-@pytest.mark.parametrize("rule,taps", [("fa", None), ("dfa", "macro")])
+@pytest.mark.parametrize("rule,taps", [("dfa", "macro")])  # Linen FA through attention: test_linen.py
 def test_linen_transformer_trains_on_text(rule, taps):
     batches = text_batches()
     model = LinenTransformer()
