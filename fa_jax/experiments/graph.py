@@ -35,9 +35,14 @@ def gcn(params, inputs, ops):
 
 
 def make_task(*, data: str | None = None, hidden: int = 64, learning_rate: float = 1e-2, steps: int = 200,
-              eval_every: int = 20, seeds: int = 8) -> Task:
+              eval_every: int = 20, seeds: int = 8, train_per_class: int = 20) -> Task:
     """The graph task: GCN ``d-64-classes`` with tanh, Adam 1e-2, full batch."""
-    graph = datasets.load_planetoid(data) if data is not None else datasets.make_csbm()
+    if data is not None:
+        graph = datasets.load_planetoid(data, train_per_class=train_per_class)
+    else:
+        graph = datasets.make_csbm(train_per_class=train_per_class)
+    if not graph.test_mask.any():
+        raise ValueError(f"{graph.name}: every node is labelled for training; lower train_per_class={train_per_class}")
     arrays = {
         "adjacency": jnp.asarray(normalized_adjacency(graph.adjacency)), "x": jnp.asarray(graph.features),
         "y": jnp.asarray(graph.labels), "train": jnp.asarray(graph.train_mask, jnp.float32),

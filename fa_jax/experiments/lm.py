@@ -77,9 +77,9 @@ def unigram_bits(train: np.ndarray, valid: np.ndarray, vocab: int) -> float:
 
 def make_task(
     *, d: int = 32, layers: int = 2, heads: int = 2, seq: int = 32, batch_size: int = 16, learning_rate: float = 3e-3,
-    max_chars: int | None = 200_000, valid_windows: int = 64, steps: int = 600, eval_every: int = 100, seeds: int = 4,
+    max_chars: int | None = 200_000, valid_windows: int = 64, steps: int = 400, eval_every: int = 100, seeds: int = 4,
 ) -> Task:
-    """The LM task: d=32, 2 blocks, 2 heads, context 32, batch 16, Adam 3e-3, 600 steps."""
+    """The LM task: d=32, 2 blocks, 2 heads, context 32, batch 16, Adam 3e-3, 400 steps."""
     text = datasets.load_text(max_chars=max_chars)
     starts = np.linspace(0, len(text.valid) - seq - 1, valid_windows).astype(np.int32)
     arrays = {
