@@ -329,3 +329,31 @@ class Stacked(nnx.Module):
 def test_layer_stacks_raise_instead_of_one_B_for_the_stack(rule):
     with pytest.raises(ValueError, match=r"layer 'layers'.*\(5, 5\), given \(3, 5, 5\).*nnx.scan"):
         fnnx.convert(Stacked(nnx.Rngs(0)), rule, key=jax.random.key(0), inputs=batch()[0])
+
+
+class AttentionEinsum(nnx.Module):
+    """nnx.MultiHeadAttention (four nnx.LinearGeneral) and an nnx.Einsum head."""
+
+    def __init__(self, rngs):
+        self.attn = nnx.MultiHeadAttention(2, 6, qkv_features=8, decode=False, rngs=rngs)
+        self.head = nnx.Einsum("bsd,dk->bsk", (6, 3), (3,), rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(x + self.attn(x))
+
+
+def test_fa_with_B_equal_to_W_is_bp_through_linear_general_and_einsum():
+    x = jax.random.normal(jax.random.key(0), (3, 4, 6))
+    objective = lambda m: jnp.sum(jnp.sin(m(x)))
+    want = nnx.grad(objective)(AttentionEinsum(nnx.Rngs(0)))
+    model = fnnx.convert(AttentionEinsum(nnx.Rngs(0)), "fa", key=jax.random.key(1))
+    converted = [p for p, m in nnx.iter_modules(model) if hasattr(m, "fa_feedback")]
+    assert sorted(converted) == [("attn", "key"), ("attn", "out"), ("attn", "query"), ("attn", "value"), ("head",)]
+    fa = nnx.jit(nnx.grad(objective))(model)
+    assert not np.allclose(fa["attn"]["query"]["kernel"][...], want["attn"]["query"]["kernel"][...], atol=1e-4)
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "fa_feedback"):
+            module.fa_feedback.set_value(module.kernel[...])
+    got = nnx.jit(nnx.grad(objective))(model)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
