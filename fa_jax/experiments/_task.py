@@ -69,6 +69,16 @@ def sample_rows(n: int, batch_size: int, key: jax.Array, step: jax.Array) -> jax
     return jax.random.randint(jax.random.fold_in(key, step), (batch_size,), 0, n)
 
 
+def row_batches(x: str, y: str, n: int, batch_size: int) -> Callable:
+    """``batch(data, key, step) -> (data[x][rows], data[y][rows])`` with :func:`sample_rows`."""
+
+    def batch(data, key, step):
+        rows = sample_rows(n, batch_size, key, step)
+        return data[x][rows], data[y][rows]
+
+    return batch
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy over all leading dims; ``labels`` are integer classes."""
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

@@ -17,7 +17,7 @@ import optax
 
 from fa_jax import apply
 from fa_jax import data as datasets
-from fa_jax.experiments._task import Task, sample_rows
+from fa_jax.experiments._task import Task, row_batches
 from fa_jax.models import init_mlp, mlp
 
 
@@ -45,17 +45,13 @@ def make_task(
     net = mlp("relu")
     n = pixels.shape[0]
 
-    def batch(data, key, step):
-        rows = sample_rows(n, batch_size, key, step)
-        return data["x"][rows], data["y"][rows]
-
     def evaluate(params, data):
         return psnr(apply(net, params, data["x"]), data["y"])
 
     return Task(
         name="field", metric="psnr_db", higher_is_better=True, data=arrays,
         init_params=lambda *, key: init_mlp(sizes, key=key), model=net,
-        loss=lambda out, y: jnp.mean((out - y) ** 2), batch=batch, evaluate=evaluate,
+        loss=lambda out, y: jnp.mean((out - y) ** 2), batch=row_batches("x", "y", n, batch_size), evaluate=evaluate,
         optimizer=optax.adam(learning_rate), steps=steps, eval_every=eval_every, seeds=seeds,
         baselines={"mean-grey": float(-10 * np.log10(pixels.var()))},
         description=f"scikit-image {image!r} {size}x{size}, Fourier features {2 * frequencies} (σ={sigma}), "

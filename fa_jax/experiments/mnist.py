@@ -15,7 +15,7 @@ import optax
 
 from fa_jax import apply
 from fa_jax import data as datasets
-from fa_jax.experiments._task import Task, accuracy, cross_entropy, sample_rows
+from fa_jax.experiments._task import Task, accuracy, cross_entropy, row_batches
 from fa_jax.models import init_mlp, mlp
 
 DATASETS = ("mnist_5k", "digits", "mnist1d")
@@ -82,16 +82,12 @@ def make_task(
         raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
     n_train = split.x_train.shape[0]
 
-    def batch(data, key, step):
-        rows = sample_rows(n_train, batch_size, key, step)
-        return data["x_train"][rows], data["y_train"][rows]
-
     def evaluate(params, data):
         return accuracy(apply(net, params, data["x_test"]), data["y_test"])
 
     return Task(
         name="mnist", metric="test_accuracy", higher_is_better=True, data=arrays, init_params=init, model=net,
-        loss=cross_entropy, batch=batch, evaluate=evaluate, optimizer=optax.adam(learning_rate),
+        loss=cross_entropy, batch=row_batches("x_train", "y_train", n_train, batch_size), evaluate=evaluate, optimizer=optax.adam(learning_rate),
         steps=steps, eval_every=eval_every, seeds=seeds,
         description=f"{split.name} ({n_train} train / {split.x_test.shape[0]} test), {model} {shape}, Adam {learning_rate}, batch {batch_size}",
     )
