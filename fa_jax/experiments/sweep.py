@@ -301,6 +301,15 @@ def sweep_config(task: Task, rule: _rules.Rule, seeds: np.ndarray, steps: int, c
     }
 
 
+def _to_host(tree: Any) -> Any:
+    """NumPy copies of sharded arrays; across hosts (``jax.distributed``) every process gets all seeds."""
+    if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(tree)):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def run_sweep(
     task: Task, rule: str | _rules.Rule, seeds: int | Sequence[int] = 8, *, steps: int | None = None,
     chunks: int = 1, strategy: str = "auto", batch_size: int = 1, mesh: Mesh | None = None,
@@ -356,7 +365,7 @@ def run_sweep(
             checkpointer.maybe_save(done, state, final=index == chunks - 1)
         if on_chunk is not None:
             on_chunk(done)
-    metrics, losses, diverged_at = jax.device_get((state.metrics, state.losses, state.diverged_at))
+    metrics, losses, diverged_at = _to_host((state.metrics, state.losses, state.diverged_at))
     n = len(seeds)
     return SweepResult(
         task.rule(rule).name, seeds, np.arange(n_evals + 1) * task.eval_every,
