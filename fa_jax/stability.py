@@ -235,7 +235,9 @@ def find_fixed_point(
     only; least squares, so a singular ``J`` on a manifold of fixed points is
     fine). Near slow directions the rule itself needs ``~1/(η λ_min)`` steps;
     Newton converges quadratically to the nearby fixed point, stable or not,
-    which is what a stability analysis needs. ``steps`` counts both kinds.
+    which is what a stability analysis needs. A Newton step that does not
+    lower ``‖g‖`` is refused and ends the polish. ``steps`` counts the
+    accepted steps of both kinds.
     """
 
     def norm(tree):
@@ -268,9 +270,11 @@ def find_fixed_point(
 
         measure = jax.jit(lambda v: (lambda lv: (lv[0], norm(lv[1])))(update(unravel(v))))
         for _ in range(newton_steps):
-            flat = newton(flat)
-            steps = steps + 1
-            value, gnorm = measure(flat)
+            candidate = newton(flat)
+            candidate_value, candidate_norm = measure(candidate)
+            if not candidate_norm < gnorm:  # far from a fixed point Newton can diverge: keep the best point
+                break
+            flat, value, gnorm, steps = candidate, candidate_value, candidate_norm, steps + 1
             if gnorm < tol:
                 break
         theta = unravel(flat)

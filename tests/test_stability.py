@@ -178,6 +178,9 @@ def test_finder_reports_non_convergence_honestly():
         update = st.as_update(mlp("tanh"), mse, "bp", None, x, t)
         fp = st.find_fixed_point(update, params, learning_rate=0.1, tol=1e-12, max_steps=5)
         assert not bool(fp.converged) and int(fp.steps) == 5 and float(fp.update_norm) >= 1e-12
+        # Newton polish never returns a point with a larger update than where it started.
+        polished = st.find_fixed_point(update, params, learning_rate=0.1, tol=1e-12, max_steps=5, newton_steps=3)
+        assert float(polished.update_norm) <= float(fp.update_norm) and int(polished.steps) >= 5
         value, grads = update(fp.params)
         np.testing.assert_allclose(fp.loss, value)
         np.testing.assert_allclose(fp.update_norm, np.linalg.norm(ravel_pytree(grads)[0]))
