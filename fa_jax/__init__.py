@@ -20,6 +20,8 @@ from fa_jax._sign import BRSF, FRSF, USF
 from fa_jax._kolen_pollack import KolenPollack, kolen_pollack_update, update_feedback
 from fa_jax._drtp import DRTP
 from fa_jax._feedback_init import Tiled, kaiming, launay2019, nokland_zero_hidden, tinydfa_uniform, widest_tap, xavier
+# Diagnostics (matplotlib helpers stay in fa_jax.plotting, imported on demand).
+from fa_jax import alignment, stability
 
 __version__ = "0.1.0"
 
@@ -31,4 +33,5 @@ __all__ = [
     "feedback_dense", "feedback_conv", "feedback_einsum", "feedback_bilinear",
     "USF", "FRSF", "BRSF", "KolenPollack", "DRTP", "kolen_pollack_update", "update_feedback",
     "tinydfa_uniform", "launay2019", "xavier", "kaiming", "widest_tap", "nokland_zero_hidden", "Tiled",
+    "alignment", "stability",
 ]
