@@ -10,7 +10,7 @@ cost nothing inside ``jit``, ``vmap`` or ``lax.scan``.
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

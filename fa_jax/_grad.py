@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from fa_jax import _checks, _rules, _validate
-from fa_jax._feedback import DFAFeedback, dfa_projection, projection_matrix, split_taps
-from fa_jax._model import FAOps, PlainOps, TapOps, bind
-from fa_jax._ops import is_key
+from fa_jax._feedback import DFAFeedback, projection_matrix, split_taps
+from fa_jax._model import FAOps, PlainOps, RecordOps, TapOps, bind
 
 Model = Callable[[Any, Any, PlainOps], Any]
 Loss = Callable[[Any, Any], Any]
@@ -126,9 +125,15 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
         def grad_fn(params, feedback, inputs, targets, *, step=None):
             _check_call(params, inputs, targets, step)
             names: list[str] = []
+            # A plain forward pass gives each block its input from outside the vjp:
+            # first-order gradients stay block-local, second-order ones (jacrev of
+            # the update) keep the upstream dependence. Under jit XLA merges the
+            # two identical forward passes into one.
+            recording = RecordOps()
+            model(params, inputs, recording)
 
             def forward(p):
-                ops = TapOps()
+                ops = TapOps(replay=recording.values)
                 outputs = model(p, inputs, ops)
                 names[:] = ops.names
                 return outputs, ops.values

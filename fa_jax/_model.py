@@ -133,11 +133,19 @@ class FAOps(PlainOps):
 
 
 class TapOps(PlainOps):
-    """Records every tap and cuts the graph there with a stop-gradient (DFA)."""
+    """Records every tap and cuts the graph there (DFA).
 
-    def __init__(self):
+    Without ``replay`` a tap returns ``stop_gradient(h)``. With ``replay`` (the
+    tap values of an earlier forward pass, computed outside the ``jax.vjp``)
+    tap *l* returns ``replay[l]``: the vjp still cannot see past the tap, but an
+    outer ``jax.jacrev`` of the update still sees how each block's input
+    depends on upstream weights, which a stop-gradient would hide.
+    """
+
+    def __init__(self, replay: list[jax.Array] | None = None):
         self.names: list[str] = []
         self.values: list[jax.Array] = []
+        self.replay = replay
 
     def tap(self, h, name: str | None = None):
         name = f"tap_{len(self.names)}" if name is None else name
@@ -145,7 +153,22 @@ class TapOps(PlainOps):
             raise ValueError(f"tap name {name!r} is used twice; tap names must be unique")
         self.names.append(name)
         self.values.append(h)
-        return jax.lax.stop_gradient(h)
+        if self.replay is None:
+            return jax.lax.stop_gradient(h)
+        if len(self.values) > len(self.replay):
+            raise ValueError(f"tap {name!r}: the model tapped more values than in its recording pass")
+        return self.replay[len(self.values) - 1]
+
+
+class RecordOps(PlainOps):
+    """Records tap values and passes them on untouched (the plain forward pass)."""
+
+    def __init__(self):
+        self.values: list[jax.Array] = []
+
+    def tap(self, h, name: str | None = None):
+        self.values.append(h)
+        return h
 
 
 def bind(params: Any, kernels: Any) -> Any:

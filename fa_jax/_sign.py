@@ -67,7 +67,7 @@ class USF:
             return math.sqrt(2.0 / (fan_in + fan_out))
         return float(self.scale)
 
-    def backward_matrix(self, weight: Float[Array, "*k"], feedback: tuple) -> Float[Array, "*k"]:
+    def backward_matrix(self, weight: Float[Array, "*kernel"], feedback: tuple) -> Float[Array, "*kernel"]:
         """``sign(W) · s``; ``feedback = (layer key, step)`` is unused."""
         return jnp.sign(weight) * jnp.asarray(self.magnitude(weight.shape), weight.dtype)
 

@@ -75,8 +75,6 @@ def _format(mean: float, std: float, metric: str) -> str:
 
 
 def run(args) -> int:
-    import numpy as np
-
     from fa_jax.experiments import TASKS, get_task, run_sweep
     from fa_jax.experiments.divergence import describe as describe_summary
 

@@ -25,9 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from fa_jax import _rules, _validate
-from fa_jax._grad import project_error, value_and_grad
-from fa_jax._model import PlainOps
+from fa_jax import _rules
+from fa_jax._grad import value_and_grad
 from fa_jax.alignment import cosine
 
 Update = Callable[[Any], tuple[jax.Array, Any]]
@@ -57,33 +56,20 @@ def as_update(
 ) -> Update:
     """``update(params) -> (loss, g)`` of ``rule`` on one fixed batch, ``g = rule update + λθ``.
 
-    Differentiable in ``params`` to every order, so ``jax.jacrev(update)`` is the
-    Jacobian of the update map. BP and FA-family rules use the core
-    ``fa_jax.value_and_grad``. DFA and shallow do not: their core gradient cuts
-    the graph at each tap with ``stop_gradient``, which is right for ``g`` but
-    also hides from ``jacrev`` how a block's input ``h_{l-1}`` and the error ``e``
-    depend on the upstream weights. Here the blocks run on the tap values of a
-    plain forward instead, ``g(θ) = G(θ, ĥ(θ))``: the same numbers, and
-    ``jacrev`` follows ``ĥ(θ)``.
+    Differentiable in ``params`` in reverse mode, so ``jax.jacrev(update)`` is the
+    Jacobian of the update map, for every rule: the core gradient feeds DFA
+    blocks the tap values of a plain forward pass, so ``jacrev`` follows how a
+    block's input and the error depend on upstream weights.
 
     Args:
       weight_decay: ``λ``; adds ``λ/2 ‖θ‖²`` to the loss and ``λθ`` to every
         update, so cross-entropy problems get isolated fixed points.
       call_kwargs: passed to the core gradient function (e.g. ``step=``).
     """
-    rule = _rules.get_rule(rule)
-    if isinstance(rule, (_rules.DFA, _rules.Shallow)):
-        raw = _tap_rule_update(model, loss, rule, feedback, inputs, targets)
-    elif _rules.uses_taps(rule):
-        raise ValueError(
-            f"as_update: rule {rule.name!r} cuts the network at taps; its update Jacobian is "
-            "implemented for 'dfa' and 'shallow' only (the core gradient is not differentiable across taps)"
-        )
-    else:
-        grad_fn = value_and_grad(model, loss, rule)
+    grad_fn = value_and_grad(model, loss, rule)
 
-        def raw(params):
-            return grad_fn(params, feedback, inputs, targets, **call_kwargs)
+    def raw(params):
+        return grad_fn(params, feedback, inputs, targets, **call_kwargs)
 
     def update(params):
         value, grads = raw(params)
@@ -91,54 +77,6 @@ def as_update(
             sq = sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
             value = value + 0.5 * weight_decay * sq
             grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
-        return value, grads
-
-    return update
-
-
-class _Record(PlainOps):
-    """Plain layers; records every tap (no cut)."""
-
-    def __init__(self):
-        self.values: list[jax.Array] = []
-
-    def tap(self, h, name=None):
-        self.values.append(h)
-        return h
-
-
-class _Replay(PlainOps):
-    """Blocks cut at the taps: tap ``l`` records the block's output ``h_l`` and hands on ``ĥ_l``."""
-
-    def __init__(self, given: list[jax.Array]):
-        self.given, self.names, self.values = given, [], []
-
-    def tap(self, h, name=None):
-        self.names.append(f"tap_{len(self.names)}" if name is None else name)
-        self.values.append(h)
-        return self.given[len(self.values) - 1]
-
-
-def _tap_rule_update(model, loss, rule, feedback, inputs, targets) -> Update:
-    """DFA / shallow ``(loss, g)`` as ``G(θ, ĥ(θ))``: blocks fed with the plain forward's taps."""
-
-    def update(params):
-        record = _Record()
-        model(params, inputs, record)
-        replay = _Replay(record.values)
-
-        def blocks(p):
-            outputs = model(p, inputs, replay)
-            return outputs, replay.values
-
-        (outputs, taps), pullback = jax.vjp(blocks, params)
-        value, error = jax.value_and_grad(loss)(outputs, targets)
-        if isinstance(rule, _rules.Shallow):
-            signals = [jnp.zeros_like(t) for t in taps]
-        else:
-            _validate.check_dfa(feedback, replay.names, taps, outputs, rule.batch_dims)
-            signals = project_error(error, feedback, rule, taps)
-        (grads,) = pullback((error, signals))
         return value, grads
 
     return update

@@ -200,14 +200,15 @@ def test_regenerated_feedback_gives_the_stored_numbers(rule):
         np.testing.assert_array_equal(g, w)
 
 
-def test_jacrev_of_fa_gradient_matches_finite_differences():
+@pytest.mark.parametrize("rule", ["fa", "dfa"])
+def test_jacrev_of_gradient_matches_finite_differences(rule):
     with jax.enable_x64(True):
-        params = init_mlp([3, 4, 2], key=jax.random.key(0), dtype=jnp.float64)
+        params = init_mlp([3, 4, 3, 2], key=jax.random.key(0), dtype=jnp.float64)
         x = jax.random.normal(jax.random.key(1), (5, 3), jnp.float64)
         t = jax.random.normal(jax.random.key(2), (5, 2), jnp.float64)
         model = mlp("tanh")
-        feedback = fj.init_feedback("fa", params, key=jax.random.key(3))
-        grad_fn = fj.value_and_grad(model, mse, "fa")
+        feedback = fj.init_feedback(rule, params, key=jax.random.key(3), model=model, inputs=x, dtype=jnp.float64)
+        grad_fn = fj.value_and_grad(model, mse, rule)
         flat, unravel = jax.flatten_util.ravel_pytree(params)
 
         def update(vector):
@@ -220,7 +221,7 @@ def test_jacrev_of_fa_gradient_matches_finite_differences():
             axis=1,
         )
         np.testing.assert_allclose(jacobian, numeric, rtol=1e-5, atol=1e-7)
-        # FA's update map is not a gradient field: its Jacobian is not symmetric.
+        # Neither update map is a gradient field: its Jacobian is not symmetric.
         assert not np.allclose(jacobian, jacobian.T, atol=1e-6)
 
 

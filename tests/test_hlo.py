@@ -18,18 +18,25 @@ def mse(outputs, targets):
 
 
 def dots(rule):
-    """``((lhs, rhs), result)`` shapes of every dot_general JAX emits for one step, and its cost."""
+    """``((lhs, rhs), result)`` shapes of every dot the compiled step executes, and its cost.
+
+    The optimized HLO is read, so a product that XLA keeps is seen wherever it
+    was fused; operand shapes come from each operand's own definition.
+    """
     params = init_mlp(SIZES, key=jax.random.key(0))
     x, t = jnp.ones((BATCH, SIZES[0])), jnp.ones((BATCH, SIZES[-1]))
     model = mlp("tanh")
     feedback = fj.init_feedback(rule, params, key=jax.random.key(1), model=model, inputs=x)
-    lowered = jax.jit(fj.value_and_grad(model, mse, rule)).lower(params, feedback, x, t)
+    compiled = jax.jit(fj.value_and_grad(model, mse, rule)).lower(params, feedback, x, t).compile()
+    text = compiled.as_text()
+    shape_of = dict(re.findall(r"(%[\w.\-]+) = f32\[([\d,]*)\]", text))
     shapes = []
-    for line in lowered.as_text().splitlines():
-        if "stablehlo.dot_general" in line:
-            lhs, rhs, result = re.findall(r"tensor<([\dx]*)xf32>", line.rsplit(":", 1)[1])
-            shapes.append(((lhs.replace("x", ","), rhs.replace("x", ",")), result.replace("x", ",")))
-    return shapes, lowered.compile().cost_analysis()
+    for line in text.splitlines():
+        match = re.search(r"(%[\w.\-]+) = f32\[([\d,]*)\]\S* dot\((%[\w.\-]+), (%[\w.\-]+)\)", line)
+        if match:
+            _, result, lhs, rhs = match.groups()
+            shapes.append(((shape_of[lhs], shape_of[rhs]), result))
+    return shapes, compiled.cost_analysis()
 
 
 def input_gradient_products(shapes):

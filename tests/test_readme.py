@@ -1,4 +1,4 @@
-"""Every ```python snippet in README.md runs as written."""
+"""Every ```python snippet in README.md runs as written (```py marks ones that need a cluster)."""
 
 import pathlib
 import re

@@ -8,7 +8,6 @@ Planetoid-style ``.npz`` (e.g. Cora) from ``--data``.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
