@@ -20,12 +20,12 @@ import numpy as np
 
 
 def path_str(path: tuple) -> str:
-    """Key path as ``"layers/0/kernel"`` (same format as ``fa_jax._feedback.path_str``)."""
+    """Key path as ``"layers/0/kernel"``: the layer path used in messages and layer ids."""
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def is_key(value: Any) -> bool:
-    """True for a typed PRNG key array (same test as ``fa_jax._ops.is_key``)."""
+    """True for a typed PRNG key array (in feedback, a slot whose B is regenerated)."""
     return hasattr(value, "dtype") and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
 
 SEED_LIMIT = 2**32  # jax.random.key wraps larger seeds silently

@@ -36,9 +36,7 @@ def layer_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, layer_id(path))
 
 
-def path_str(path: tuple) -> str:
-    """``('layers', 0, 'kernel')``-style key path as ``"layers/0/kernel"``."""
-    return jax.tree_util.keystr(path, simple=True, separator="/")
+path_str = _checks.path_str
 
 
 def is_kernel(path: tuple, leaf: Any) -> bool:

@@ -177,7 +177,7 @@ def bind(params: Any, kernels: Any) -> Any:
     def pair(path, feedback, weight):
         if feedback is None:
             return weight
-        return Bound(weight, feedback, jax.tree_util.keystr(path, simple=True, separator="/"))
+        return Bound(weight, feedback, _checks.path_str(path))
 
     return jax.tree_util.tree_map_with_path(pair, kernels, params, is_leaf=lambda x: x is None)
 

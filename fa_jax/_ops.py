@@ -28,9 +28,7 @@ from fa_jax import _checks
 Bilinear = Callable[[jax.Array, jax.Array], jax.Array]
 
 
-def is_key(value: Any) -> bool:
-    """True for a typed PRNG key array (a regenerated-feedback slot)."""
-    return hasattr(value, "dtype") and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
+is_key = _checks.is_key  # a typed PRNG key marks a regenerated-feedback slot
 
 
 def materialize(feedback: jax.Array, shape: tuple[int, ...], dtype: Any, init: Callable | None) -> jax.Array:
