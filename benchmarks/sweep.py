@@ -8,8 +8,8 @@ the table reports the median of the per-round ratios loop_time / sweep_time.
 Models (mnist_5k data): a small MLP 784-64-64-10 with batch 32, and a
 compute-bound MLP 784-256-256-10 with batch 64. Usage::
 
-    python benchmarks/sweep.py                 # one CPU device
-    python benchmarks/sweep.py --devices 2     # 2 forced host devices (seed axis sharded)
+    python benchmarks/sweep.py                 # one host device per core (seed axis sharded), like the CLI
+    python benchmarks/sweep.py --devices 1     # one CPU device
 
 Writes ``benchmarks/results/sweep_<platform>_<devices>dev.json``.
 """
@@ -30,7 +30,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--devices", type=int, default=1, help="force this many host (CPU) devices")
+    parser.add_argument(
+        "--devices", type=int, default=os.cpu_count() or 1,
+        help="force this many host (CPU) devices; default one per core, as `python -m fa_jax` does",
+    )
     parser.add_argument("--rule", default="dfa")
     args = parser.parse_args()
     if args.devices > 1:
