@@ -16,6 +16,14 @@ from typing import Callable
 import jax
 
 
+def add_timing_arguments(parser, out: str) -> None:
+    """The options every paired-timing benchmark takes: rounds, steps per block, a smoke mode, the JSON path."""
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5, help="steps per timed block")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (smoke test)")
+    parser.add_argument("--out", default=out)
+
+
 def block_time(step: Callable[[], object], repeats: int) -> float:
     """Seconds per call of ``step`` over ``repeats`` calls, waiting for the device."""
     start = time.perf_counter()

@@ -22,7 +22,7 @@ import optax
 import fa_jax as fj
 from fa_jax.models import init_mlp, mlp
 
-from _timing import median_ratio, paired_times, ratio_rows, report
+from _timing import add_timing_arguments, median_ratio, paired_times, ratio_rows, report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LEARNING_RATE = 1e-3
@@ -87,10 +87,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="784,1024,1024,1024,10")
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5, help="steps per timed block")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (smoke test)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "step_time.json"))
+    add_timing_arguments(parser, os.path.join(HERE, "results", "step_time.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.batch, args.rounds, args.repeats = "64,32,32,10", 16, 3, 2

@@ -27,7 +27,7 @@ import fa_jax.linen as flinen
 import fa_jax.nnx as fnnx
 from fa_jax.flax_models import CNN, Block, LinenBlock, LinenCNN, LinenTransformer, Transformer
 
-from _timing import environment, paired_times, ratio_rows
+from _timing import add_timing_arguments, environment, paired_times, ratio_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,10 +76,7 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--tf-batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5, help="steps per timed block")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few rounds (smoke test)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "step_time_flax.json"))
+    add_timing_arguments(parser, os.path.join(HERE, "results", "step_time_flax.json"))
     args = parser.parse_args(argv)
     if args.quick:
         args.cnn_batch, args.cnn_width, args.seq, args.dim, args.heads, args.tf_batch = 16, 4, 8, 16, 2, 4

@@ -132,6 +132,11 @@ class FAOps(PlainOps):
         return _ops.feedback_einsum(spec, x, k.weight, k.feedback, init=self.init)
 
 
+def tap_name(name: str | None, index: int) -> str:
+    """A tap's name: the one given, else ``tap_<index>`` in call order (what DFA feedback is keyed by)."""
+    return f"tap_{index}" if name is None else name
+
+
 class TapOps(PlainOps):
     """Records every tap and cuts the graph there (DFA).
 
@@ -148,7 +153,7 @@ class TapOps(PlainOps):
         self.replay = replay
 
     def tap(self, h, name: str | None = None):
-        name = f"tap_{len(self.names)}" if name is None else name
+        name = tap_name(name, len(self.names))
         if name in self.names:
             raise ValueError(f"tap name {name!r} is used twice; tap names must be unique")
         self.names.append(name)

@@ -33,7 +33,7 @@ from jaxtyping import Array, Float
 from fa_jax import _rules, _validate
 from fa_jax._feedback import DFAFeedback, FAFeedback, dfa_matrices, is_kernel, materialize_fa, path_str
 from fa_jax._grad import project_error, value_and_grad
-from fa_jax._model import FAOps, PlainOps, TapOps, bind
+from fa_jax._model import FAOps, PlainOps, TapOps, bind, tap_name
 
 __all__ = [
     "Cosine",
@@ -219,7 +219,7 @@ class _Probe:
         self.probes, self.names, self.values = probes, [], []
 
     def tap(self, h, name: str | None = None):
-        name = f"tap_{len(self.names)}" if name is None else name
+        name = tap_name(name, len(self.names))
         self.names.append(name)
         self.values.append(h)
         return h + self.probes[len(self.names) - 1]
