@@ -4,28 +4,33 @@
   ``lax.conv_general_dilated`` and ``jnp.einsum``. A Flax layer calls one of
   these in place of its primitive, so its own code (dtype promotion, padding,
   batch flattening, bias) runs unchanged while ``dx`` goes through B
-  (``fa_jax._ops.feedback_bilinear``).
+  (``fa_jax._ops.feedback_bilinear``), or through ``rule.backward_matrix(W, (leaf,
+  step))`` for the rest of the FA family (``fa_jax._ops.matrix_bilinear``).
 * A tap recorder: taps are recorded while the root model runs and cut with a
   stop-gradient, exactly like ``fa_jax._model.TapOps``.
 * :func:`dfa_head`: a ``custom_vjp`` identity on the model output whose
-  backward sends ``δ_l = e B_l`` (``fa_jax._grad.project_error``) to every tap.
-  It makes DFA an ordinary autodiff rule, so ``jax.grad``,
-  ``nnx.value_and_grad`` and optax work unchanged.
+  backward sends ``δ_l = e B_l`` (``fa_jax._grad.project_error``) to every tap,
+  or ``y* B_l`` for DRTP. It makes DFA an ordinary autodiff rule, so
+  ``jax.grad``, ``nnx.value_and_grad`` and optax work unchanged.
+* :func:`layer_feedback`: one kernel's feedback leaf, drawn by the core's
+  ``init_feedback`` from ``layer_key(key, path)``, so the adapters and the core
+  hold the same B for the same key.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from fa_jax import _ops, _rules
-from fa_jax._feedback import DFAFeedback, TapSpec, dfa_projection, layer_key, shared_projection
+from fa_jax import _checks, _ops, _rules
+from fa_jax._feedback import DFAFeedback, TapSpec, dfa_projection, init_feedback, shared_projection
 from fa_jax._grad import project_error
 
 
@@ -58,30 +63,78 @@ class StaticOp:
         return isinstance(other, StaticOp) and self._key() == other._key()
 
 
-def feedback_product(op: StaticOp, lhs, rhs, feedback, rule: Any):
-    """``op(lhs, rhs)`` with ``dx`` through ``feedback``: the single place the FA family plugs in.
+class LayerFeedback(NamedTuple):
+    """What one converted layer's backward needs.
 
-    A rule that only changes how B is built (B regenerated from a key with
-    ``rule.init``, or another FA-family rule) changes this function only.
+    Attributes:
+      leaf: the layer's feedback leaf: B (FA, Kolen–Pollack), M (frSF), or the layer key
+        (regenerated FA/frSF, uSF, brSF), drawn by :func:`layer_feedback`.
+      rule: the rule; FA-family rules with ``backward_matrix`` build B from W in the backward.
+      step: the training step ``t`` (read only by brSF, ``M_t = init(fold_in(k_l, t))``).
+      path: the layer's module path, for error messages.
+      pass_step: how this adapter is given a step, for the error when brSF has none.
     """
-    return _ops.feedback_bilinear(op, lhs, rhs, feedback, init=getattr(rule, "init", None))
+
+    leaf: Any
+    rule: Any
+    step: Any = None
+    path: str = "?"
+    pass_step: str = ""
 
 
-def feedback_dot_general(feedback, rule: Any) -> Callable:
-    """A ``lax.dot_general`` replacement whose input-gradient uses ``feedback`` (B, kernel-shaped)."""
+@dataclasses.dataclass(frozen=True)
+class _MissingStep:
+    """Stands in for ``rule.backward_matrix`` when brSF got no step: raises as the backward is traced.
+
+    The forward never reads B, so evaluation runs without a step; a gradient without
+    one raises instead of silently drawing ``M_0`` (or computing BP).
+    """
+
+    rule: Any
+    path: str
+    pass_step: str
+
+    def __call__(self, weight, feedback):
+        raise ValueError(
+            f"layer {self.path!r}: rule {self.rule.name!r} redraws its feedback every step from (layer key, step) "
+            f"(Liao et al. 2016, brSF: M_t = init(fold_in(k, t))); expected a step, given none. {self.pass_step}"
+        )
+
+
+def feedback_product(op: StaticOp, lhs, rhs, layer: LayerFeedback):
+    """``op(lhs, rhs)`` with ``dx`` through the layer's feedback: the single place the FA family plugs in.
+
+    FA (Lillicrap et al. 2016) passes B or its key to ``_ops.feedback_bilinear``. The rules
+    with ``backward_matrix`` (uSF, frSF, brSF: Liao et al. 2016; Kolen–Pollack: Akrout
+    et al. 2019) build B from ``(W, leaf, step)`` inside the backward, exactly as the
+    core's ``FAOps`` does, through ``_ops.matrix_bilinear``.
+    """
+    rule = layer.rule
+    _checks.check_feedback_matrix(layer.leaf, rhs, f"feedback for layer {layer.path!r}")
+    if not _rules.uses_backward_matrix(rule):
+        return _ops.feedback_bilinear(op, lhs, rhs, layer.leaf, init=getattr(rule, "init", None))
+    backward = rule.backward_matrix
+    if needs_step(rule) and layer.step is None:
+        backward = _MissingStep(rule, layer.path, layer.pass_step)
+    return _ops.matrix_bilinear(op, lhs, rhs, (layer.leaf, layer.step), backward_matrix=backward)
+
+
+def feedback_dot_general(layer: LayerFeedback) -> Callable:
+    """A ``lax.dot_general`` replacement whose input-gradient uses the layer's feedback (B, kernel-shaped)."""
 
     def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         op = StaticOp(jax.lax.dot_general, dimension_numbers, precision=precision,
                       preferred_element_type=preferred_element_type, **kwargs)
-        return feedback_product(op, lhs, rhs, feedback, rule)
+        return feedback_product(op, lhs, rhs, layer)
 
     return dot_general
 
 
-def feedback_conv_general_dilated(feedback, rule: Any, mask=None) -> Callable:
+def feedback_conv_general_dilated(layer: LayerFeedback, mask=None) -> Callable:
     """A ``lax.conv_general_dilated`` replacement: ``dx`` is the transposed convolution with B."""
-    matrix = feedback if mask is None or _ops.is_key(feedback) else feedback * mask
+    if mask is not None and not _ops.is_key(layer.leaf):
+        layer = layer._replace(leaf=layer.leaf * mask)  # the masked kernel's B (sign rules mask W itself)
 
     def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                              dimension_numbers=None, feature_group_count=1, batch_group_count=1,
@@ -90,38 +143,68 @@ def feedback_conv_general_dilated(feedback, rule: Any, mask=None) -> Callable:
         op = StaticOp(jax.lax.conv_general_dilated, window_strides, padding, lhs_dilation, rhs_dilation,
                       dimension_numbers, feature_group_count, batch_group_count, precision=precision,
                       preferred_element_type=preferred_element_type, **kwargs)
-        return feedback_product(op, lhs, rhs, matrix, rule)
+        return feedback_product(op, lhs, rhs, layer)
 
     return conv_general_dilated
 
 
-def feedback_einsum(feedback, rule: Any) -> Callable:
+def feedback_einsum(layer: LayerFeedback) -> Callable:
     """A ``jnp.einsum(spec, x, kernel)`` replacement with ``dx`` through B."""
 
     def einsum(spec, lhs, rhs, precision=None, preferred_element_type=None, **kwargs):
         kwargs = {k: v for k, v in kwargs.items() if v is not None}
         op = StaticOp(jnp.einsum, spec, precision=precision, preferred_element_type=preferred_element_type, **kwargs)
-        return feedback_product(op, lhs, rhs, feedback, rule)
+        return feedback_product(op, lhs, rhs, layer)
 
     return einsum
 
 
-SUPPORTED_RULES = (_rules.BP, _rules.FA, _rules.DFA, _rules.Shallow)
+# --------------------------------------------------------------------------- rules
+
+
+def is_fa_family(rule: Any) -> bool:
+    """FA and the rules that run its op with another B (uSF, frSF, brSF, Kolen–Pollack): per-layer feedback."""
+    return isinstance(rule, _rules.FA) or _rules.uses_backward_matrix(rule)
+
+
+def projects_to_taps(rule: Any) -> bool:
+    """DFA (projects the error) and DRTP (projects the target): taps with a random projection."""
+    return isinstance(rule, _rules.DFA) or hasattr(rule, "teaching_signal")
+
+
+def needs_step(rule: Any) -> bool:
+    """brSF redraws its magnitudes every step, so its backward needs ``t``."""
+    return bool(getattr(rule, "needs_step", False))
 
 
 def check_rule(rule: Any, where: str) -> None:
-    """Only BP, FA, DFA and shallow are wired into the Flax adapters; anything else would be computed wrongly."""
-    if type(rule) not in SUPPORTED_RULES:
+    """The adapters route per-layer feedback (FA family) or taps (DFA family); anything else would be computed wrongly."""
+    if not (isinstance(rule, _rules.BP) or is_fa_family(rule) or _rules.uses_taps(rule)):
         raise TypeError(
-            f"{where}: rule {getattr(rule, 'name', rule)!r} is not supported by the Flax adapters yet; expected one of "
-            f"{[r.name for r in SUPPORTED_RULES]} (use the functional core, fa_jax.value_and_grad, for the others)"
+            f"{where}: rule {getattr(rule, 'name', rule)!r} ({type(rule).__name__}) is neither BP, an FA-family rule "
+            f"(FA or one with backward_matrix) nor a tap rule; expected one of {sorted(_rules.RULES)}"
         )
 
 
-def fa_matrix(rule: _rules.FA, key: jax.Array, path: str, shape: tuple[int, ...], dtype: Any) -> jax.Array:
-    """B of the layer whose kernel sits at ``path``: ``rule.init(layer_key(key, path), shape)``, or that key."""
-    layer = layer_key(key, path)
-    return layer if rule.regenerate else rule.init(layer, shape, dtype)
+def needs_key(rule: Any) -> bool:
+    """Every rule but BP and shallow draws (or keys) its feedback from a PRNG key."""
+    return not isinstance(rule, (_rules.BP, _rules.Shallow))
+
+
+def check_key(rule: Any, key: Any) -> None:
+    if needs_key(rule) and not (key is not None and _checks.is_key(key)):
+        raise TypeError(f"key: rule {rule.name!r} needs a typed PRNG key, jax.random.key(seed); given {key!r}")
+
+
+def layer_feedback(rule: Any, key: jax.Array, path: str, kernel: jax.Array) -> Any:
+    """The feedback leaf of the kernel at ``path``, drawn by the core's ``init_feedback``.
+
+    ``init_feedback`` is handed ``{path: kernel}``, so the leaf comes from
+    ``layer_key(key, path)`` exactly as it does for that kernel in the functional
+    core: B (FA, Kolen–Pollack), M (frSF) or the layer key (regenerated, uSF, brSF).
+    """
+    drawn = init_feedback(rule, {path: kernel}, key=key, select=lambda *_: True)
+    return drawn.kernels[path]
 
 
 # --------------------------------------------------------------------------- taps
@@ -191,35 +274,56 @@ def check_taps(want: tuple[TapSpec, ...], names: list[str], values: list[Any], b
             raise ValueError(f"DFA tap {w.name!r}: expected feature shape {w.shape}, given {g.shape}")
 
 
+class _HeadSpec(NamedTuple):
+    """The static part of the head: the taps, the output's feature shape, and how to pass DRTP's targets."""
+
+    taps: tuple[TapSpec, ...]
+    output_shape: tuple[int, ...]
+    pass_targets: str
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _dfa_head(feedback_spec, rule, outputs, projection, tap_values):
+def _dfa_head(spec, rule, outputs, projection, tap_values, teaching):
     return outputs
 
 
-def _head_fwd(feedback_spec, rule, outputs, projection, tap_values):
+def _head_fwd(spec, rule, outputs, projection, tap_values, teaching):
     structs = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in tap_values]
-    return outputs, (projection, structs)
+    return outputs, (projection, structs, teaching)
 
 
-def _head_bwd(feedback_spec, rule, residuals, error):
-    projection, structs = residuals
-    taps, output_shape = feedback_spec
-    feedback = DFAFeedback(projection, taps, output_shape, shared_prefix=_shared(rule))
-    signals = project_error(error, feedback, rule, structs)
-    return error, None, signals
+def _head_bwd(spec, rule, residuals, error):
+    projection, structs, teaching = residuals
+    feedback = DFAFeedback(projection, spec.taps, spec.output_shape, shared_prefix=_shared(rule))
+    # DRTP projects the target, not the error (Frenkel et al. 2021, eq. 6): no backward dependency.
+    source = teaching if hasattr(rule, "teaching_signal") else error
+    if source is None:
+        raise ValueError(
+            f"rule {rule.name!r}: the hidden taps receive a random projection of the targets (Frenkel et al. 2021), "
+            f"expected targets, given none. {spec.pass_targets}"
+        )
+    signals = project_error(source, feedback, rule, structs)
+    return error, None, signals, None
 
 
 _dfa_head.defvjp(_head_fwd, _head_bwd)
 
 
 def dfa_head(outputs: jax.Array, projection: jax.Array, tap_values: list[jax.Array], *,
-             taps: tuple[TapSpec, ...], rule: _rules.DFA) -> jax.Array:
-    """Identity on ``outputs``; its backward sends ``δ_l = e B_l`` (Nøkland 2016, eq. 3) to tap ``l``.
+             taps: tuple[TapSpec, ...], rule: Any, targets: Any = None, pass_targets: str = "") -> jax.Array:
+    """Identity on ``outputs``; its backward sends ``δ_l = s B_l`` to tap ``l``.
+
+    ``s`` is the error ``e = ∂L/∂y`` for DFA (Nøkland 2016, eq. 3) and the teaching
+    signal ``y* = rule.teaching_signal(outputs, targets)`` for DRTP (Frenkel et al.
+    2021, eq. 6); the output's own cotangent passes through, so the output block
+    trains on its exact gradient.
 
     Args:
       outputs: the model output ``(*batch, *output_shape)``; its cotangent is ``e = ∂L/∂y``.
       projection: ``[B_1 … B_L]`` of shape ``(output_features, Σ tap_features)``, or its key.
       tap_values: the recorded taps, ``(*batch, *tap_shape_l)``, already cut downstream.
+      targets: DRTP's targets (labels or one-hot); ``None`` raises when the backward is traced.
+      pass_targets: how the adapter is given targets, for that error.
     """
     output_shape = tuple(outputs.shape[rule.batch_dims:])
     if not _ops.is_key(projection):
@@ -227,7 +331,10 @@ def dfa_head(outputs: jax.Array, projection: jax.Array, tap_values: list[jax.Arr
         want = (math.prod(output_shape), columns)
         if tuple(projection.shape) != want:
             raise ValueError(f"DFA projection: expected shape {want} for output {output_shape}, given {tuple(projection.shape)}")
-    return _dfa_head((taps, output_shape), rule, outputs, projection, list(tap_values))
+    uses_targets = hasattr(rule, "teaching_signal") and targets is not None
+    teaching = rule.teaching_signal(outputs, targets) if uses_targets else None
+    spec = _HeadSpec(taps, output_shape, pass_targets)
+    return _dfa_head(spec, rule, outputs, projection, list(tap_values), teaching)
 
 
 def _shared(rule: Any) -> bool:

@@ -1,4 +1,4 @@
-"""Train an unmodified Flax Linen model with FA, DFA or the shallow baseline.
+"""Train an unmodified Flax Linen model with FA, DFA, their family (uSF, frSF, brSF, Kolen–Pollack, DRTP) or shallow.
 
 :func:`adapt` wraps ``model.apply`` in ``nn.intercept_methods``; the model's
 code is not touched::
@@ -19,6 +19,19 @@ code is not touched::
   ``"micro"`` or a list of module paths) are cut with a stop-gradient, and the
   output's backward sends ``δ_l = e B_l`` to each (Nøkland 2016, eq. 3). The
   feedback is a :class:`fa_jax.DFAFeedback`.
+* **uSF, frSF, brSF** (Liao et al. 2016), **Kolen–Pollack** (Akrout et al. 2019):
+  like FA, with the core's feedback leaf at each kernel (M for frSF, B for KP,
+  the layer key for uSF and brSF) and B built by ``rule.backward_matrix(W,
+  (leaf, step))`` in the backward. brSF needs the step,
+  ``apply(variables, feedback, x, step=t)``. KP's B is learned: the feedback
+  is the core's :class:`fa_jax.FAFeedback` shaped like ``params``, so the core's
+  ``fa_jax.update_feedback(rule, feedback, updates, params, decay=)`` steps it
+  beside the optimizer (and returns every other rule's feedback unchanged).
+* **DRTP** (Frenkel et al. 2021): like DFA, but the hidden taps receive a fixed
+  projection of the targets, ``apply(variables, feedback, x, targets=labels)``.
+
+``step=`` and ``targets=`` are keywords of the adapted ``apply`` (not passed on
+to the model); without them evaluation runs, and a gradient raises at trace time.
 
 Two traps are guarded, so BP is never computed silently:
 
@@ -42,13 +55,16 @@ from typing import Any, Callable, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 
-from fa_jax import _flax, _rules
+from fa_jax import _checks, _flax, _rules
 from fa_jax._feedback import DFAFeedback, FAFeedback, path_str
 
 __all__ = ["WEIGHT_LAYERS", "Adapted", "adapt"]
 
 WEIGHT_LAYERS: tuple[type, ...] = (nn.Dense, nn.DenseGeneral, nn.Conv)
 _ATTENTION = (nn.MultiHeadDotProductAttention,)
+
+_PASS_STEP = "Pass it to the adapted apply: apply(variables, feedback, *args, step=step)"
+_PASS_TARGETS = "Pass them to the adapted apply: apply(variables, feedback, *args, targets=targets)"
 
 _TRAP = (
     "The usual cause: a function jitted (jax.jit, nn.jit) and first traced outside fa_jax.linen replayed its "
@@ -81,6 +97,7 @@ class _Plan:
     attention: tuple[type, ...]
     params: Any
     fa_table: dict[str, Any] | None = None
+    step: Any = None  # brSF's t, read in the FA-family backward
     used: set = dataclasses.field(default_factory=set)
     seen: set = dataclasses.field(default_factory=set)
     layers: list = dataclasses.field(default_factory=list)
@@ -133,12 +150,12 @@ class _Plan:
         if name not in self.fa_table:
             raise ValueError(f"layer {path!r} has no FA feedback; expected one of {sorted(self.fa_table)[:10]}")
         self.used.add(name)
-        feedback = self.fa_table[name]
+        layer = _flax.LayerFeedback(self.fa_table[name], self.rule, self.step, path, _PASS_STEP)
         attribute, cls_attribute = _primitive(module)
         if attribute == "conv_general_dilated":
-            primitive = _flax.feedback_conv_general_dilated(feedback, self.rule, module.mask)
+            primitive = _flax.feedback_conv_general_dilated(layer, module.mask)
         else:
-            primitive = _flax.feedback_dot_general(feedback, self.rule)
+            primitive = _flax.feedback_dot_general(layer)
         # Linen modules are frozen dataclasses: swap the primitive for this call only.
         object.__setattr__(module, attribute, primitive)
         try:
@@ -164,7 +181,7 @@ class _Plan:
         if weight:
             self.check_layer(module, path)
             self.layers.append(path)
-            if isinstance(self.rule, _rules.FA):
+            if _flax.is_fa_family(self.rule):
                 return self.fa_call(module, path, next_fun, args, kwargs)
         if weight and self.taps == "layer" and _rules.uses_taps(self.rule):
             args = (_flax.tap(f"{path}:in", args[0], path),) + tuple(args[1:])
@@ -175,7 +192,7 @@ class _Plan:
 
 
 class Adapted(NamedTuple):
-    """``init_feedback(variables, *args, key=...)`` and ``apply(variables, feedback, *args, **kwargs)``."""
+    """``init_feedback(variables, *args, key=...)`` and ``apply(variables, feedback, *args, step=, targets=, **kwargs)``."""
 
     init_feedback: Callable
     apply: Callable
@@ -196,19 +213,22 @@ def adapt(
     blocks: Any = None,
     attention: type | tuple[type, ...] = _ATTENTION,
 ) -> Adapted:
-    """FA / DFA / shallow versions of ``model.apply``, with no change to the model.
+    """Versions of ``model.apply`` that train with ``rule``, with no change to the model.
 
     Args:
       model: an ``nn.Module``, or any ``apply_fn(variables, *args, **kwargs)`` that calls ``model.apply``.
-      rule: ``"bp"``, ``"fa"``, ``"dfa"``, ``"shallow"`` or a rule value.
-      taps, blocks, attention: DFA and shallow tap placement (module paths are ``"Block_0"``-style).
+      rule: ``"bp"``, ``"fa"``, ``"dfa"``, ``"shallow"``, ``"usf"``, ``"frsf"``, ``"brsf"``,
+        ``"kp"``, ``"drtp"`` or a rule value.
+      taps, blocks, attention: tap placement for DFA, DRTP and shallow (module paths are ``"Block_0"``-style).
 
     Returns:
       :class:`Adapted`. ``init_feedback(variables, *example_args, key=key)``
-      returns ``None`` (BP, shallow), :class:`fa_jax.FAFeedback` or
-      :class:`fa_jax.DFAFeedback`; ``apply(variables, feedback, *args, **kwargs)``
+      returns ``None`` (BP, shallow), :class:`fa_jax.FAFeedback` (FA family) or
+      :class:`fa_jax.DFAFeedback` (DFA, DRTP), drawn from the layer keys the core
+      uses. ``apply(variables, feedback, *args, step=None, targets=None, **kwargs)``
       returns what ``model.apply(variables, *args, **kwargs)`` returns, with the
-      rule's gradients. Both are pure: jit them, vmap them over seeds.
+      rule's gradients; ``step`` (brSF) and ``targets`` (DRTP) are the adapter's.
+      Both are pure: jit them, vmap them over seeds.
     """
     rule = _rules.get_rule(rule)
     _flax.check_rule(rule, "fa_jax.linen.adapt")
@@ -221,8 +241,8 @@ def adapt(
     if isinstance(blocks, str):
         blocks = [blocks]
 
-    def plan(variables, fa_table=None) -> _Plan:
-        return _Plan(rule, taps, blocks, attention, variables.get("params", {}), fa_table)
+    def plan(variables, fa_table=None, step=None) -> _Plan:
+        return _Plan(rule, taps, blocks, attention, variables.get("params", {}), fa_table, step)
 
     def run(p: _Plan, variables, args, kwargs, cut: bool):
         with _flax.recording(cut=cut) as recorder, nn.intercept_methods(p):
@@ -248,15 +268,12 @@ def adapt(
     def init_feedback(variables, *args, key=None, **kwargs):
         if isinstance(rule, _rules.BP):
             return None
-        if isinstance(rule, (_rules.FA, _rules.DFA)) and not (
-            key is not None and jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key)
-        ):
-            raise TypeError(f"key: rule {rule.name!r} needs a typed PRNG key, jax.random.key(seed); given {key!r}")
+        _flax.check_key(rule, key)
         found: dict[str, Any] = {}
 
         def discover(variables, args):
             p = plan(variables, fa_table={})
-            if isinstance(p.rule, _rules.FA):  # trace as BP here: we only need which layers run
+            if _flax.is_fa_family(p.rule):  # trace as BP here: we only need which layers run
                 p.rule = _rules.BP()
             result, recorder = run(p, variables, args, kwargs, cut=True)
             leaves = jax.tree.leaves(args)
@@ -267,14 +284,14 @@ def adapt(
         outputs, values = jax.eval_shape(discover, variables, args)
         p = found["plan"]
         missing_paths(p)
-        if isinstance(rule, _rules.FA):
+        if _flax.is_fa_family(rule):
             if not p.layers:
                 raise no_layer(p)
             layers = {f"{path}/kernel" for path in p.layers}
 
             def draw(path, leaf):
                 name = path_str(path)
-                return _flax.fa_matrix(rule, key, name, leaf.shape, leaf.dtype) if name in layers else None
+                return _flax.layer_feedback(rule, key, name, leaf) if name in layers else None
 
             return FAFeedback(jax.tree_util.tree_map_with_path(draw, variables["params"]))
         kept = [(n, v) for n, v in zip(found["names"], values) if n not in found["raw"]]
@@ -287,18 +304,22 @@ def adapt(
         specs = _flax.tap_specs([n for n, _ in kept], [v for _, v in kept], rule.batch_dims)
         output_shape = tuple(outputs.shape[rule.batch_dims:])
         # shallow: the taps only cut the network; there is no projection
-        projection = _flax.draw_projection(rule, key, specs, output_shape) if isinstance(rule, _rules.DFA) else None
+        projection = _flax.draw_projection(rule, key, specs, output_shape) if _flax.projects_to_taps(rule) else None
         return _flax.dfa_feedback(projection, specs, output_shape, rule)
 
-    def apply(variables, feedback, *args, **kwargs):
+    def apply(variables, feedback, *args, step=None, targets=None, **kwargs):
+        if step is not None:
+            _checks.check_step_value(step, "step")
         if isinstance(rule, _rules.BP):
             return apply_fn(variables, *args, **kwargs)
-        if isinstance(rule, _rules.FA):
+        if _flax.is_fa_family(rule):
             if not isinstance(feedback, FAFeedback):
-                raise TypeError(f"feedback: rule 'fa' needs FAFeedback from init_feedback, given {type(feedback).__name__}")
+                raise TypeError(
+                    f"feedback: rule {rule.name!r} needs FAFeedback from init_feedback, given {type(feedback).__name__}"
+                )
             flat, _ = jax.tree_util.tree_flatten_with_path(feedback.kernels)
             table = {path_str(path): leaf for path, leaf in flat}
-            p = plan(variables, fa_table=table)
+            p = plan(variables, fa_table=table, step=step)
             result, _ = run(p, variables, args, kwargs, cut=False)
             unused = sorted(set(table) - p.used)
             if unused:
@@ -321,6 +342,7 @@ def adapt(
         outputs, put_back = _split_output(result, kwargs)
         if isinstance(rule, _rules.Shallow):
             return result
-        return put_back(_flax.dfa_head(outputs, feedback.projection, values, taps=feedback.taps, rule=rule))
+        return put_back(_flax.dfa_head(outputs, feedback.projection, values, taps=feedback.taps, rule=rule,
+                                       targets=targets, pass_targets=_PASS_TARGETS))
 
     return Adapted(init_feedback, apply)

@@ -1,4 +1,4 @@
-"""Train an unmodified Flax NNX model with FA, DFA or the shallow baseline.
+"""Train an unmodified Flax NNX model with FA, DFA, their family (uSF, frSF, brSF, Kolen–Pollack, DRTP) or shallow.
 
 :func:`convert` walks the module graph (``nnx.iter_modules``) and re-types
 modules in place, keeping the module objects, their ``nnx.Param`` s and their
@@ -15,6 +15,24 @@ paths (so shared layers stay shared and optimizer state lines up):
   ``δ_l = e B_l`` to each tap (Nøkland 2016, eq. 3) with one GEMM of ``e`` and
   the concatenated ``[B_1 … B_L]`` (held by the root in a :class:`Feedback`).
 * **shallow**: the same cuts, no projection: only the part after the last tap trains.
+* **uSF, frSF, brSF** (Liao et al. 2016) and **Kolen–Pollack** (Akrout et al.
+  2019) are converted like FA: each layer holds the core's feedback leaf for its
+  kernel (M for frSF, B for KP, the layer key for uSF and brSF) and its backward
+  builds ``rule.backward_matrix(W, (leaf, step))``, as ``fa_jax.FAOps`` does.
+* **DRTP** (Frenkel et al. 2021) is converted like DFA, but the head sends
+  ``y* B_l``, a fixed projection of the *targets*, to the hidden taps.
+
+Two rules need more than the batch in their backward, and get it at call time
+through :func:`call` (the pure :func:`value_and_grad` passes both):
+
+* brSF the step ``t``: ``fa_jax.nnx.call(model, x, step=t)``;
+* DRTP the targets: ``fa_jax.nnx.call(model, x, targets=labels)``.
+
+A plain ``model(x)`` still evaluates; differentiating it raises at trace time
+and says what to use. Kolen–Pollack's B is learned: :func:`optimizer_update`
+(stateful, in place of ``optimizer.update``) or :func:`update_feedback` (on the
+pure :func:`split` states) give it W's update and decay; the optimizer itself
+never sees it.
 
 Feedback is a :class:`Feedback` variable, not an ``nnx.Param``, so
 ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and ``nnx.value_and_grad`` leave it
@@ -25,10 +43,14 @@ alone. Gradients are ordinary autodiff of the converted model::
     loss, grads = nnx.value_and_grad(loss_fn)(model)     # FA gradients
     optimizer.update(model, grads)
 
+    # brSF / DRTP: call the model with its step / targets; KP: learn B beside the optimizer
+    loss_fn = lambda m: loss(fa_jax.nnx.call(m, x, step=t, targets=y), y)
+    fa_jax.nnx.optimizer_update(optimizer, model, grads, decay=lr * weight_decay)
+
 Pure path (seed sweeps under ``jax.vmap``): ``graphdef, params, feedback =
 fa_jax.nnx.split(model)`` and ``grad_fn = fa_jax.nnx.value_and_grad(graphdef,
-loss)``, ``grad_fn(params, feedback, inputs, targets) -> (loss, grads)``, the
-signature of the core ``fa_jax.value_and_grad``.
+loss)``, ``grad_fn(params, feedback, inputs, targets, *, step=None) -> (loss,
+grads)``, the signature of the core ``fa_jax.value_and_grad``.
 
 DFA tap placements (``taps=``), following Launay et al. 2020:
 
@@ -49,15 +71,20 @@ they are differentiated as usual (they carry no transported weight matrix).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import threading
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fa_jax import _flax, _rules
+from fa_jax import _checks, _flax, _kolen_pollack, _rules
+from fa_jax._feedback import FAFeedback
 
-__all__ = ["Feedback", "WEIGHT_LAYERS", "convert", "split", "value_and_grad", "feedback_of"]
+__all__ = [
+    "Feedback", "WEIGHT_LAYERS", "convert", "call", "split", "value_and_grad", "feedback_of",
+    "update_feedback", "optimizer_update",
+]
 
 
 class Feedback(nnx.Variable):
@@ -102,22 +129,73 @@ def _value(variable: nnx.Variable) -> jax.Array:
     return variable.get_value() if hasattr(variable, "get_value") else variable.value
 
 
+class _CallInputs(NamedTuple):
+    """What a forward may need beyond the model's own arguments: brSF's step, DRTP's targets."""
+
+    step: Any = None
+    targets: Any = None
+
+
+_CALLS = threading.local()
+
+_PASS_STEP = (
+    "Call the model as fa_jax.nnx.call(model, x, step=step) inside the differentiated function, or pass "
+    "step=step to the grad_fn of fa_jax.nnx.value_and_grad(graphdef, loss)"
+)
+_PASS_TARGETS = (
+    "A plain model(x) under nnx.value_and_grad cannot see them: call the model as "
+    "fa_jax.nnx.call(model, x, targets=targets) inside the differentiated function, or use the pure "
+    "fa_jax.nnx.value_and_grad(graphdef, loss), whose grad_fn(params, feedback, inputs, targets) passes them"
+)
+
+
+def _call_inputs() -> _CallInputs:
+    """The innermost :func:`call`'s step and targets (both ``None`` for a plain ``model(x)``)."""
+    stack = getattr(_CALLS, "stack", None)
+    return stack[-1] if stack else _CallInputs()
+
+
+def call(model: nnx.Module, *args: Any, step: Any = None, targets: Any = None, **kwargs: Any) -> Any:
+    """``model(*args, **kwargs)`` given the per-call inputs some rules read in their backward.
+
+    * ``step``: brSF redraws ``M_t = init(fold_in(k_l, t))`` every step (Liao et al. 2016).
+    * ``targets``: DRTP sends ``y* B_l`` to the hidden taps (Frenkel et al. 2021, eq. 6);
+      integer labels of the output's batch shape, or an array shaped like the output.
+
+    Other rules ignore both, so one training step serves every rule. The values travel
+    with this call only (no state is left in the model), so call it *inside* the
+    function you differentiate or jit: the step and targets then are that trace's own
+    arguments, never constants of an earlier trace. Without them, evaluation runs as
+    usual and a gradient raises at trace time.
+    """
+    if step is not None:
+        _checks.check_step_value(step, "step")
+    if not hasattr(_CALLS, "stack"):
+        _CALLS.stack = []
+    _CALLS.stack.append(_CallInputs(step, targets))
+    try:
+        return model(*args, **kwargs)
+    finally:
+        _CALLS.stack.pop()
+
+
 _CLASSES: dict[tuple, type] = {}
 
 
 def _fa_class(base: type) -> type:
-    """``FA<Base>``: ``Base.__call__`` with its primitive's input-gradient through ``self.fa_feedback``."""
+    """``FA<Base>``: ``Base.__call__`` with its primitive's input-gradient through the layer's feedback."""
     if ("fa", base) not in _CLASSES:
 
         def __call__(self, *args, **kwargs):
             attribute, _ = _primitive(self)
-            feedback = _value(self.fa_feedback)
+            layer = _flax.LayerFeedback(_value(self.fa_feedback), self.fa_rule, _call_inputs().step,
+                                        self.fa_path, _PASS_STEP)
             if attribute == "conv_general_dilated":
-                primitive = _flax.feedback_conv_general_dilated(feedback, self.fa_rule, getattr(self, "mask", None))
+                primitive = _flax.feedback_conv_general_dilated(layer, getattr(self, "mask", None))
             elif attribute == "einsum_op":
-                primitive = _flax.feedback_einsum(feedback, self.fa_rule)
+                primitive = _flax.feedback_einsum(layer)
             else:
-                primitive = _flax.feedback_dot_general(feedback, self.fa_rule)
+                primitive = _flax.feedback_dot_general(layer)
             overrides = {attribute: primitive, "dot_general_cls": None}
             return base.__call__(_Overlay(self, overrides), *args, **kwargs)
 
@@ -152,7 +230,8 @@ def _root_class(base: type) -> type:
             _flax.check_taps(self.fa_taps, recorder.names, recorder.values, rule.batch_dims)
             if isinstance(rule, _rules.Shallow):
                 return outputs
-            return _flax.dfa_head(outputs, _value(self.fa_dfa_feedback), recorder.values, taps=self.fa_taps, rule=rule)
+            return _flax.dfa_head(outputs, _value(self.fa_dfa_feedback), recorder.values, taps=self.fa_taps,
+                                  rule=rule, targets=_call_inputs().targets, pass_targets=_PASS_TARGETS)
 
         _CLASSES["root", base] = type(f"{base.__name__}WithTaps", (base,), {"__call__": __call__, "__module__": __name__})
     return _CLASSES["root", base]
@@ -203,11 +282,12 @@ def _weight_layers(model: nnx.Module, rule_name: str) -> list[tuple[str, nnx.Mod
     return layers
 
 
-def _convert_fa(model: nnx.Module, rule: _rules.FA, key: jax.Array) -> None:
+def _convert_fa(model: nnx.Module, rule: Any, key: jax.Array) -> None:
+    """FA and its family: every weight layer holds its feedback leaf, drawn from ``layer_key(key, "<path>/kernel")``."""
     for path, module in _weight_layers(model, rule.name):
-        kernel = _value(module.kernel)
-        module.fa_feedback = Feedback(_flax.fa_matrix(rule, key, f"{path}/kernel", kernel.shape, kernel.dtype))
+        module.fa_feedback = Feedback(_flax.layer_feedback(rule, key, f"{path}/kernel", _value(module.kernel)))
         module.fa_rule = rule
+        module.fa_path = path
         module.__class__ = _fa_class(type(module))
 
 
@@ -308,7 +388,7 @@ def _convert_taps(model, rule, key, inputs, taps, blocks, attention) -> None:
     specs = _flax.tap_specs([n for n, _ in kept], [v for _, v in kept], rule.batch_dims)
     model.fa_taps = specs
     model.fa_rule = rule
-    if isinstance(rule, _rules.DFA):
+    if _flax.projects_to_taps(rule):  # DFA, DRTP; shallow only cuts
         output_shape = tuple(outputs.shape[rule.batch_dims:])
         model.fa_dfa_feedback = Feedback(_flax.draw_projection(rule, key, specs, output_shape))
     model.__class__ = _root_class(type(model))
@@ -328,12 +408,14 @@ def convert(
 
     Args:
       model: an ``nnx.Module`` whose root call takes the batch and returns one array.
-      rule: ``"bp"`` (no change), ``"fa"``, ``"dfa"``, ``"shallow"`` or a rule value.
-      key: typed PRNG key for B (FA, DFA); keyword-only. Layer ``path`` draws
-        from ``layer_key(key, path)``: FA from ``"<module path>/kernel"``, DFA
-        from the tap name (``"<module path>"`` or ``"<module path>:in"``).
-      inputs: DFA and shallow: an example batch, traced abstractly to find taps.
-      taps, blocks, attention: DFA and shallow tap placement (see the module doc).
+      rule: ``"bp"`` (no change), ``"fa"``, ``"dfa"``, ``"shallow"``, ``"usf"``, ``"frsf"``,
+        ``"brsf"``, ``"kp"``, ``"drtp"`` or a rule value.
+      key: typed PRNG key for the feedback (every rule but BP and shallow); keyword-only.
+        Layer ``path`` draws from ``layer_key(key, path)`` like the core: the FA
+        family from ``"<module path>/kernel"``, DFA and DRTP from the tap name
+        (``"<module path>"`` or ``"<module path>:in"``).
+      inputs: DFA, DRTP and shallow: an example batch, traced abstractly to find taps.
+      taps, blocks, attention: tap placement for DFA, DRTP and shallow (see the module doc).
     """
     rule = _rules.get_rule(rule)
     _flax.check_rule(rule, "fa_jax.nnx.convert")
@@ -341,17 +423,13 @@ def convert(
         raise TypeError(f"model: expected an nnx.Module, given {type(model).__name__}")
     if any(_is_converted(m) for _, m in nnx.iter_modules(model)):
         raise ValueError("model is already converted; build a fresh model to convert it for another rule")
-    needs_key = isinstance(rule, (_rules.FA, _rules.DFA))
-    if needs_key and (key is None or not jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key)):
-        raise TypeError(f"key: rule {rule.name!r} needs a typed PRNG key, jax.random.key(seed); given {key!r}")
+    _flax.check_key(rule, key)
     if isinstance(rule, _rules.BP):
         return model
-    if isinstance(rule, _rules.FA):
+    if _flax.is_fa_family(rule):
         _convert_fa(model, rule, key)
-    elif isinstance(rule, (_rules.DFA, _rules.Shallow)):
-        _convert_taps(model, rule, key, inputs, taps, blocks, attention)
     else:
-        raise TypeError(f"fa_jax.nnx.convert does not support rule {rule!r} yet")
+        _convert_taps(model, rule, key, inputs, taps, blocks, attention)
     return model
 
 
@@ -366,20 +444,92 @@ def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
 
 
 def value_and_grad(graphdef: nnx.GraphDef, loss: Callable, *, has_aux: bool = False) -> Callable:
-    """Pure ``grad_fn(params, feedback, inputs, targets) -> (loss, grads)`` for a converted model.
+    """Pure ``grad_fn(params, feedback, inputs, targets, *, step=None) -> (loss, grads)`` for a converted model.
 
     ``params`` and ``feedback`` come from :func:`split`; ``grads`` is an
     ``nnx.State`` shaped like ``params``, the rule's gradients (FA, DFA, …) since
     the model was converted. Pure, so it composes with ``jax.jit`` and
-    ``jax.vmap`` over seeds. ``loss(outputs, targets)``.
+    ``jax.vmap`` over seeds. ``loss(outputs, targets)``. The model runs through
+    :func:`call`, so DRTP gets ``targets`` and brSF the ``step`` (an int or int32
+    scalar, required by brSF, ignored by the other rules), like the core's grad_fn.
     """
 
-    def objective(params, feedback, inputs, targets):
-        return loss(nnx.merge(graphdef, params, feedback)(inputs), targets)
+    def objective(params, feedback, inputs, targets, step):
+        outputs = call(nnx.merge(graphdef, params, feedback), inputs, step=step, targets=targets)
+        return loss(outputs, targets)
 
     grad = jax.value_and_grad(objective, has_aux=has_aux)
 
-    def grad_fn(params, feedback, inputs, targets):
-        return grad(params, feedback, inputs, targets)
+    def grad_fn(params, feedback, inputs, targets, *, step=None):
+        return grad(params, feedback, inputs, targets, step)
 
     return grad_fn
+
+
+def _pure(tree: Any) -> Any:
+    """An ``nnx.State`` as its nested dict of arrays (a snapshot: the State's Variables may be the model's own)."""
+    return tree.to_pure_dict() if isinstance(tree, nnx.State) else tree
+
+
+def _kernel_path(path: tuple) -> tuple:
+    """The kernel beside a layer's :class:`Feedback` (``(…, "fa_feedback")`` → ``(…, "kernel")``)."""
+    return path[:-1] + ("kernel",)
+
+
+def update_feedback(rule: Any, feedback: nnx.State, updates: Any, params: Any, *, decay: float = 0.0) -> nnx.State:
+    """The feedback state after one training step, on the pure :func:`split` states.
+
+    Kolen–Pollack learns B (Akrout et al. 2019, eqs. 5–6): ``B ← B + u − decay·(B − W)``
+    through the core's ``fa_jax.kolen_pollack_update``; every other rule returns
+    ``feedback`` itself, so one loop serves the whole family.
+
+    Args:
+      rule: the rule the model was converted for (a name or a rule value).
+      feedback: the feedback state from :func:`split` (``Feedback`` at ``"<layer>/fa_feedback"``).
+      updates: what is added to the params this step (optax's ``updates``), shaped like
+        ``params``, *including* the optimizer's own weight-decay term.
+      params: the params *before* the update.
+      decay: ``learning_rate × weight_decay`` of the optimizer, B's own decay.
+    """
+    flat = list(nnx.to_flat_state(feedback))
+    learned = {_kernel_path(path): path for path, variable in flat if path[-1] == "fa_feedback"}
+    values = {path: _value(variable) for path, variable in flat}
+    params, updates = _pure(params), _pure(updates)
+
+    def at_kernel(keypath, leaf):
+        path = tuple(k.key for k in keypath)
+        return values[learned[path]] if path in learned else None
+
+    before = FAFeedback(jax.tree_util.tree_map_with_path(at_kernel, params))
+    after = _kolen_pollack.update_feedback(rule, before, updates, params, decay=decay)
+    if after is before:  # fixed feedback
+        return feedback
+    new = {
+        learned[tuple(k.key for k in keypath)]: matrix
+        for keypath, matrix in jax.tree_util.tree_flatten_with_path(after.kernels)[0]
+    }
+    return nnx.from_flat_state([(path, variable.replace(new[path]) if path in new else variable) for path, variable in flat])
+
+
+def _rule_of(model: nnx.Module) -> Any:
+    """The rule ``model`` was converted for (BP when none)."""
+    for _, module in nnx.iter_modules(model):
+        if hasattr(module, "fa_rule"):
+            return module.fa_rule
+    return _rules.BP()
+
+
+def optimizer_update(optimizer: nnx.Optimizer, model: nnx.Module, grads: Any, *, decay: float = 0.0) -> None:
+    """``optimizer.update(model, grads)``, then the rule's feedback step (:func:`update_feedback`).
+
+    The stateful form of the Kolen–Pollack loop: the optimizer touches only
+    ``nnx.Param`` s; B then gets the same update as W plus its own decay
+    (``decay = learning_rate × weight_decay``), so ``B − W`` shrinks by ``1 − decay``
+    per step. For every other rule this is ``optimizer.update(model, grads)``.
+    Works eagerly and inside ``nnx.jit``.
+    """
+    _, before, feedback = split(model)
+    before = _pure(before)  # arrays, taken before optimizer.update replaces the Params' values
+    optimizer.update(model, grads)
+    updates = jax.tree.map(jnp.subtract, _pure(split(model)[1]), before)
+    nnx.update(model, update_feedback(_rule_of(model), feedback, updates, before, decay=decay))

@@ -244,14 +244,21 @@ def test_errors_are_clear():
     with pytest.raises(TypeError, match="typed PRNG key"):
         flinen.adapt(model, "fa").init_feedback(variables, x, key=3)
     _, _, adapted, _ = setup("fa")
-    with pytest.raises(TypeError, match="needs FAFeedback"):
+    with pytest.raises(TypeError, match="rule 'fa' needs FAFeedback"):
         adapted.apply(variables, None, x)
+    _, _, usf, _ = setup("usf")
+    with pytest.raises(TypeError, match="rule 'usf' needs FAFeedback"):
+        usf.apply(variables, None, x)
 
 
-def test_rules_the_adapter_does_not_handle_are_refused():
-    for name in ("drtp", "usf"):
-        with pytest.raises(TypeError, match="not supported by the Flax adapters"):
-            flinen.adapt(MLP(), name)
+def test_every_registered_rule_adapts():
+    """The rule family (uSF, frSF, brSF, KP, DRTP) goes through the adapter like FA and DFA (tests/test_flax_family.py)."""
+    x = batch()[0]
+    variables = MLP().init(jax.random.key(0), x)
+    for name in fa_jax.RULES:
+        adapted = flinen.adapt(MLP(), name)
+        feedback = adapted.init_feedback(variables, x, key=jax.random.key(1))
+        assert adapted.apply(variables, feedback, x).shape == (8, SIZES[-1])
 
 
 class ScaledDense(nn.Dense):

@@ -298,10 +298,11 @@ def test_norm_dropout_residual_pass_through_fa_with_B_equal_to_W_is_bp():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_rules_the_adapter_does_not_handle_are_refused():
-    for name in ("drtp", "kp"):
-        with pytest.raises(TypeError, match="not supported by the Flax adapters"):
-            fnnx.convert(MLP(SIZES, rngs=nnx.Rngs(0)), name, key=jax.random.key(0), inputs=batch()[0])
+def test_every_registered_rule_converts():
+    """The rule family (uSF, frSF, brSF, KP, DRTP) goes through the adapter like FA and DFA (tests/test_flax_family.py)."""
+    for name in fa_jax.RULES:
+        model = fnnx.convert(MLP(SIZES, rngs=nnx.Rngs(0)), name, key=jax.random.key(0), inputs=batch()[0])
+        assert model(batch()[0]).shape == (8, SIZES[-1])
 
 
 @nnx.split_rngs(splits=3)
