@@ -158,15 +158,28 @@ class Tiled:
         return blocks.reshape(-1, shape[-1])[: shape[-2]]
 
     def dense_input_gradient(self, key: jax.Array, g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-        """``dx = g Bᵀ`` with B regenerated tile by tile: ``(*batch, fan_out) -> (*batch, fan_in)``."""
+        """``dx = g Bᵀ`` with B regenerated tile by tile: ``(*batch, fan_out) -> (*batch, fan_in)``.
 
-        def one_tile(_, index):
+        Each tile's ``g B_iᵀ`` is written in place into the ``dx`` carried by the loop,
+        so besides ``dx`` only one tile and its random bits are ever live.
+        """
+        fan_in, tiles, axis = shape[-2], self.tiles(shape), g.ndim - 1
+        # A partial last tile needs padding: dynamic_update_slice clamps, it does not clip.
+        padded = tiles * self.rows
+
+        def product(index):
             block = jax.lax.stop_gradient(self.tile(key, index, shape, g.dtype))
-            return None, jax.lax.dot_general(g, block, (((g.ndim - 1,), (1,)), ((), ())))
+            return jax.lax.dot_general(g, block, (((axis,), (1,)), ((), ())))  # (*batch, rows)
 
-        _, parts = jax.lax.scan(one_tile, None, jnp.arange(self.tiles(shape)))  # (tiles, *batch, rows)
-        parts = jnp.moveaxis(parts, 0, -2)
-        return parts.reshape(*g.shape[:-1], -1)[..., : shape[-2]]
+        def one_tile(dx, index):
+            return jax.lax.dynamic_update_slice_in_dim(dx, product(index), index * self.rows, axis=axis), None
+
+        # dx starts from the first tile's product, not from a zeros constant: XLA would
+        # share one zeros buffer between layers and copy it into every loop.
+        first = product(jnp.int32(0))
+        dx = jax.lax.pad(first, jnp.zeros((), g.dtype), [(0, 0, 0)] * axis + [(0, padded - self.rows, 0)])
+        dx, _ = jax.lax.scan(one_tile, dx, jnp.arange(1, tiles))
+        return dx if padded == fan_in else dx[..., :fan_in]
 
 
 # Standard deviation of a standard normal truncated to ±2 (what jax's variance scaling divides by).

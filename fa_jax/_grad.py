@@ -106,7 +106,7 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
 
         def grad_fn(params, feedback, inputs, targets, *, step=None):
             _check_call(params, inputs, targets, step)
-            _validate.check_fa(feedback, params)
+            _validate.check_fa(feedback, params, rule.name)
             if getattr(rule, "needs_step", False) and step is None:
                 raise ValueError(
                     f"step: rule {rule.name!r} redraws its feedback every batch from (key, step); "
@@ -145,7 +145,7 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
                     raise ValueError("the model calls ops.tap nowhere; 'shallow' needs taps to cut the network")
                 signals = [jnp.zeros_like(t) for t in taps]
             else:
-                _validate.check_dfa(feedback, names, taps, outputs, rule.batch_dims)
+                _validate.check_dfa(feedback, names, taps, outputs, rule.batch_dims, rule.name)
                 # DRTP projects the target, not the error (Frenkel et al. 2021): no backward dependency.
                 source = rule.teaching_signal(outputs, targets) if hasattr(rule, "teaching_signal") else error
                 signals = project_error(source, feedback, rule, taps)

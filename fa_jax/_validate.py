@@ -16,21 +16,22 @@ def _paths(tree: Any) -> list[str]:
     return [path_str(path) for path, _ in flat]
 
 
-def check_fa(feedback: Any, params: Any) -> None:
-    """FA feedback must mirror ``params`` and each B must have its kernel's shape."""
+def check_fa(feedback: Any, params: Any, rule: str = "fa") -> None:
+    """FA-family feedback (``rule`` names it in errors) must mirror ``params``; each B has its kernel's shape."""
     if not isinstance(feedback, FAFeedback):
         raise ValueError(
-            f"feedback: rule 'fa' needs FAFeedback from init_feedback('fa', params, key=...), got {type(feedback).__name__}"
+            f"feedback: rule {rule!r} needs FAFeedback from init_feedback({rule!r}, params, key=...), "
+            f"got {type(feedback).__name__}"
         )
     have, want = _paths(feedback.kernels), _paths(params)
     if have != want:
         missing = [p for p in want if p not in have]
         extra = [p for p in have if p not in want]
         raise ValueError(
-            "feedback: FA feedback does not match params: "
+            f"feedback: {rule} feedback does not match params: "
             f"params have layers {missing[:5]} that feedback lacks, feedback has {extra[:5]} that params lack"
             if missing or extra
-            else f"feedback: FA feedback does not match params: leaf order differs, expected {want[:5]}, given {have[:5]}"
+            else f"feedback: {rule} feedback does not match params: leaf order differs, expected {want[:5]}, given {have[:5]}"
         )
 
     def check(path, matrix, weight):
@@ -46,15 +47,17 @@ def check_fa(feedback: Any, params: Any) -> None:
     jax.tree_util.tree_map_with_path(check, feedback.kernels, params, is_leaf=lambda x: x is None)
 
 
-def check_dfa(feedback: Any, names: list[str], values: list[jax.Array], outputs: jax.Array, batch_dims: int) -> None:
-    """Recorded taps and output must match the taps the DFA feedback was made for."""
+def check_dfa(
+    feedback: Any, names: list[str], values: list[jax.Array], outputs: jax.Array, batch_dims: int, rule: str = "dfa"
+) -> None:
+    """Recorded taps and output must match the taps the feedback of tap rule ``rule`` (DFA, DRTP) was made for."""
     if not isinstance(feedback, DFAFeedback):
         raise ValueError(
-            "feedback: rule 'dfa' needs DFAFeedback from init_feedback('dfa', params, key=..., model=..., inputs=...), "
-            f"got {type(feedback).__name__}"
+            f"feedback: rule {rule!r} needs DFAFeedback from init_feedback({rule!r}, params, key=..., model=..., "
+            f"inputs=...), got {type(feedback).__name__}"
         )
     if not values:
-        raise ValueError("model: the model calls ops.tap nowhere; DFA needs at least one tap to reach hidden layers")
+        raise ValueError(f"model: the model calls ops.tap nowhere; {rule} needs at least one tap to reach hidden layers")
     given = [TapSpec(n, tuple(v.shape[batch_dims:])) for n, v in zip(names, values)]
     if [t.name for t in given] != [t.name for t in feedback.taps]:
         raise ValueError(

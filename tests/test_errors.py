@@ -51,6 +51,23 @@ def test_wrong_feedback_kind(setup):
         fj.value_and_grad(MODEL, mse, "dfa")(params, None, x, t)
 
 
+@pytest.mark.parametrize("rule", ["usf", "frsf", "brsf", "kp"])
+def test_family_feedback_errors_name_the_rule_asked_for(setup, rule):
+    params, x, t = setup
+    grad_fn = jax.jit(fj.value_and_grad(MODEL, mse, rule))
+    with pytest.raises(ValueError, match=f"rule '{rule}' needs FAFeedback from init_feedback\\('{rule}'.*got NoneType"):
+        grad_fn(params, None, x, t, step=0)
+    other = fj.init_feedback(rule, init_mlp([4, 6, 3], key=jax.random.key(1)), key=jax.random.key(2))
+    with pytest.raises(ValueError, match=f"{rule} feedback does not match params"):
+        grad_fn(params, other, x, t, step=0)
+
+
+def test_drtp_feedback_error_names_drtp(setup):
+    params, x, t = setup
+    with pytest.raises(ValueError, match=r"rule 'drtp' needs DFAFeedback from init_feedback\('drtp'.*got NoneType"):
+        fj.value_and_grad(MODEL, mse, "drtp")(params, None, x, t)
+
+
 def test_tap_shape_differs_from_feedback(setup):
     params, x, t = setup
     feedback = fj.init_feedback("dfa", params, key=jax.random.key(2), model=MODEL, inputs=x)

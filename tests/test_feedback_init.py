@@ -147,6 +147,19 @@ def test_bf16_feedback_with_float32_model(rule):
         assert all(m.dtype == jnp.bfloat16 for m in jax.tree.leaves(fa_jax.kolen_pollack_update(fb16, updates, params, decay=0.01)))
 
 
+@pytest.mark.parametrize("fan_in", [1, 4, 5, 8, 13])
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_tiled_input_gradient_is_g_times_b_transposed(fan_in, use_jit):
+    """The tile loop's dx equals NumPy ``g @ B.T`` for one tile, whole tiles and a ragged last tile."""
+    init, shape = fa_jax.Tiled(rows=4), (fan_in, 6)
+    key, g = jax.random.key(7), jax.random.normal(jax.random.key(8), (2, 3, 6))
+    dense_input_gradient = jax.jit(init.dense_input_gradient, static_argnums=2) if use_jit else init.dense_input_gradient
+    dx = dense_input_gradient(key, g, shape)
+    b = np.asarray(init(key, shape, jnp.float32))
+    np.testing.assert_allclose(np.asarray(dx), np.asarray(g) @ b.T, rtol=1e-5, atol=1e-6)
+    assert dx.shape == (2, 3, fan_in)
+
+
 @pytest.mark.parametrize("distribution", ["truncated_normal", "uniform"])
 def test_tiled_regeneration_equals_stored_and_keeps_scale(distribution):
     """fa_jax.Tiled: B drawn in row tiles; regenerated dx = g Bᵀ tile by tile equals the stored B's."""
