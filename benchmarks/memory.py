@@ -23,7 +23,8 @@ regenerating whole costs *more* than storing. With ``fa_jax.Tiled`` as the init,
 dense op draws B and computes ``dx = g Bᵀ`` one row tile at a time, so only a tile
 and its bits are live. What regeneration cannot save is its keys and one tile with
 its bits; the check is that the 8-row tiled step saves at least 99% of the stored
-feedback, and the table shows how the tile size trades memory for loop steps.
+feedback. The FA rows also give their step time as a median paired ratio to the
+stored FA step (``--rounds``; 0 skips timing): smaller tiles mean more, smaller GEMMs.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 import fa_jax as fj
+from _timing import paired_times, ratio_rows
 from fa_jax.models import init_mlp, mlp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -112,11 +114,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="1024,4096,4096,4096,4096,10")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5, help="paired timing rounds of the FA steps (0: no timing)")
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "memory.json"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.sizes, args.batch = "64,256,256,10", 8
+        args.sizes, args.batch, args.rounds = "64,256,256,10", 8, 2
 
     sizes = [int(s) for s in args.sizes.split(",")]
     model = mlp("tanh")
@@ -124,13 +127,19 @@ def main(argv=None):
     x = jax.random.normal(jax.random.key(1), (args.batch, sizes[0]))
     y = jax.random.normal(jax.random.key(2), (args.batch, sizes[-1]))
 
-    rows = {}
+    rows, steps = {}, {}
     for name, (rule, dtype, key) in variants(TILE_ROWS).items():
         feedback = fj.init_feedback(rule, params, key=key, model=model, inputs=x, dtype=dtype)
         compiled = compiled_step(model, rule, params, feedback, x, y)
-        row = measure(compiled, (params, feedback, x, y, jnp.int32(1)))
+        step_args = (params, feedback, x, y, jnp.int32(1))
+        row = measure(compiled, step_args)
         row["feedback_bytes"] = tree_bytes(feedback)
         rows[name] = row
+        if name.startswith("fa/") and args.rounds:
+            steps[name] = lambda compiled=compiled, step_args=step_args: compiled(*step_args)
+    if steps:  # the same compiled steps, timed in paired rounds against the stored one
+        for name, timing in ratio_rows(paired_times(steps, args.rounds, repeats=1), "fa/stored").items():
+            rows[name]["time_over_stored"] = timing["median_ratio_to_fa/stored"]
 
     checks = {}
     for name, row in rows.items():
@@ -144,13 +153,14 @@ def main(argv=None):
 
     title = f"peak memory of one training step, MLP {args.sizes}, tanh, batch {args.batch}, float32"
     print(f"\n{title}  ({jax.default_backend()}, {jax.devices()[0].device_kind})")
-    header = f"{'variant':<32}{'peak MiB':>10}{'temp MiB':>10}{'feedback MiB':>14}{'saved MiB':>11}{'saved / stored B':>18}"
-    print(header)
+    print(f"{'variant':<32}{'peak MiB':>10}{'temp MiB':>10}{'feedback MiB':>14}{'saved MiB':>11}"
+          f"{'saved / stored B':>18}{'time / stored':>15}")
     for name, row in rows.items():
         check = checks.get(name)
-        saved = f"{check['saved_bytes'] / MiB:>11.2f}{check['saved_over_stored_feedback']:>18.4f}" if check else ""
+        saved = f"{check['saved_bytes'] / MiB:>11.2f}{check['saved_over_stored_feedback']:>18.4f}" if check else " " * 29
+        timed = f"{row['time_over_stored']:>15.2f}" if "time_over_stored" in row else ""
         print(f"{name:<32}{row['peak_bytes'] / MiB:>10.1f}{row['temp_bytes'] / MiB:>10.2f}"
-              f"{row['feedback_bytes'] / MiB:>14.2f}{saved}")
+              f"{row['feedback_bytes'] / MiB:>14.2f}{saved}{timed}")
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
