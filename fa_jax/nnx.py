@@ -468,7 +468,7 @@ def value_and_grad(graphdef: nnx.GraphDef, loss: Callable, *, has_aux: bool = Fa
 
 def _pure(tree: Any) -> Any:
     """An ``nnx.State`` as its nested dict of arrays (a snapshot: the State's Variables may be the model's own)."""
-    return tree.to_pure_dict() if isinstance(tree, nnx.State) else tree
+    return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
 
 
 def _kernel_path(path: tuple) -> tuple:

@@ -13,7 +13,9 @@ or a wrapper around ``fa_jax.linen.adapt``) into the first element of a chain::
     params = optax.apply_updates(params, updates)
 
 The incoming ``updates`` are ignored (pass ``params`` or zeros as a
-placeholder); the step's loss is in ``state[0].loss``.
+placeholder); the step's loss is in ``state[0].loss``. Rules that redraw their
+feedback every step (brSF) need ``step=t`` among the extra args; it is passed
+on as ``grad_fn(..., step=t)``.
 
 When to use which:
 
@@ -50,14 +52,14 @@ def rule_gradients(grad_fn: Callable, *, has_aux: bool = False) -> optax.Gradien
         (or ``((loss, aux), grads)`` with ``has_aux``); ``grads`` shaped like ``params``.
 
     Returns:
-      A transform with ``update(updates, state, params, *, feedback, inputs, targets)``.
+      A transform with ``update(updates, state, params, *, feedback, inputs, targets, step=None)``.
     """
 
     def init(params):
         del params
         return RuleState(loss=jnp.full((), jnp.nan, jnp.float32))
 
-    def update(updates, state, params=None, *, feedback=None, inputs=None, targets=None, **extra_args):
+    def update(updates, state, params=None, *, feedback=None, inputs=None, targets=None, step=None, **extra_args):
         del updates, state, extra_args
         if params is None:
             raise ValueError("rule_gradients: tx.update(updates, state, params, ...) needs params, given None")
@@ -66,7 +68,9 @@ def rule_gradients(grad_fn: Callable, *, has_aux: bool = False) -> optax.Gradien
                 "rule_gradients: tx.update(...) needs the batch as extra args, "
                 "inputs=... and targets=... (and feedback=... for FA and DFA)"
             )
-        value, grads = grad_fn(params, feedback, inputs, targets)
+        # step only when given, so a grad_fn without the keyword keeps working
+        by_step = {} if step is None else {"step": step}
+        value, grads = grad_fn(params, feedback, inputs, targets, **by_step)
         loss = value[0] if has_aux else value
         return grads, RuleState(loss=jnp.asarray(loss, jnp.float32))
 
