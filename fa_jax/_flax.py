@@ -181,8 +181,8 @@ def check_rule(rule: Any, where: str) -> None:
     """The adapters route per-layer feedback (FA family) or taps (DFA family); anything else would be computed wrongly."""
     if not (isinstance(rule, _rules.BP) or is_fa_family(rule) or _rules.uses_taps(rule)):
         raise TypeError(
-            f"{where}: rule {getattr(rule, 'name', rule)!r} ({type(rule).__name__}) is neither BP, an FA-family rule "
-            f"(FA or one with backward_matrix) nor a tap rule; expected one of {sorted(_rules.RULES)}"
+            f"{where}: rule {getattr(rule, 'name', rule)!r} ({type(rule).__name__}) is not BP, an FA-family rule "
+            f"(FA or one with backward_matrix) or a tap rule; expected one of {sorted(_rules.RULES)}"
         )
 
 
@@ -192,6 +192,7 @@ def needs_key(rule: Any) -> bool:
 
 
 def check_key(rule: Any, key: Any) -> None:
+    """A rule with feedback needs one typed key; a raw or missing one would draw nothing reproducible."""
     if needs_key(rule) and not (key is not None and _checks.is_key(key)):
         raise TypeError(f"key: rule {rule.name!r} needs a typed PRNG key, jax.random.key(seed); given {key!r}")
 
@@ -262,16 +263,17 @@ def tap_specs(names: list[str], values: list[Any], batch_dims: int) -> tuple[Tap
     return tuple(TapSpec(n, tuple(v.shape[batch_dims:])) for n, v in zip(names, values))
 
 
-def check_taps(want: tuple[TapSpec, ...], names: list[str], values: list[Any], batch_dims: int) -> None:
+def check_taps(rule: Any, want: tuple[TapSpec, ...], names: list[str], values: list[Any]) -> None:
     """The taps met in this forward must be the ones the feedback was drawn for."""
-    given = tap_specs(names, values, batch_dims)
+    given = tap_specs(names, values, rule.batch_dims)
     if tuple(t.name for t in given) != tuple(t.name for t in want):
         raise ValueError(
-            f"DFA taps differ from the feedback's: expected {[t.name for t in want]}, given {[t.name for t in given]}"
+            f"rule {rule.name!r}: taps differ from the feedback's: expected {[t.name for t in want]}, "
+            f"given {[t.name for t in given]}"
         )
     for w, g in zip(want, given):
         if w.shape != g.shape:
-            raise ValueError(f"DFA tap {w.name!r}: expected feature shape {w.shape}, given {g.shape}")
+            raise ValueError(f"rule {rule.name!r}: tap {w.name!r}: expected feature shape {w.shape}, given {g.shape}")
 
 
 class _HeadSpec(NamedTuple):
@@ -330,7 +332,10 @@ def dfa_head(outputs: jax.Array, projection: jax.Array, tap_values: list[jax.Arr
         columns = max(t.size for t in taps) if _shared(rule) else sum(t.size for t in taps)
         want = (math.prod(output_shape), columns)
         if tuple(projection.shape) != want:
-            raise ValueError(f"DFA projection: expected shape {want} for output {output_shape}, given {tuple(projection.shape)}")
+            raise ValueError(
+                f"rule {rule.name!r}: projection: expected shape {want} for output {output_shape}, "
+                f"given {tuple(projection.shape)}"
+            )
     uses_targets = hasattr(rule, "teaching_signal") and targets is not None
     teaching = rule.teaching_signal(outputs, targets) if uses_targets else None
     spec = _HeadSpec(taps, output_shape, pass_targets)
@@ -342,7 +347,7 @@ def _shared(rule: Any) -> bool:
     return bool(getattr(rule, "shared_prefix", False))
 
 
-def draw_projection(rule: _rules.DFA, key: jax.Array, taps: tuple[TapSpec, ...], output_shape: tuple[int, ...],
+def draw_projection(rule: Any, key: jax.Array, taps: tuple[TapSpec, ...], output_shape: tuple[int, ...],
                     dtype: Any = jnp.float32) -> jax.Array:
     """``[B_1 … B_L]`` from ``layer_key(key, tap name)`` (the core's ``dfa_projection``), the shared matrix, or the key."""
     if rule.regenerate:

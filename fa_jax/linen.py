@@ -338,7 +338,7 @@ def adapt(
         if not names:
             raise ValueError(f"rule {rule.name!r}: no DFA tap ran in this forward, which would silently be BP "
                              f"for the output block only. {_TRAP}")
-        _flax.check_taps(feedback.taps, names, values, rule.batch_dims)
+        _flax.check_taps(rule, feedback.taps, names, values)
         outputs, put_back = _split_output(result, kwargs)
         if isinstance(rule, _rules.Shallow):
             return result

@@ -88,7 +88,11 @@ __all__ = [
 
 
 class Feedback(nnx.Variable):
-    """Fixed random feedback (B, a DFA projection, or a key). Not an ``nnx.Param``: no optimizer touches it."""
+    """Feedback: B, M, a DFA/DRTP projection, or a key. Not an ``nnx.Param``: no optimizer touches it.
+
+    Fixed for every rule but Kolen–Pollack, whose B changes only through
+    :func:`optimizer_update` / :func:`update_feedback`.
+    """
 
 
 WEIGHT_LAYERS: tuple[type, ...] = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
@@ -226,8 +230,8 @@ def _root_class(base: type) -> type:
             with _flax.recording(cut=True) as recorder:
                 outputs = base.__call__(self, *args, **kwargs)
             if not (hasattr(outputs, "shape") and hasattr(outputs, "dtype")):
-                raise TypeError(f"DFA needs the model to return one array, given {type(outputs).__name__}")
-            _flax.check_taps(self.fa_taps, recorder.names, recorder.values, rule.batch_dims)
+                raise TypeError(f"rule {rule.name!r} needs the model to return one array, given {type(outputs).__name__}")
+            _flax.check_taps(rule, self.fa_taps, recorder.names, recorder.values)
             if isinstance(rule, _rules.Shallow):
                 return outputs
             return _flax.dfa_head(outputs, _value(self.fa_dfa_feedback), recorder.values, taps=self.fa_taps,

@@ -198,6 +198,25 @@ def test_sign_of_b_equals_sign_of_w_through_the_adapter(name, path):
             np.testing.assert_allclose(np.abs(b)[kernel != 0], np.sqrt(2.0 / 7.0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["usf", "frsf", "brsf", "kp"])
+def test_conv_and_einsum_input_gradients_use_the_rules_b(name):
+    """nnx.Conv and nnx.Einsum: dx is the VJP of the same layers with B = rule.backward_matrix(W, (leaf, t))."""
+    rule = fa_jax.get_rule(name)
+    conv = nnx.Conv(2, 3, (3, 3), rngs=nnx.Rngs(0))
+    head = nnx.Einsum("bhwc,cd->bhwd", (3, 4), (4,), rngs=nnx.Rngs(1))
+    holder = fnnx.convert(nnx.Sequential(conv, head), rule, key=KEY)
+    x = jax.random.normal(jax.random.key(2), (2, 5, 5, 2))
+    y, pullback = jax.vjp(lambda x_: fnnx.call(holder, x_, step=STEP), x)
+    g = jax.random.normal(jax.random.key(3), y.shape)
+    b_conv, b_head = [rule.backward_matrix(m.kernel[...], (m.fa_feedback[...], STEP)) for m in (conv, head)]
+
+    def with_b(x_):
+        h = jax.lax.conv_general_dilated(x_, b_conv, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.einsum("bhwc,cd->bhwd", h + conv.bias[...], b_head)
+
+    np.testing.assert_allclose(pullback(g)[0], jax.vjp(with_b, x)[1](g)[0], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_brsf_redraws_per_step_and_is_reproducible(path):
     x, t = batch()
