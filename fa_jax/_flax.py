@@ -114,7 +114,7 @@ def feedback_product(op: StaticOp, lhs, rhs, layer: LayerFeedback):
     if not _rules.uses_backward_matrix(rule):
         return _ops.feedback_bilinear(op, lhs, rhs, layer.leaf, init=getattr(rule, "init", None))
     backward = rule.backward_matrix
-    if needs_step(rule) and layer.step is None:
+    if _rules.needs_step(rule) and layer.step is None:
         backward = _MissingStep(rule, layer.path, layer.pass_step)
     return _ops.matrix_bilinear(op, lhs, rhs, (layer.leaf, layer.step), backward_matrix=backward)
 
@@ -162,24 +162,9 @@ def feedback_einsum(layer: LayerFeedback) -> Callable:
 # --------------------------------------------------------------------------- rules
 
 
-def is_fa_family(rule: Any) -> bool:
-    """FA and the rules that run its op with another B (uSF, frSF, brSF, Kolen–Pollack): per-layer feedback."""
-    return isinstance(rule, _rules.FA) or _rules.uses_backward_matrix(rule)
-
-
-def projects_to_taps(rule: Any) -> bool:
-    """DFA (projects the error) and DRTP (projects the target): taps with a random projection."""
-    return isinstance(rule, _rules.DFA) or hasattr(rule, "teaching_signal")
-
-
-def needs_step(rule: Any) -> bool:
-    """brSF redraws its magnitudes every step, so its backward needs ``t``."""
-    return bool(getattr(rule, "needs_step", False))
-
-
 def check_rule(rule: Any, where: str) -> None:
     """The adapters route per-layer feedback (FA family) or taps (DFA family); anything else would be computed wrongly."""
-    if not (isinstance(rule, _rules.BP) or is_fa_family(rule) or _rules.uses_taps(rule)):
+    if not (isinstance(rule, _rules.BP) or _rules.is_fa_family(rule) or _rules.uses_taps(rule)):
         raise TypeError(
             f"{where}: rule {getattr(rule, 'name', rule)!r} ({type(rule).__name__}) is not BP, an FA-family rule "
             f"(FA or one with backward_matrix) or a tap rule; expected one of {sorted(_rules.RULES)}"
@@ -298,7 +283,7 @@ def _head_bwd(spec, rule, residuals, error):
     projection, structs, teaching = residuals
     feedback = DFAFeedback(projection, spec.taps, spec.output_shape, shared_prefix=_shared(rule))
     # DRTP projects the target, not the error (Frenkel et al. 2021, eq. 6): no backward dependency.
-    source = teaching if hasattr(rule, "teaching_signal") else error
+    source = teaching if _rules.projects_target(rule) else error
     if source is None:
         raise ValueError(
             f"rule {rule.name!r}: the hidden taps receive a random projection of the targets (Frenkel et al. 2021), "
@@ -336,7 +321,7 @@ def dfa_head(outputs: jax.Array, projection: jax.Array, tap_values: list[jax.Arr
                 f"rule {rule.name!r}: projection: expected shape {want} for output {output_shape}, "
                 f"given {tuple(projection.shape)}"
             )
-    uses_targets = hasattr(rule, "teaching_signal") and targets is not None
+    uses_targets = _rules.projects_target(rule) and targets is not None
     teaching = rule.teaching_signal(outputs, targets) if uses_targets else None
     spec = _HeadSpec(taps, output_shape, pass_targets)
     return _dfa_head(spec, rule, outputs, projection, list(tap_values), teaching)

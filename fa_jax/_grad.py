@@ -102,12 +102,12 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
             (value, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
             return _pack(value, aux, grads, has_aux)
 
-    elif isinstance(rule, _rules.FA) or _rules.uses_backward_matrix(rule):
+    elif _rules.is_fa_family(rule):
 
         def grad_fn(params, feedback, inputs, targets, *, step=None):
             _check_call(params, inputs, targets, step)
             _validate.check_fa(feedback, params, rule.name)
-            if getattr(rule, "needs_step", False) and step is None:
+            if _rules.needs_step(rule) and step is None:
                 raise ValueError(
                     f"step: rule {rule.name!r} redraws its feedback every batch from (key, step); "
                     "call grad_fn(params, feedback, inputs, targets, step=step)"
@@ -147,7 +147,7 @@ def value_and_grad(model: Model, loss: Loss, rule: _rules.Rule | str, *, has_aux
             else:
                 _validate.check_dfa(feedback, names, taps, outputs, rule.batch_dims, rule.name)
                 # DRTP projects the target, not the error (Frenkel et al. 2021): no backward dependency.
-                source = rule.teaching_signal(outputs, targets) if hasattr(rule, "teaching_signal") else error
+                source = rule.teaching_signal(outputs, targets) if _rules.projects_target(rule) else error
                 signals = project_error(source, feedback, rule, taps)
             (grads,) = pullback((error, signals))
             return _pack(value, aux, grads, has_aux)

@@ -198,6 +198,8 @@ def _matrix_fwd(f, x, weight, feedback, backward_matrix):
 def _matrix_bwd(f, backward_matrix, residuals, g):
     x, weight, feedback = residuals
     matrix = backward_matrix(weight, feedback)
+    if tuple(matrix.shape) != tuple(weight.shape):  # e.g. a stored M drawn for another kernel
+        raise ValueError(f"feedback: the backward matrix has shape {tuple(matrix.shape)}, expected the kernel's {tuple(weight.shape)}")
     # The FA backward with the computed matrix as B (an array, so nothing is regenerated).
     dx, dw, _ = _bwd(f, None, (x, jax.ShapeDtypeStruct(weight.shape, weight.dtype), matrix), g)
     return dx, dw, None

@@ -96,7 +96,17 @@ def get_rule(rule: Rule | str) -> Rule:
 
 def uses_taps(rule: Rule) -> bool:
     """True for rules that cut the network at taps (DFA and its relatives, e.g. DRTP)."""
-    return isinstance(rule, (DFA, Shallow)) or hasattr(rule, "teaching_signal")
+    return isinstance(rule, (DFA, Shallow)) or projects_target(rule)
+
+
+def projects_to_taps(rule: Rule) -> bool:
+    """DFA (projects the error) and DRTP (projects the target): taps fed by a random projection."""
+    return isinstance(rule, DFA) or projects_target(rule)
+
+
+def projects_target(rule: Rule) -> bool:
+    """DRTP-like rules send hidden taps a projection of ``rule.teaching_signal(outputs, targets)``, not of the error."""
+    return hasattr(rule, "teaching_signal")
 
 
 def register(cls: type) -> type:
@@ -108,3 +118,13 @@ def register(cls: type) -> type:
 def uses_backward_matrix(rule: Rule) -> bool:
     """True for FA-family rules that build their backward matrix from ``(W, feedback, step)``."""
     return hasattr(rule, "backward_matrix")
+
+
+def is_fa_family(rule: Rule) -> bool:
+    """FA and the rules that run its op with another B (uSF, frSF, brSF, Kolen–Pollack): per-layer feedback."""
+    return isinstance(rule, FA) or uses_backward_matrix(rule)
+
+
+def needs_step(rule: Rule) -> bool:
+    """Rules that redraw feedback every batch (brSF: ``M_t = init(fold_in(k, t))``) need the step ``t``."""
+    return bool(getattr(rule, "needs_step", False))

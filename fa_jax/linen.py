@@ -181,7 +181,7 @@ class _Plan:
         if weight:
             self.check_layer(module, path)
             self.layers.append(path)
-            if _flax.is_fa_family(self.rule):
+            if _rules.is_fa_family(self.rule):
                 return self.fa_call(module, path, next_fun, args, kwargs)
         if weight and self.taps == "layer" and _rules.uses_taps(self.rule):
             args = (_flax.tap(f"{path}:in", args[0], path),) + tuple(args[1:])
@@ -273,7 +273,7 @@ def adapt(
 
         def discover(variables, args):
             p = plan(variables, fa_table={})
-            if _flax.is_fa_family(p.rule):  # trace as BP here: we only need which layers run
+            if _rules.is_fa_family(p.rule):  # trace as BP here: we only need which layers run
                 p.rule = _rules.BP()
             result, recorder = run(p, variables, args, kwargs, cut=True)
             leaves = jax.tree.leaves(args)
@@ -284,7 +284,7 @@ def adapt(
         outputs, values = jax.eval_shape(discover, variables, args)
         p = found["plan"]
         missing_paths(p)
-        if _flax.is_fa_family(rule):
+        if _rules.is_fa_family(rule):
             if not p.layers:
                 raise no_layer(p)
             layers = {f"{path}/kernel" for path in p.layers}
@@ -304,7 +304,7 @@ def adapt(
         specs = _flax.tap_specs([n for n, _ in kept], [v for _, v in kept], rule.batch_dims)
         output_shape = tuple(outputs.shape[rule.batch_dims:])
         # shallow: the taps only cut the network; there is no projection
-        projection = _flax.draw_projection(rule, key, specs, output_shape) if _flax.projects_to_taps(rule) else None
+        projection = _flax.draw_projection(rule, key, specs, output_shape) if _rules.projects_to_taps(rule) else None
         return _flax.dfa_feedback(projection, specs, output_shape, rule)
 
     def apply(variables, feedback, *args, step=None, targets=None, **kwargs):
@@ -312,7 +312,7 @@ def adapt(
             _checks.check_step_value(step, "step")
         if isinstance(rule, _rules.BP):
             return apply_fn(variables, *args, **kwargs)
-        if _flax.is_fa_family(rule):
+        if _rules.is_fa_family(rule):
             if not isinstance(feedback, FAFeedback):
                 raise TypeError(
                     f"feedback: rule {rule.name!r} needs FAFeedback from init_feedback, given {type(feedback).__name__}"

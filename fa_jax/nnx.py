@@ -392,7 +392,7 @@ def _convert_taps(model, rule, key, inputs, taps, blocks, attention) -> None:
     specs = _flax.tap_specs([n for n, _ in kept], [v for _, v in kept], rule.batch_dims)
     model.fa_taps = specs
     model.fa_rule = rule
-    if _flax.projects_to_taps(rule):  # DFA, DRTP; shallow only cuts
+    if _rules.projects_to_taps(rule):  # DFA, DRTP; shallow only cuts
         output_shape = tuple(outputs.shape[rule.batch_dims:])
         model.fa_dfa_feedback = Feedback(_flax.draw_projection(rule, key, specs, output_shape))
     model.__class__ = _root_class(type(model))
@@ -430,7 +430,7 @@ def convert(
     _flax.check_key(rule, key)
     if isinstance(rule, _rules.BP):
         return model
-    if _flax.is_fa_family(rule):
+    if _rules.is_fa_family(rule):
         _convert_fa(model, rule, key)
     else:
         _convert_taps(model, rule, key, inputs, taps, blocks, attention)
