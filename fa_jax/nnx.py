@@ -532,8 +532,12 @@ def optimizer_update(optimizer: nnx.Optimizer, model: nnx.Module, grads: Any, *,
     per step. For every other rule this is ``optimizer.update(model, grads)``.
     Works eagerly and inside ``nnx.jit``.
     """
+    rule = _rule_of(model)
+    if not isinstance(rule, _kolen_pollack.KolenPollack):  # fixed feedback: nothing to learn
+        optimizer.update(model, grads)
+        return
     _, before, feedback = split(model)
     before = _pure(before)  # arrays, taken before optimizer.update replaces the Params' values
     optimizer.update(model, grads)
     updates = jax.tree.map(jnp.subtract, _pure(split(model)[1]), before)
-    nnx.update(model, update_feedback(_rule_of(model), feedback, updates, before, decay=decay))
+    nnx.update(model, update_feedback(rule, feedback, updates, before, decay=decay))
