@@ -19,7 +19,7 @@ runs each step once and reports the measured ``peak_bytes_in_use``.
 Regenerating keeps one key per layer instead of B and redraws B inside each layer's
 backward. Drawn whole, a regenerated B and its random bits are live together (with
 the default ``threefry`` keys XLA:CPU keeps about four full-size ``u32`` buffers), so
-regenerating whole costs *more* than storing. With ``fa_jax.Tiled`` as the init, FA's
+regenerating whole costs *more* than storing. With ``fa_jax.Tiled`` as the init, FA's (and frSF's, brSF's)
 dense op draws B and computes ``dx = g Bᵀ`` one row tile at a time, so only a tile
 and its bits are live. What regeneration cannot save is its keys and one tile with
 its bits; the check is that the 8-row tiled step saves at least 99% of the stored
@@ -104,6 +104,9 @@ def variants(rows: tuple[int, ...]) -> dict[str, tuple]:
     table.update({
         "frsf/stored": (fj.FRSF(), None, threefry),
         "frsf/regenerated_rbg": (fj.FRSF(regenerate=True), None, rbg),
+        f"frsf/tiled{rows[0]}_regenerated_rbg": (fj.FRSF(init=fj.Tiled(rows=rows[0]), regenerate=True), None, rbg),
+        "brsf/whole_rbg": (fj.BRSF(), None, rbg),  # brSF always redraws: keys only, no stored variant
+        f"brsf/tiled{rows[0]}_rbg": (fj.BRSF(init=fj.Tiled(rows=rows[0])), None, rbg),
         "dfa/stored": (fj.DFA(), None, threefry),
         "dfa/regenerated": (fj.DFA(regenerate=True), None, threefry),
     })

@@ -157,18 +157,23 @@ class Tiled:
         blocks = jax.lax.map(lambda i: self.tile(key, i, shape, dtype), jnp.arange(self.tiles(shape)))
         return blocks.reshape(-1, shape[-1])[: shape[-2]]
 
-    def dense_input_gradient(self, key: jax.Array, g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    def dense_input_gradient(
+        self, key: jax.Array, g: jax.Array, shape: tuple[int, ...], transform: Callable | None = None
+    ) -> jax.Array:
         """``dx = g Bᵀ`` with B regenerated tile by tile: ``(*batch, fan_out) -> (*batch, fan_in)``.
 
         Each tile's ``g B_iᵀ`` is written in place into the ``dx`` carried by the loop,
         so besides ``dx`` only one tile and its random bits are ever live.
+        ``transform(tile, first_row)`` maps a drawn tile to the rows of B it stands for
+        (the sign rules' ``|M| ⊙ sign(W)``); rows past ``fan_in`` are padding, cut off.
         """
         fan_in, tiles, axis = shape[-2], self.tiles(shape), g.ndim - 1
         # A partial last tile needs padding: dynamic_update_slice clamps, it does not clip.
         padded = tiles * self.rows
 
         def product(index):
-            block = jax.lax.stop_gradient(self.tile(key, index, shape, g.dtype))
+            block = self.tile(key, index, shape, g.dtype)
+            block = jax.lax.stop_gradient(block if transform is None else transform(block, index * self.rows))
             return jax.lax.dot_general(g, block, (((axis,), (1,)), ((), ())))  # (*batch, rows)
 
         def one_tile(dx, index):

@@ -99,7 +99,8 @@ class FAOps(PlainOps):
         self.rule, self.step = rule, step
 
     def _rule_product(self, f, x, k: Bound):
-        return _ops.matrix_bilinear(f, x, k.weight, (k.feedback, self.step), backward_matrix=self.rule.backward_matrix)
+        return _ops.matrix_bilinear(f, x, k.weight, (k.feedback, self.step), backward_matrix=self.rule.backward_matrix,
+                                   input_gradient=getattr(self.rule, "dense_input_gradient", None))
 
     def _bound(self, kernel, op: str) -> Bound:
         if not isinstance(kernel, Bound):

@@ -186,17 +186,22 @@ def feedback_einsum(spec: str, x: jax.Array, kernel: jax.Array, feedback: jax.Ar
 
 # Rules whose backward matrix depends on W itself (sign symmetry: |M| ⊙ sign(W)) keep
 # W as a residual; under jit W is a live argument anyway, so no copy is held.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
-def _matrix_bilinear(f: Bilinear, x, weight, feedback, backward_matrix):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4, 5))
+def _matrix_bilinear(f: Bilinear, x, weight, feedback, backward_matrix, input_gradient):
     return f(x, weight)
 
 
-def _matrix_fwd(f, x, weight, feedback, backward_matrix):
+def _matrix_fwd(f, x, weight, feedback, backward_matrix, input_gradient):
     return f(x, weight), (x, weight, feedback)
 
 
-def _matrix_bwd(f, backward_matrix, residuals, g):
+def _matrix_bwd(f, backward_matrix, input_gradient, residuals, g):
     x, weight, feedback = residuals
+    if f is dense_product and input_gradient is not None:
+        dx = input_gradient(weight, feedback, g)  # None: this feedback has no tiled path
+        if dx is not None:
+            (dw,) = jax.linear_transpose(lambda w_: f(x.astype(g.dtype), w_), jax.ShapeDtypeStruct(weight.shape, g.dtype))(g)
+            return dx.astype(x.dtype), dw.astype(weight.dtype), None
     matrix = backward_matrix(weight, feedback)
     if tuple(matrix.shape) != tuple(weight.shape):  # e.g. a stored M drawn for another kernel
         raise ValueError(f"feedback: the backward matrix has shape {tuple(matrix.shape)}, expected the kernel's {tuple(weight.shape)}")
@@ -208,13 +213,19 @@ def _matrix_bwd(f, backward_matrix, residuals, g):
 _matrix_bilinear.defvjp(_matrix_fwd, _matrix_bwd)
 
 
-def matrix_bilinear(f: Bilinear, x: jax.Array, weight: jax.Array, feedback: Any, *, backward_matrix: Callable) -> jax.Array:
+def matrix_bilinear(
+    f: Bilinear, x: jax.Array, weight: jax.Array, feedback: Any, *, backward_matrix: Callable,
+    input_gradient: Callable | None = None,
+) -> jax.Array:
     """``f(x, weight)`` whose input-gradient uses ``backward_matrix(weight, feedback)`` in W's place.
 
     The generalisation of :func:`feedback_bilinear` used by the rule family: uSF
     (``sign(W)·s``), frSF/brSF (``|M| ⊙ sign(W)``) and Kolen–Pollack (learned B).
     ``backward_matrix`` is static and hashable and runs inside the backward, so a
     regenerated M never lives past its layer's backward. ``feedback`` is any pytree
-    (e.g. ``(key, step)``) and gets no cotangent; ``dW`` stays exact.
+    (e.g. ``(key, step)``) and gets no cotangent; ``dW`` stays exact. For dense
+    layers, ``input_gradient(weight, feedback, g)`` may compute ``dx = g Bᵀ`` without
+    building B whole (a regenerated M drawn in tiles, see ``fa_jax.Tiled``), or
+    return ``None`` to use ``backward_matrix``.
     """
-    return _matrix_bilinear(f, x, weight, feedback, backward_matrix)
+    return _matrix_bilinear(f, x, weight, feedback, backward_matrix, input_gradient)

@@ -42,6 +42,23 @@ def _keys_only(params: Any, *, key: jax.Array, select: Callable) -> FAFeedback:
     return fa_feedback(params, key=key, regenerate=True, select=select)
 
 
+def _tiled_sign_input_gradient(init: Any, key: jax.Array, weight: jax.Array, g: jax.Array) -> jax.Array | None:
+    """``dx = g (|M| ⊙ sign(W))ᵀ`` with M drawn tile by tile by a ``fa_jax.Tiled`` init, else ``None``.
+
+    Only one ``(rows, fan_out)`` tile of M, and the matching rows of ``sign(W)``, are
+    live at a time, so a regenerated sign-rule B never exists whole.
+    """
+    if not hasattr(init, "dense_input_gradient") or weight.ndim != 2:
+        return None
+    last_row = weight.shape[0] - 1
+
+    def signed(tile, first_row):
+        rows = jnp.minimum(first_row + jnp.arange(tile.shape[0]), last_row)  # padding rows repeat the last
+        return jnp.abs(tile) * jnp.sign(weight[rows]).astype(tile.dtype)
+
+    return init.dense_input_gradient(key, g, weight.shape, signed)
+
+
 @dataclasses.dataclass(frozen=True)
 class USF:
     """Uniform sign-concordant feedback (uSF, Liao et al. 2016): ``B = sign(W) · s``.
@@ -97,6 +114,11 @@ class FRSF:
         magnitude = materialize(leaf, weight.shape, weight.dtype, self.init)
         return jnp.abs(magnitude).astype(weight.dtype) * jnp.sign(weight)
 
+    def dense_input_gradient(self, weight, feedback: tuple, g):
+        """A regenerated M drawn in tiles (``init=fa_jax.Tiled(...)``): ``dx`` without a whole B."""
+        leaf, _ = feedback
+        return _tiled_sign_input_gradient(self.init, leaf, weight, g) if is_key(leaf) else None
+
     def init_feedback(self, params, *, key, select=is_kernel, dtype=None, **_):
         return fa_feedback(params, key=key, init=self.init, regenerate=self.regenerate, select=select, dtype=dtype)
 
@@ -128,6 +150,13 @@ class BRSF:
             raise ValueError("brSF feedback must hold one PRNG key per layer (from init_feedback('brsf', ...))")
         magnitude = self.init(self.magnitude_key(leaf, step), weight.shape, weight.dtype)
         return jnp.abs(magnitude) * jnp.sign(weight)
+
+    def dense_input_gradient(self, weight, feedback: tuple, g):
+        """``M_t`` drawn in tiles (``init=fa_jax.Tiled(...)``): ``dx`` without a whole B."""
+        leaf, step = feedback
+        if not is_key(leaf):
+            return None  # backward_matrix raises the clear error
+        return _tiled_sign_input_gradient(self.init, self.magnitude_key(leaf, step), weight, g)
 
     def init_feedback(self, params, *, key, select=is_kernel, **_):
         return _keys_only(params, key=key, select=select)

@@ -95,7 +95,9 @@ def backward_matrices(rule, params, feedback, step=None):
     return mats
 
 
-FA_FAMILY = [fa_jax.USF(), fa_jax.USF(scale=0.3), fa_jax.FRSF(), fa_jax.FRSF(regenerate=True), fa_jax.BRSF(), fa_jax.KolenPollack()]
+FA_FAMILY = [fa_jax.USF(), fa_jax.USF(scale=0.3), fa_jax.FRSF(), fa_jax.FRSF(regenerate=True), fa_jax.BRSF(), fa_jax.KolenPollack(),
+             # M drawn in 4-row tiles inside the backward (kernels of 6, 9 and 7 rows: ragged last tiles)
+             fa_jax.FRSF(init=fa_jax.Tiled(rows=4), regenerate=True), fa_jax.BRSF(init=fa_jax.Tiled(rows=4))]
 
 
 def _reference_for(rule, params, feedback, x, onehot, step):
@@ -110,7 +112,7 @@ EAGER_TOO = (fa_jax.USF(),)  # eager runs op by op (slow): one rule covers the n
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("rule", FA_FAMILY, ids=lambda r: f"{r.name}{'-regen' if getattr(r, 'regenerate', False) else ''}{'-s' if getattr(r, 'scale', 'xavier') != 'xavier' else ''}")
+@pytest.mark.parametrize("rule", FA_FAMILY, ids=lambda r: f"{r.name}{'-regen' if getattr(r, 'regenerate', False) else ''}{'-s' if getattr(r, 'scale', 'xavier') != 'xavier' else ''}{'-tiled' if isinstance(getattr(r, 'init', None), fa_jax.Tiled) else ''}")
 def test_fa_family_matches_numpy(rule, jit):
     if not jit and rule not in EAGER_TOO:
         pytest.skip("eager mode is covered by uSF")
