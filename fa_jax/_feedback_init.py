@@ -108,9 +108,9 @@ class Tiled:
     ``B[i·r : (i+1)·r] = std(shape) · unit(fold_in(key, i), (r, fan_out))``, with
     ``std = √(scale / fan)`` for the *whole* kernel (LeCun normal by default, FA's
     default distribution). Stored (``init(key, shape)``) and regenerated B are equal.
-    Regenerating through FA's dense op then computes ``dx = g Bᵀ`` tile by tile in a
-    ``lax.scan``: only one ``(rows, fan_out)`` tile and its random bits are ever live,
-    instead of a full B (see ``benchmarks/memory.py``).
+    Regenerating through the core's dense op (FA, and frSF/brSF for their M) then
+    computes ``dx = g Bᵀ`` tile by tile in a ``lax.scan``: only one ``(rows, fan_out)``
+    tile and its random bits are ever live, instead of a full B (see ``benchmarks/memory.py``).
 
     Attributes:
       rows: rows of B per tile.
