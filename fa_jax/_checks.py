@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import get_opaque_trace_state
 
 # No fa_jax imports here: _ops and _feedback import this module.
 
@@ -233,3 +234,24 @@ def check_einsum_args(spec: Any, x: Any, kernel: Any, where: str = "einsum") -> 
         raise ValueError(
             f"{where}: x, kernel: shapes {describe(x)} and {describe(kernel)} do not fit spec {spec!r}: {error}"
         ) from None
+
+
+def trace_token() -> Any:
+    """An opaque token of the current JAX trace: equal only for code traced at the same level."""
+    return get_opaque_trace_state(convention="fa_jax")
+
+
+def check_tap_trace(token: Any, name: str) -> None:
+    """A tap must run in the trace its recording started in, or its value leaks out of a nested transform.
+
+    Inside ``jax.checkpoint`` / ``nnx.remat`` / ``nn.remat``, a ``vmap`` or a ``lax.cond`` /
+    loop body within the model, the recorded value belongs to that inner trace: the
+    error projection cannot reach it (and Flax would silently compute a wrong gradient).
+    """
+    if trace_token() != token:
+        raise ValueError(
+            f"tap {name!r} ran inside a JAX transformation nested in the model (jax.checkpoint / nnx.remat / "
+            "nn.remat, vmap, lax.cond or a loop body): its value cannot leave that transformation, so the DFA "
+            "projection cannot reach it. Expected taps in the model's own trace: tap a module whose call wraps "
+            "the transformation rather than one inside it, or run that part without it"
+        )

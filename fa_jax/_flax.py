@@ -201,6 +201,7 @@ class _Recorder:
         self.cut = cut
         self.names: list[str] = []
         self.values: list[jax.Array] = []
+        self.trace = _checks.trace_token()  # taps must run in this trace (see check_tap_trace)
 
 
 _STATE = threading.local()
@@ -234,6 +235,7 @@ def tap(name: str, value: Any, where: str) -> Any:
     if not (hasattr(value, "shape") and hasattr(value, "dtype")):
         raise TypeError(f"DFA tap {name!r}: expected the module to return one array, given {type(value).__name__}")
     recorder = stack[-1]
+    _checks.check_tap_trace(recorder.trace, name)
     if name in recorder.names:
         raise ValueError(
             f"DFA tap {name!r} ran twice in one forward (a shared or re-used module); each tap needs its own "

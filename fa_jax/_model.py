@@ -152,9 +152,11 @@ class TapOps(PlainOps):
         self.names: list[str] = []
         self.values: list[jax.Array] = []
         self.replay = replay
+        self.trace = _checks.trace_token()
 
     def tap(self, h, name: str | None = None):
         name = tap_name(name, len(self.names))
+        _checks.check_tap_trace(self.trace, name)
         if name in self.names:
             raise ValueError(f"tap name {name!r} is used twice; tap names must be unique")
         self.names.append(name)
@@ -171,8 +173,10 @@ class RecordOps(PlainOps):
 
     def __init__(self):
         self.values: list[jax.Array] = []
+        self.trace = _checks.trace_token()
 
     def tap(self, h, name: str | None = None):
+        _checks.check_tap_trace(self.trace, tap_name(name, len(self.values)))
         self.values.append(h)
         return h
 

@@ -106,3 +106,20 @@ def test_kernel_without_feedback_under_fa_raises(setup):
     feedback = fj.init_feedback("fa", params, key=jax.random.key(2), select=lambda path, leaf: leaf.shape == (6, 5))
     with pytest.raises(ValueError, match=r"ops.dense got a kernel of shape \(4, 6\) with no FA feedback"):
         fj.value_and_grad(MODEL, mse, "fa")(params, feedback, x, t)
+
+
+def test_tap_inside_checkpoint_names_the_tap(setup):
+    """A tap inside jax.checkpoint would leak its value out of the inner trace; it is refused by name."""
+    params, x, t = setup
+
+    def model(params, x, ops):
+        def block(layer, h):
+            return ops.tap(jnp.tanh(ops.dense(h, layer["kernel"], layer["bias"])), name="inner")
+
+        h = jax.checkpoint(block)(params[0], x)
+        for layer in params[1:-1]:
+            h = jnp.tanh(ops.dense(h, layer["kernel"], layer["bias"]))
+        return ops.dense(h, params[-1]["kernel"], params[-1]["bias"])
+
+    with pytest.raises(ValueError, match="tap 'inner' ran inside a JAX transformation nested in the model"):
+        fj.init_feedback("dfa", params, key=jax.random.key(2), model=model, inputs=x)

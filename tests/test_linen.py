@@ -282,3 +282,42 @@ def test_subclass_calling_super_is_one_layer_call():
     adapted = flinen.adapt(SubclassNet(), "fa")
     fa = adapted.init_feedback(variables, x, key=jax.random.key(1))
     np.testing.assert_allclose(adapted.apply(variables, fa, x), SubclassNet().apply(variables, x), rtol=1e-6)
+
+
+class _LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnp.tanh(nn.Dense(8)(x))
+
+
+class _LinenRematNet(nn.Module):
+    remat: bool
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(8)(x))
+        block = nn.remat(_LinenBlock) if self.remat else _LinenBlock
+        for i in range(2):
+            h = block(name=f"Block_{i}")(h)
+        return nn.Dense(SIZES[-1])(h)
+
+
+@pytest.mark.parametrize("rule, taps", [("fa", "layer"), ("dfa", "layer"), ("dfa", ["Block_0", "Block_1"])])
+def test_nn_remat_fa_unchanged_and_dfa_taps_inside_it_raise(rule, taps):
+    x = jax.random.normal(jax.random.key(0), (4, SIZES[0]))
+    t = jax.random.normal(jax.random.key(1), (4, SIZES[-1]))
+
+    def grads(remat):
+        model = _LinenRematNet(remat)
+        variables = model.init(jax.random.key(2), x)
+        adapted = flinen.adapt(model, rule, taps=taps)
+        feedback = adapted.init_feedback(variables, x, key=jax.random.key(3))
+        return jax.grad(lambda p: mse(adapted.apply({"params": p}, feedback, x), t))(variables["params"])
+
+    if rule == "fa":
+        for a, b in zip(jax.tree.leaves(grads(False)), jax.tree.leaves(grads(True))):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    else:  # the intercepted call of an nn.remat module runs in the checkpoint's inner trace
+        grads(False)
+        with pytest.raises(ValueError, match=r"tap 'Block_0(/Dense_0:in)?' ran inside a JAX transformation"):
+            grads(True)

@@ -358,3 +358,57 @@ def test_fa_with_B_equal_to_W_is_bp_through_linear_general_and_einsum():
     got = nnx.jit(nnx.grad(objective))(model)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+class _Block(nnx.Module):
+    def __init__(self, width, rngs):
+        self.lin = nnx.Linear(width, width, rngs=rngs)
+
+    def __call__(self, x):
+        return jnp.tanh(self.lin(x))
+
+
+class _RematWrapper(nnx.Module):
+    """Applies nnx.remat to its child inside its own call: a tap on the wrapper stays in the model's trace."""
+
+    def __init__(self, block, remat):
+        self.block, self.remat = block, remat
+
+    def __call__(self, x):
+        return nnx.remat(lambda block, h: block(h))(self.block, x) if self.remat else self.block(x)
+
+
+class _RematNet(nnx.Module):
+    def __init__(self, remat, rngs):
+        self.inp = nnx.Linear(SIZES[0], 8, rngs=rngs)
+        self.blocks = nnx.List([_RematWrapper(_Block(8, rngs), remat) for _ in range(2)])
+        self.out = nnx.Linear(8, SIZES[-1], rngs=rngs)
+
+    def __call__(self, x):
+        h = jnp.tanh(self.inp(x))
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h)
+
+
+def _remat_grads(rule, remat, **convert_kwargs):
+    x, t = batch()
+    model = fnnx.convert(_RematNet(remat, nnx.Rngs(0)), rule, key=jax.random.key(1), inputs=x, **convert_kwargs)
+    return nnx.value_and_grad(lambda m: mse(m(x), t))(model)[1]
+
+
+@pytest.mark.parametrize("rule, taps", [("fa", None), ("dfa", ["inp", "blocks/0", "blocks/1"])])
+def test_remat_gives_the_same_gradients_when_taps_wrap_it(rule, taps):
+    """nnx.remat changes memory, not gradients: FA layers inside it, DFA taps on modules that wrap it."""
+    kwargs = {} if taps is None else {"taps": taps}
+    plain, remat = _remat_grads(rule, False, **kwargs), _remat_grads(rule, True, **kwargs)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("taps", ["layer", ["inp", "blocks/0/block"]])
+def test_dfa_tap_inside_remat_raises_instead_of_a_wrong_gradient(taps):
+    # The tap's value would belong to the checkpoint's inner trace: before this check, DFA
+    # silently returned gradients that differed from the un-remat'd model's.
+    with pytest.raises(ValueError, match=r"tap 'blocks/0/block(/lin:in)?' ran inside a JAX transformation"):
+        _remat_grads("dfa", True, taps=taps)
