@@ -171,6 +171,20 @@ def check_rule(rule: Any, where: str) -> None:
         )
 
 
+def unhandled_kernel_message(rule: str, path: str, module: Any, handled: tuple[type, ...]) -> str:
+    """The error for a layer with a kernel the adapter cannot intercept (e.g. ``ConvTranspose``).
+
+    Such a layer calls its primitive directly, so its input-gradient would silently be
+    BP's ``g Wᵀ`` under a rule that promised no weight transport.
+    """
+    return (
+        f"rule {rule!r}: layer {path!r} ({type(module).__name__}) holds a kernel whose input-gradient the "
+        f"adapter cannot route through feedback; it would silently be BP's (g Wᵀ). Expected kernels only in "
+        f"{[c.__name__ for c in handled]}, given {type(module).__name__}. Write that layer with the functional "
+        "core's ops (fa_jax.value_and_grad), or, for DFA, tap whole blocks (taps='macro' or module paths)"
+    )
+
+
 def needs_key(rule: Any) -> bool:
     """Every rule but BP and shallow draws (or keys) its feedback from a PRNG key."""
     return not isinstance(rule, (_rules.BP, _rules.Shallow))

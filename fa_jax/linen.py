@@ -101,6 +101,7 @@ class _Plan:
     used: set = dataclasses.field(default_factory=set)
     seen: set = dataclasses.field(default_factory=set)
     layers: list = dataclasses.field(default_factory=list)
+    unhandled: list = dataclasses.field(default_factory=list)  # (path, module) with a kernel we cannot intercept
     active: set = dataclasses.field(default_factory=set)
 
     def is_block(self, module: nn.Module, path: str) -> bool:
@@ -178,6 +179,10 @@ class _Plan:
         path = "/".join(module.path)
         self.seen.add(path)
         weight = isinstance(module, WEIGHT_LAYERS)
+        if not weight and module.has_variable("params", "kernel"):
+            self.unhandled.append((path, module))
+            if _rules.is_fa_family(self.rule) or (self.taps == "layer" and _rules.uses_taps(self.rule)):
+                raise ValueError(_flax.unhandled_kernel_message(self.rule.name, path, module, WEIGHT_LAYERS))
         if weight:
             self.check_layer(module, path)
             self.layers.append(path)
@@ -285,6 +290,9 @@ def adapt(
         p = found["plan"]
         missing_paths(p)
         if _rules.is_fa_family(rule):
+            if p.unhandled:  # discovery ran as BP; the FA family would leave this layer on Wᵀ
+                path, module = p.unhandled[0]
+                raise ValueError(_flax.unhandled_kernel_message(rule.name, path, module, WEIGHT_LAYERS))
             if not p.layers:
                 raise no_layer(p)
             layers = {f"{path}/kernel" for path in p.layers}

@@ -274,6 +274,9 @@ def _weight_layers(model: nnx.Module, rule_name: str) -> list[tuple[str, nnx.Mod
             f"rule {rule_name!r}: the model has no layer it can handle; expected at least one of "
             f"{[c.__name__ for c in WEIGHT_LAYERS]} as a sub-module, found modules {found}"
         )
+    for path, module in _modules(model):
+        if path and not isinstance(module, WEIGHT_LAYERS) and isinstance(getattr(module, "kernel", None), nnx.Param):
+            raise ValueError(_flax.unhandled_kernel_message(rule_name, path, module, WEIGHT_LAYERS))
     for path, module in layers:
         _check_not_stacked(path, module)
         attribute, defaults = _primitive(module)

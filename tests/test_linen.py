@@ -321,3 +321,29 @@ def test_nn_remat_fa_unchanged_and_dfa_taps_inside_it_raise(rule, taps):
         grads(False)
         with pytest.raises(ValueError, match=r"tap 'Block_0(/Dense_0:in)?' ran inside a JAX transformation"):
             grads(True)
+
+
+class _WithUnhandledKernels(nn.Module):
+    layer: str
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(6)(x))
+        if self.layer == "einsum":
+            h = jnp.tanh(nn.Einsum((6, 6), "bi,io->bo", name="odd")(h))  # calls jnp.einsum directly
+        else:
+            h = jnp.tanh(nn.ConvTranspose(6, (1,), name="odd")(h[:, None, :])[:, 0])
+        return nn.Dense(SIZES[-1])(h)
+
+
+@pytest.mark.parametrize("layer", ["einsum", "conv_transpose"])
+@pytest.mark.parametrize("rule", ["fa", "brsf", "dfa"])
+def test_a_kernel_the_adapter_cannot_intercept_raises_instead_of_silent_bp(rule, layer):
+    x = jnp.ones((3, SIZES[0]))
+    model = _WithUnhandledKernels(layer)
+    variables = model.init(jax.random.key(0), x)
+    adapted = flinen.adapt(model, rule)
+    with pytest.raises(ValueError, match=rf"rule '{rule}': layer 'odd' \((Einsum|ConvTranspose)\) holds a kernel"):
+        adapted.init_feedback(variables, x, key=jax.random.key(1))
+    if rule == "dfa":  # whole-block taps: BP inside a block is DFA's design, so this adapts
+        flinen.adapt(model, rule, taps=["Dense_0", "odd"]).init_feedback(variables, x, key=jax.random.key(1))

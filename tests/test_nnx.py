@@ -412,3 +412,25 @@ def test_dfa_tap_inside_remat_raises_instead_of_a_wrong_gradient(taps):
     # silently returned gradients that differed from the un-remat'd model's.
     with pytest.raises(ValueError, match=r"tap 'blocks/0/block(/lin:in)?' ran inside a JAX transformation"):
         _remat_grads("dfa", True, taps=taps)
+
+
+class _WithConvTranspose(nnx.Module):
+    def __init__(self, rngs):
+        self.inp = nnx.Linear(SIZES[0], 6, rngs=rngs)
+        self.up = nnx.ConvTranspose(6, 6, (1,), rngs=rngs)  # calls lax.conv_transpose directly
+        self.out = nnx.Linear(6, SIZES[-1], rngs=rngs)
+
+    def __call__(self, x):
+        h = jnp.tanh(self.inp(x))
+        h = jnp.tanh(self.up(h[:, None, :])[:, 0])
+        return self.out(h)
+
+
+@pytest.mark.parametrize("rule", ["fa", "usf", "kp", "dfa"])
+def test_a_kernel_the_adapter_cannot_intercept_raises_instead_of_silent_bp(rule):
+    x, _ = batch()
+    with pytest.raises(ValueError, match=rf"rule '{rule}': layer 'up' \(ConvTranspose\) holds a kernel .* silently be BP's"):
+        fnnx.convert(_WithConvTranspose(nnx.Rngs(0)), rule, key=jax.random.key(1), inputs=x)
+    # Whole-block DFA taps leave BP inside blocks by design (Launay et al. 2020): allowed.
+    if rule == "dfa":
+        fnnx.convert(_WithConvTranspose(nnx.Rngs(0)), rule, key=jax.random.key(1), inputs=x, taps=["inp", "up"])
