@@ -61,10 +61,15 @@ def _bwd(f, init, residuals, g):
         matrix = materialize(feedback, weight_struct.shape, weight_struct.dtype, init)
         matrix = jax.lax.stop_gradient(matrix).astype(g.dtype)
         (dx,) = jax.linear_transpose(lambda x_: f(x_, matrix), jax.ShapeDtypeStruct(x.shape, g.dtype))(g)
+    return dx.astype(x.dtype), _weight_gradient(f, x, weight_struct, g), None
+
+
+def _weight_gradient(f: Bilinear, x, weight_struct, g):
+    """The exact ``dW = (∂f/∂W)ᵀ g``: the linear transpose of ``f(x, ·)``, in W's dtype."""
     (dw,) = jax.linear_transpose(
         lambda w_: f(x.astype(g.dtype), w_), jax.ShapeDtypeStruct(weight_struct.shape, g.dtype)
     )(g)
-    return dx.astype(x.dtype), dw.astype(weight_struct.dtype), None
+    return dw.astype(weight_struct.dtype)
 
 
 _feedback_bilinear.defvjp(_fwd, _bwd)
@@ -200,8 +205,7 @@ def _matrix_bwd(f, backward_matrix, input_gradient, residuals, g):
     if f is dense_product and input_gradient is not None:
         dx = input_gradient(weight, feedback, g)  # None: this feedback has no tiled path
         if dx is not None:
-            (dw,) = jax.linear_transpose(lambda w_: f(x.astype(g.dtype), w_), jax.ShapeDtypeStruct(weight.shape, g.dtype))(g)
-            return dx.astype(x.dtype), dw.astype(weight.dtype), None
+            return dx.astype(x.dtype), _weight_gradient(f, x, weight, g), None
     matrix = backward_matrix(weight, feedback)
     if tuple(matrix.shape) != tuple(weight.shape):  # e.g. a stored M drawn for another kernel
         raise ValueError(f"feedback: the backward matrix has shape {tuple(matrix.shape)}, expected the kernel's {tuple(weight.shape)}")
