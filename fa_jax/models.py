@@ -1,4 +1,9 @@
-"""Small functional models written against ``ops`` (usable with every rule)."""
+"""Small plain-JAX models used in the examples, the runner and the tests.
+
+They are ordinary functions ``model(params, inputs)``: nothing in them is specific
+to fa_jax except :func:`fa_jax.tap`, which names the hidden activations (the
+identity under every rule that does not cut).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from fa_jax import _checks
+from fa_jax._engine._taps import tap
 
 ACTIVATIONS: dict[str, Callable] = {
     "tanh": jnp.tanh,
@@ -36,7 +42,7 @@ def init_mlp(sizes: Sequence[int], *, key: jax.Array, dtype=jnp.float32) -> list
 
 
 def mlp(activation: str = "tanh") -> Callable:
-    """``model(params, x, ops)`` for an MLP: ``h_{l} = ops.tap(f(h_{l-1} W_l + b_l))``, linear output.
+    """``model(params, x)`` for an MLP: ``h_l = tap(f(h_{l-1} W_l + b_l), "layer_<l>")``, linear output.
 
     Shapes: ``x (*batch, sizes[0]) -> (*batch, sizes[-1])``.
     """
@@ -44,12 +50,12 @@ def mlp(activation: str = "tanh") -> Callable:
         raise ValueError(f"activation: unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
     act = ACTIVATIONS[activation]
 
-    def model(params, x: Float[Array, "*batch d_in"], ops) -> Float[Array, "*batch d_out"]:
+    def model(params, x: Float[Array, "*batch d_in"]) -> Float[Array, "*batch d_out"]:
         _check_mlp(params, x)
         *hidden, last = params
         for index, layer in enumerate(hidden):
-            x = ops.tap(act(ops.dense(x, layer["kernel"], layer["bias"])), name=f"layer_{index}")
-        return ops.dense(x, last["kernel"], last["bias"])
+            x = tap(act(x @ layer["kernel"] + layer["bias"]), name=f"layer_{index}")
+        return x @ last["kernel"] + last["bias"]
 
     return model
 

@@ -2,7 +2,7 @@
 
 Pass one as ``init=`` of a rule (``FA``, ``DFA``, ``DRTP``, ``FRSF``, ``KolenPollack``).
 For DFA-style rules the shape is ``(output_features, tap_features)`` = ``(c, d)``; for
-FA-style rules it is the kernel's ``(*window, fan_in, fan_out)``.
+FA-style rules it is ``(*window, fan_in, fan_out)``, whatever the weight's own layout.
 
 * :func:`tinydfa_uniform`: ``U[−1, 1) / √d_max`` (TinyDFA, Launay et al. 2020).
 * :func:`launay2019`: ``N(0, 1) / √(d c) · √(d_max / d)`` (Launay et al. 2019).
@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from fa_jax._feedback import is_kernel, trace_taps
+from fa_jax._engine import _program
 
 Init = Callable[[jax.Array, tuple, Any], jax.Array]
 
@@ -81,24 +81,36 @@ def kaiming() -> Init:
     return jax.nn.initializers.he_uniform()
 
 
-def widest_tap(model: Callable, params: Any, inputs: Any, *, batch_dims: int = 1) -> int:
-    """``d_max``: the largest tap's feature count, found by abstract evaluation (no FLOPs)."""
-    taps, _ = trace_taps(model, params, inputs, batch_dims)
-    return max(tap.size for tap in taps)
+def widest_tap(model: Callable, params: Any, inputs: Any, *, taps: str = "auto") -> int:
+    """``d_max``: the largest tap's feature count (one layer), found from the program (no FLOPs).
+
+    Args:
+      taps: the placement, as a cutting rule's ``taps`` option.
+    """
+    program = _program.analyse(model, params, inputs)
+    rule_taps = program.taps(taps)
+    if not rule_taps:
+        raise ValueError(f"model: no tap for placement {taps!r}")
+    batch_dims = _program.find_batch_dims(model, params, inputs, program, taps, exact=(), asked=None, mix=False)
+    return max(t.size for t in _program.tap_layout(program, taps, batch_dims).taps)
 
 
-def nokland_zero_hidden(params: Any, *, select: Callable[[tuple, Any], bool] = is_kernel) -> Any:
-    """Zero every selected kernel but the last (Nøkland 2016: DFA trains from zero hidden weights).
+def nokland_zero_hidden(params: Any, *, model: Callable, inputs: Any) -> Any:
+    """Zero every weight but the output layer's (Nøkland 2016: DFA trains from zero hidden weights).
 
     With BP or FA a zero W blocks the backward signal; DFA's ``δ_l = e B_l`` does not
-    pass through W, so hidden layers can start at 0. The output layer (the last selected
-    kernel in ``params``' leaf order) keeps its init. Biases are left as they are.
+    pass through W, so hidden layers can start at 0. The weights are those of the
+    model's weight products, the output layer's being the last product in the program.
+    Biases and other parameters are left as they are.
     """
-    paths = [path for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0] if select(path, leaf)]
-    if len(paths) < 2:
-        raise ValueError(f"params: nokland_zero_hidden needs at least two kernels (hidden + output), found {len(paths)}")
-    hidden = set(paths[:-1])
-    return jax.tree_util.tree_map_with_path(lambda p, x: jnp.zeros_like(x) if p in hidden else x, params)
+    program = _program.analyse(model, params, inputs)
+    weights = list(program.specs)
+    if len(weights) < 2:
+        raise ValueError(f"params: nokland_zero_hidden needs at least two weights (hidden + output), found {len(weights)}")
+    hidden = {program.paths[i] for i in weights[:-1]}
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.zeros_like(x) if _program.param_path(p) in hidden else x, params
+    )
 
 
 @dataclasses.dataclass(frozen=True)

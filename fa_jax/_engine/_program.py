@@ -1,0 +1,281 @@
+"""A model's program: traced once, analysed, and run again under a rule.
+
+:func:`analyse` traces ``model(params, inputs)`` to a jaxpr (``jax.make_jaxpr``)
+and walks it symbolically (:class:`fa_jax._engine._walk.Analysis`): it finds
+every weight product and the role of each axis of its weight, every tap, and
+how every parameter is used. :func:`run` walks it again with real values
+(:class:`fa_jax._engine._walk.Evaluation`), sending each weight product through
+the rule and, for a cutting rule, each tap through a cut and the output through
+the head that feeds the taps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from fa_jax import _checks
+from fa_jax._engine import _taps, _walk
+from fa_jax._engine._classes import Base, Cls, Leaf
+from fa_jax._engine._taps import TapLayout
+from fa_jax._specs import OutputSpec, TapSpec, WeightSpec
+
+PLACEMENTS = ("auto", "layer", "marked")
+
+
+def param_path(path: tuple) -> str:
+    """``"layers/0/kernel"``: a key path with the ``.value`` of boxed leaves (Flax variables) dropped."""
+    keys = [k for k in path if not (isinstance(k, jax.tree_util.GetAttrKey) and k.name in ("value", "raw_value"))]
+    return jax.tree_util.keystr(tuple(keys), simple=True, separator="/")
+
+
+def exact_set(paths: list[str], exact: Any) -> frozenset:
+    """Indices of the parameters marked exact: a path, a sequence of paths, or ``predicate(path) -> bool``."""
+    if exact is None or exact == ():
+        return frozenset()
+    if callable(exact):
+        return frozenset(i for i, p in enumerate(paths) if exact(p))
+    names = [exact] if isinstance(exact, str) else list(exact)
+    unknown = [n for n in names if n not in paths]
+    if unknown:
+        raise ValueError(f"exact: {unknown} name no parameter; expected paths among {paths[:12]}")
+    return frozenset(i for i, p in enumerate(paths) if p in names)
+
+
+@dataclasses.dataclass
+class Program:
+    """What :func:`analyse` found. Built per trace; its sites are valid for that trace only."""
+
+    closed: Any  # ClosedJaxpr of fn(flat_params, inputs)
+    paths: list[str]
+    avals: list[Any]
+    exact: frozenset
+    out_tree: Any
+    outs: list[Any]  # output avals
+    specs: dict[int, WeightSpec]  # parameters with a feedback-eligible product
+    uses: dict[int, list[str]]
+    sites: dict[str, dict]  # placement -> {site: (name, aval, stack)}, in walk order
+    carry_classes: dict
+    out_classes: dict
+    n_params: int
+
+    def spec(self, base: Base) -> WeightSpec:
+        return self.specs[base.param].layer(base.depth)
+
+    def taps(self, placement: str) -> list[tuple[Any, str, Any, tuple[int, ...]]]:
+        """``(site, name, per-layer aval, stack)`` of every tap a rule with this placement cuts."""
+        if placement == "auto":
+            placement = "marked" if self.sites["marked"] else "layer"
+        return [(site, *info) for site, info in self.sites[placement].items()]
+
+
+def analyse(model: Callable, params: Any, inputs: Any, *, exact: Any = ()) -> Program:
+    """Trace ``model(params, inputs)`` and classify its program (see the module doc)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = [param_path(p) for p, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    marked = exact_set(paths, exact)
+
+    def fn(flat_params, inputs):
+        return model(jax.tree_util.tree_unflatten(treedef, flat_params), inputs)
+
+    try:
+        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(leaves, inputs)
+    except _walk.Refusal:
+        raise
+    avals = [jax.core.ShapedArray(tuple(x.shape), x.dtype) for x in leaves]
+    out_flat, out_tree = jax.tree_util.tree_flatten(out_shape)
+    analysis = _walk.Analysis(paths, marked, avals)
+    args = _args(avals, closed.jaxpr.invars[len(leaves) :], symbolic=True)
+    analysis.run(closed.jaxpr, [_walk.Val(c, Cls.CONST) for c in closed.consts], args, ())
+    specs = _weight_specs(analysis, paths, avals)
+    sites = {"marked": _explicit_sites(analysis), "layer": _layer_sites(analysis, paths)}
+    return Program(closed, paths, avals, marked, out_tree, out_flat, specs, analysis.uses, sites,
+                   analysis.carry_classes, analysis.out_classes, len(leaves))
+
+
+def _args(params: list[Any], input_vars: Sequence[Any], *, symbolic: bool, inputs: Sequence[Any] = ()) -> list:
+    """The walk's arguments: each floating parameter a WEIGHT (its own view), each input DATA."""
+    args = []
+    for i, p in enumerate(params):
+        aval = p if symbolic else jax.typeof(p)
+        if jnp.issubdtype(aval.dtype, jnp.floating):
+            args.append(_walk.Val(p, Cls.WEIGHT, frozenset([i]), Leaf(Base(i))))
+        else:
+            args.append(_walk.Val(p, Cls.CONST))
+    values = [v.aval for v in input_vars] if symbolic else list(inputs)
+    return args + [_walk.Val(v, Cls.DATA) for v in values]
+
+
+def _weight_specs(analysis: _walk.Analysis, paths: list[str], avals: list[Any]) -> dict[int, WeightSpec]:
+    specs: dict[int, WeightSpec] = {}
+    depth: dict[int, int] = {}
+    for record in analysis.records:
+        if record.exact:
+            continue
+        for base in record.bases:
+            depth[base.param] = max(depth.get(base.param, 0), base.depth)
+            if base.param in specs:
+                continue
+            aval = avals[base.param]
+            axes = record.roles.get(base)
+            roles = None
+            if axes is not None:
+                per_layer = len(aval.shape) - base.depth
+                roles = ("stack",) * base.depth + tuple(axes.get(k, "stack") for k in range(per_layer))
+            specs[base.param] = WeightSpec(paths[base.param], tuple(aval.shape), aval.dtype, roles, 0, record.product.kind)
+    return {i: s._replace(depth=depth[i]) for i, s in specs.items()}
+
+
+def _stack(analysis: _walk.Analysis, site: Any) -> tuple[int, ...]:
+    return tuple(analysis.scan_lengths[site.ctx[:k]] for k in range(1, len(site.ctx) + 1) if site.ctx[:k] in analysis.scan_lengths)
+
+
+def _explicit_sites(analysis: _walk.Analysis) -> dict:
+    sites: dict = {}
+    names: set[str] = set()
+    for index, (site, name) in enumerate(analysis.explicit):
+        name = f"tap_{index}" if name is None else name
+        if name in names:
+            raise ValueError(f"tap name {name!r} is used twice; each tap needs its own feedback, so names must be unique")
+        names.add(name)
+        sites[site] = (name, analysis.site_avals[site], _stack(analysis, site))
+    return sites
+
+
+def _layer_sites(analysis: _walk.Analysis, paths: list[str]) -> dict:
+    """One tap at the activation entering each weight product (not at the model input itself)."""
+    sites: dict = {}
+    names: set[str] = set()
+    for record in analysis.records:
+        if record.site is None or record.activation != Cls.ACT or record.site in sites:
+            continue
+        name = f"{paths[record.bases[0].param]}:in"
+        unique, k = name, 2
+        while unique in names:
+            unique, k = f"{name}#{k}", k + 1
+        names.add(unique)
+        sites[record.site] = (unique, analysis.site_avals[record.site], _stack(analysis, record.site))
+    return sites
+
+
+# --------------------------------------------------------------------------- taps and batch dims
+
+
+def tap_layout(program: Program, placement: str, batch_dims: int) -> TapLayout:
+    """The taps a rule with ``placement`` cuts, as specs after ``batch_dims`` leading batch dims."""
+    taps = tuple(TapSpec(name, tuple(aval.shape[batch_dims:]), stack) for _, name, aval, stack in program.taps(placement))
+    return TapLayout(taps, OutputSpec(tuple(single_output(program).shape[batch_dims:])), batch_dims)
+
+
+def single_output(program: Program) -> Any:
+    if len(program.outs) != 1:
+        raise ValueError(
+            f"model: a tap rule projects the output error, so the model must return one array; it returned "
+            f"{program.out_tree.num_leaves} leaves ({program.out_tree})"
+        )
+    return program.outs[0]
+
+
+def find_batch_dims(model: Callable, params: Any, inputs: Any, program: Program, placement: str, *, exact: Any,
+                    asked: int | None, mix: bool) -> int:
+    """The leading dims the output and every tap share as batch (or sequence) axes.
+
+    Axis ``i`` counts when the output and every tap have the same size there and
+    either (a) tracing again with every input axis of that size doubled (as a
+    symbolic dimension would) moves axis ``i`` of the output and of every tap
+    together, or (b) the model cannot be traced at another size (a fixed
+    positional table). A leading shape that only coincides (a batch of 10 and 10
+    classes) moves apart and does not count. An explicit ``asked`` (the rule's
+    ``batch_dims``) is checked against the found value.
+    """
+    taps = program.taps(placement)
+    if not taps:
+        raise ValueError(f"the model has no tap for placement {placement!r}: {_no_taps(placement)}")
+    output = single_output(program)
+    base = _shapes(program, placement)
+    out = base["output"]
+    verdict: dict[int, bool | None] = {}  # size -> moved with the output and every tap, or None: untraceable
+
+    def moves(axis: int) -> bool | None:
+        size = out[axis]
+        if size not in verdict:
+            verdict[size] = _moves_together(model, params, inputs, placement, exact, base, size)
+        result = verdict[size]
+        return None if result is None else axis in result
+
+    found = 0
+    while found < len(out) and all(len(s) > found and s[found] == out[found] for s in base.values()):
+        moved = moves(found)
+        if moved is False:
+            break
+        found += 1
+    if asked is None:
+        if found == 0:
+            raise ValueError(
+                f"batch_dims: no leading axis of the model output {out} is a batch axis of every tap too; expected "
+                "taps shaped (*batch, *features) like the output (pass batch_dims= to the rule to say which)"
+            )
+        return found
+    return _taps.check_batch_dims(output, [(n, a, st) for _, n, a, st in taps], asked, found, mix=mix)
+
+
+def _moves_together(model, params, inputs, placement, exact, base, size) -> set[int] | None:
+    """Output axes that change together with every tap's when input axes of ``size`` double; ``None``: untraceable."""
+    def grown(leaf):
+        shape = tuple(n * 2 if n == size else n for n in leaf.shape)
+        return jax.ShapeDtypeStruct(shape, leaf.dtype)
+
+    if not any(size in getattr(leaf, "shape", ()) for leaf in jax.tree.leaves(inputs)):
+        return set()
+    try:
+        other = _shapes(analyse(model, params, jax.tree.map(grown, inputs), exact=exact), placement)
+    except Exception:  # the model cannot take another size along these axes
+        return None
+    moved = set()
+    for axis, n in enumerate(base["output"]):
+        if all(name in other and len(other[name]) > axis and other[name][axis] != shape[axis]
+               for name, shape in base.items()):
+            moved.add(axis)
+    return moved
+
+
+def _shapes(program: Program, placement: str) -> dict[str, tuple[int, ...]]:
+    shapes = {name: tuple(aval.shape) for _, name, aval, _ in program.taps(placement)}
+    shapes["output"] = tuple(single_output(program).shape)
+    return shapes
+
+
+def _no_taps(placement: str) -> str:
+    if placement == "marked":
+        return "mark activations with fa_jax.tap(h, name=...)"
+    return "no weight product reads an activation that depends on a parameter"
+
+
+# --------------------------------------------------------------------------- running it
+
+
+def run(program: Program, rule: Any, params: Any, feedback: Any, inputs: Any, *, step: Any, targets: Any) -> Any:
+    """The model's outputs, differentiable under ``rule``: feedback products, cut taps and the head."""
+    flat_params = jax.tree_util.tree_leaves(params)
+    leaves, weights = {}, {}
+    weight_leaves = feedback.weight_leaves(program.paths) if feedback is not None else [None] * len(flat_params)
+    for i, (p, leaf) in enumerate(zip(flat_params, weight_leaves)):
+        if leaf is not None:
+            leaves[Base(i)] = leaf
+        weights[Base(i)] = p
+    layout = feedback.layout if (feedback is not None and rule.cuts) else None
+    taps = program.taps(rule.taps) if rule.cuts else []
+    sites = {site: k for k, (site, *_) in enumerate(taps)}
+    evaluation = _walk.Evaluation(program, rule, leaves, weights, step, sites)
+    args = _args(flat_params, (), symbolic=False, inputs=jax.tree_util.tree_leaves(inputs))
+    outs = evaluation.run(program.closed.jaxpr, [_walk.Val(c, Cls.CONST) for c in program.closed.consts], args, ())
+    outputs = jax.tree_util.tree_unflatten(program.out_tree, [o.value for o in outs])
+    if not rule.cuts:
+        return outputs
+    values = [evaluation.taps[site] for site, *_ in taps]
+    return _taps.head(outputs, values, rule=rule, feedback=feedback.taps, layout=layout, targets=targets, step=step)
