@@ -118,10 +118,12 @@ def check_floating_tree(tree: Any, name: str) -> None:
 
 
 def check_array_tree(tree: Any, name: str) -> None:
-    """Every leaf of ``tree`` is a numeric array (inputs and targets may be integer labels)."""
+    """Every leaf of ``tree`` is a numeric array (inputs and targets may be integer labels, or PRNG keys)."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
         where = f"{name}/{path_str(path)}" if path else name
         if isinstance(leaf, (numbers.Number, np.generic)) and not isinstance(leaf, (str, bytes)):
+            continue
+        if is_key(leaf):
             continue
         if not is_array(leaf) or not (
             jnp.issubdtype(leaf.dtype, jnp.number) or jnp.issubdtype(leaf.dtype, jnp.bool_)
