@@ -3,12 +3,18 @@
 MLP: ``a_l = h_{l-1} W_l + b_l``, ``h_l = f(a_l)`` for hidden layers, ``y = a_L``.
 Loss ``L = ½ Σ (y - t)² / N``, so the output error is ``e = (y - t) / N``.
 
-* BP:  ``δ_L = e``, ``δ_l = (δ_{l+1} W_{l+1}ᵀ) ⊙ f'(a_l)``
-* FA:  ``δ_l = (δ_{l+1} B_{l+1}ᵀ) ⊙ f'(a_l)``              (Lillicrap et al. 2016, eq. 2)
-* DFA: ``δ_l = (e B_l) ⊙ f'(a_l)``, ``B_l: (c, d_l)``      (Nøkland 2016, eq. 3)
+* BP:   ``δ_L = e``, ``δ_l = (δ_{l+1} W_{l+1}ᵀ) ⊙ f'(a_l)``
+* FA family: ``δ_l = (δ_{l+1} B_{l+1}ᵀ) ⊙ f'(a_l)``      (Lillicrap et al. 2016, eq. 2) with
+  B random (FA), ``sign(W)·√(2/(fan_in+fan_out))`` (uSF), ``|M| ⊙ sign(W)`` (frSF, brSF;
+  Liao et al. 2016), or the learned B (Kolen–Pollack, Akrout et al. 2019)
+* DFA:  ``δ_l = (e B_l) ⊙ f'(a_l)``, ``B_l: (c, d_l)``    (Nøkland 2016, eq. 3)
+* DRTP: ``δ_l = ((y*/N) B_l) ⊙ f'(a_l)``                 (Frenkel et al. 2021, eq. 6, scaled like the loss)
+* shallow: ``δ_l = 0`` for hidden layers
 
 and for every rule ``∂W_l = h_{l-1}ᵀ δ_l``, ``∂b_l = Σ_n δ_l``.
 """
+
+import math
 
 import numpy as np
 
@@ -34,10 +40,14 @@ def mse(y, t):
     return 0.5 * np.sum((y - t) ** 2) / y.shape[0]
 
 
-def gradients(params, x, t, activation, rule, feedback=None):
-    """``(loss, grads)`` for ``rule`` in {"bp", "fa", "dfa", "shallow"}.
+def gradients(params, x, t, activation, *, chain=None, direct=None, source="error", frozen=False):
+    """``(loss, grads)`` in float64.
 
-    ``feedback``: FA, a list of B with the kernels' shapes; DFA, a list of B_l (c, d_l).
+    Args:
+      chain: per layer, the matrix standing for ``W_l`` in the backward (FA family); ``None`` for BP.
+      direct: per hidden layer, ``B_l`` of shape ``(c, d_l)`` (DFA, DRTP).
+      source: ``"error"`` projects ``e`` (DFA), ``"target"`` projects ``t / N`` (DRTP).
+      frozen: hidden layers get no signal (shallow).
     """
     params = [{k: np.asarray(v, np.float64) for k, v in layer.items()} for layer in params]
     x, t = np.asarray(x, np.float64), np.asarray(t, np.float64)
@@ -49,14 +59,22 @@ def gradients(params, x, t, activation, rule, feedback=None):
     deltas = [None] * depth
     deltas[-1] = e
     for l in range(depth - 2, -1, -1):
-        if rule == "bp":
-            back = deltas[l + 1] @ params[l + 1]["kernel"].T
-        elif rule == "fa":
-            back = deltas[l + 1] @ np.asarray(feedback[l + 1], np.float64).T
-        elif rule == "dfa":
-            back = e @ np.asarray(feedback[l], np.float64)
-        elif rule == "shallow":
+        if frozen:
             back = np.zeros_like(pre[l])
+        elif direct is not None:
+            signal = e if source == "error" else t / y.shape[0]
+            back = signal @ np.asarray(direct[l], np.float64)
+        else:
+            matrix = params[l + 1]["kernel"] if chain is None else np.asarray(chain[l + 1], np.float64)
+            back = deltas[l + 1] @ matrix.T
         deltas[l] = back * fprime(pre[l])
     grads = [{"kernel": hs[l].T @ deltas[l], "bias": deltas[l].sum(0)} for l in range(depth)]
     return mse(y, t), grads
+
+
+def sign_matrix(weight, magnitude=None):
+    """Liao et al. 2016: ``sign(W)·√(2/(fan_in+fan_out))`` (uSF) or ``|M| ⊙ sign(W)`` (frSF, brSF)."""
+    weight = np.asarray(weight, np.float64)
+    if magnitude is None:
+        return np.sign(weight) * math.sqrt(2.0 / (weight.shape[0] + weight.shape[1]))
+    return np.abs(np.asarray(magnitude, np.float64)) * np.sign(weight)
