@@ -1,24 +1,36 @@
 """Alignment diagnostics: how close a rule's learning signals are to backpropagation's.
 
-Every metric is a pure, jit-able and vmap-able function returning scalars in
-dicts keyed by layer path (``"0/kernel"``) or tap name (``"layer_0"``):
+For any model ``model(params, inputs)`` and any rule. Every metric is a pure,
+jit-able and vmap-able function returning scalars in dicts keyed by parameter
+path (``"0/kernel"``) or tap name (``"layer_0"``):
 
 * **Gradient alignment** (per parameter leaf): cosine and angle between the
   rule's update ``g`` and the BP gradient ``∇L`` on the same params and batch,
   and the norm ratio ``‖g‖/‖∇L‖``.
 * **Delta alignment** (per tap): for every sample ``n`` the cosine between the
-  rule's error signal ``δ̃_l[n]`` and BP's ``δ_l[n] = ∂L/∂h_l[n]``; mean and
-  standard deviation over the batch (Launay et al. 2019; TinyDFA).
-* **Weight alignment**: FA, the angle between ``vec W_l`` and ``vec B_l`` and
-  ``‖B_l‖/‖W_l‖`` (biotorch); DFA, the angle between ``B_l`` and the transposed
-  downstream product ``(W_{l+1} … W_L)ᵀ`` of the linearised network.
+  signal ``δ̃_l[n]`` the rule sends to the tap ``h_l`` and BP's
+  ``δ_l[n] = ∂L/∂h_l[n]``; mean and standard deviation over the batch
+  (Launay, Poli & Krzakala 2019, "Principled training of neural networks with
+  direct feedback alignment"; TinyDFA).
+* **Weight alignment**: for a rule with per-weight feedback (FA, the sign
+  rules, Kolen–Pollack), the angle between ``vec W`` and ``vec B`` (B the
+  matrix the rule uses for W in the backward) and ``‖B‖/‖W‖`` (biotorch); for a
+  rule projecting the output error to the taps (DFA), the angle between ``B_l``
+  and the transposed downstream product ``(W_{l+1} … W_L)ᵀ`` of the linearised
+  network.
 
-A cosine is ``NaN`` where either vector is exactly zero (undefined, e.g. the
-frozen hidden layers of ``"shallow"``).
+A cosine is ``NaN`` where either vector is exactly zero: the angle is then
+undefined (the frozen hidden layers of ``"shallow"``, or a BP reference that
+vanishes), never silently reported.
 
-:func:`value_and_grad_with_alignment` wraps ``fa_jax.value_and_grad`` and
+:func:`value_and_grad_with_alignment` wraps :func:`fa_jax.value_and_grad` and
 returns these metrics as aux; the BP reference costs one extra forward and
 backward, and only in calls made with ``measure=True``.
+
+Every rule is asked, never typed: the signals at the taps are the cotangents
+arriving at zero probes placed on the tapped values (before a tap rule's cut),
+under :func:`fa_jax.forward`; the feedback matrices come from
+:meth:`Rule.backward_matrix` and :meth:`Rule.tap_signals`.
 """
 
 from __future__ import annotations
@@ -28,12 +40,17 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jcore
 from jaxtyping import Array, Float
 
-from fa_jax import _rules, _validate
-from fa_jax._feedback import DFAFeedback, FAFeedback, dfa_matrices, is_kernel, materialize_fa, path_str
-from fa_jax._grad import project_error, value_and_grad
-from fa_jax._model import FAOps, PlainOps, TapOps, bind, tap_name
+from fa_jax import _checks
+from fa_jax._engine import _program
+from fa_jax._engine._taps import tap_p
+from fa_jax._engine._walk import Site
+from fa_jax._feedback import Feedback, by_path
+from fa_jax._grad import check_error_informative, forward, value_and_grad
+from fa_jax.rules import BP, Rule, get_rule
 
 __all__ = [
     "Cosine",
@@ -46,6 +63,7 @@ __all__ = [
     "tap_signals",
     "fa_weight_alignment",
     "dfa_weight_alignment",
+    "dense_kernels",
     "value_and_grad_with_alignment",
 ]
 
@@ -53,13 +71,13 @@ __all__ = [
 class Cosine(NamedTuple):
     """Alignment of two vectors ``a`` (rule) and ``b`` (reference)."""
 
-    cosine: jax.Array  # a·b / (‖a‖‖b‖)
+    cosine: jax.Array  # a·b / (‖a‖‖b‖); NaN where either norm is 0
     angle: jax.Array  # degrees, arccos of the cosine
     norm_ratio: jax.Array  # ‖a‖ / ‖b‖
 
 
 class DeltaAlignment(NamedTuple):
-    """Per-sample cosine between a rule's and BP's error signal at one tap."""
+    """Per-sample cosine between a rule's and BP's signal at one tap: mean and std over the samples."""
 
     mean: jax.Array
     std: jax.Array
@@ -71,13 +89,13 @@ class Alignment(NamedTuple):
     gradient: dict[str, Cosine]  # per parameter leaf
     total: Cosine  # all parameters as one vector
     delta: dict[str, DeltaAlignment] | None  # per tap
-    weight: dict[str, Cosine] | None  # FA: per kernel; DFA: per tap
+    weight: dict[str, Cosine] | None  # per-weight feedback: per parameter path; DFA: per tap
 
 
 def cosine(a: Float[Array, "..."], b: Float[Array, "..."]) -> Cosine:
     """Cosine, angle (degrees) and norm ratio ``‖a‖/‖b‖`` of ``vec a`` and ``vec b``.
 
-    Computed in float32 or wider; the cosine is ``NaN`` if either norm is zero.
+    Computed in float32 or wider; the cosine and angle are ``NaN`` if either norm is zero.
     """
     dtype = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
     a = jnp.ravel(a).astype(dtype)
@@ -93,11 +111,6 @@ def cosine(a: Float[Array, "..."], b: Float[Array, "..."]) -> Cosine:
     return Cosine(cos, jnp.where(defined, angle, jnp.nan), norm_a / norm_b)
 
 
-def _leaves(tree: Any) -> dict[str, jax.Array]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {path_str(path): leaf for path, leaf in flat}
-
-
 def gradient_alignment(rule_grads: Any, bp_grads: Any) -> dict[str, Cosine]:
     """Per-leaf alignment of a rule's update with the BP gradient (same params, same batch).
 
@@ -105,9 +118,9 @@ def gradient_alignment(rule_grads: Any, bp_grads: Any) -> dict[str, Cosine]:
       rule_grads, bp_grads: pytrees with the structure of ``params``.
 
     Returns:
-      ``{path: Cosine(cosine, angle, norm_ratio)}``, e.g. ``"0/kernel"``.
+      ``{path: Cosine(cosine, angle, norm_ratio)}``, paths as :func:`fa_jax.plan` names them (``"0/kernel"``).
     """
-    rule, bp = _leaves(rule_grads), _leaves(bp_grads)
+    rule, bp = by_path(rule_grads), by_path(bp_grads)
     if rule.keys() != bp.keys():
         raise ValueError(f"rule and BP gradients differ in structure: {sorted(rule)[:5]} vs {sorted(bp)[:5]}")
     return {path: cosine(rule[path], bp[path]) for path in rule}
@@ -121,24 +134,33 @@ def total_alignment(rule_grads: Any, bp_grads: Any) -> Cosine:
 
 
 def delta_alignment(
-    rule_signals: dict[str, jax.Array], bp_signals: dict[str, jax.Array], *, batch_dims: int = 1
+    rule_signals: dict[str, jax.Array],
+    bp_signals: dict[str, jax.Array],
+    *,
+    batch_dims: int = 1,
+    stack: dict[str, int] | None = None,
 ) -> dict[str, DeltaAlignment]:
     """Mean and std over samples of ``cos(δ̃_l[n], δ_l[n])`` at every tap (Launay et al. 2019).
 
     Args:
-      rule_signals, bp_signals: ``{tap: (*batch, *features)}``; the first
-        ``batch_dims`` axes index samples (2 for ``(batch, seq, ·)``).
+      rule_signals, bp_signals: ``{tap: (*stack, *batch, *features)}``.
+      batch_dims: leading axes (after the stack) indexing samples (2 for ``(batch, seq, ·)``).
+      stack: ``{tap: number of leading stack axes}`` for taps repeated by ``lax.scan``
+        (each layer of a stack counts as its own samples); default none.
 
-    Samples where either signal is zero are left out of the mean and std.
+    Samples where either signal is zero are left out of the mean and std (all
+    left out: ``NaN``, e.g. the frozen taps of ``"shallow"``).
     """
     if rule_signals.keys() != bp_signals.keys():
         raise ValueError(f"taps differ: rule has {list(rule_signals)}, BP has {list(bp_signals)}")
+    _checks.check_int(batch_dims, "batch_dims", minimum=0)
     out = {}
     for name, rule in rule_signals.items():
         bp = bp_signals[name]
         if rule.shape != bp.shape:
             raise ValueError(f"tap {name!r}: rule signal has shape {rule.shape}, BP signal {bp.shape}")
-        samples = math.prod(rule.shape[:batch_dims])
+        lead = batch_dims + (stack or {}).get(name, 0)
+        samples = math.prod(rule.shape[:lead])
         dtype = jnp.promote_types(rule.dtype, jnp.float32)
         a = rule.reshape(samples, -1).astype(dtype)
         b = bp.reshape(samples, -1).astype(dtype)
@@ -150,155 +172,347 @@ def delta_alignment(
     return out
 
 
-def fa_weight_alignment(params: Any, feedback: FAFeedback, rule: _rules.FA | None = None) -> dict[str, Cosine]:
-    """Angle between ``vec W`` and ``vec B`` and ``‖B‖/‖W‖`` for every FA kernel (biotorch).
-
-    Returns ``{path: Cosine(cos(B, W), angle, ‖B‖/‖W‖)}``; keys are materialized first.
-    """
-    if not isinstance(feedback, FAFeedback):
-        raise TypeError(f"fa_weight_alignment needs FAFeedback, got {type(feedback).__name__}")
-    matrices = _leaves_with_none(materialize_fa(feedback, params, rule))
-    weights = _leaves(params)
-    return {path: cosine(matrices[path], weights[path]) for path in weights if matrices.get(path) is not None}
+# --- weight alignment ---------------------------------------------------------------------
 
 
-def _leaves_with_none(tree: Any) -> dict[str, Any]:
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
-    return {path_str(path): leaf for path, leaf in flat}
+def _specs(program: _program.Program) -> dict[str, Any]:
+    return {spec.path: spec for spec in program.specs.values()}
 
 
-def dense_kernels(params: Any) -> list[jax.Array]:
-    """The 2-d kernels of ``params`` in tree order (the layers of an MLP)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    return [leaf for path, leaf in flat if is_kernel(path, leaf) and leaf.ndim == 2]
+def _check_feedback(feedback: Any, where: str) -> Feedback:
+    if not isinstance(feedback, Feedback):
+        raise TypeError(
+            f"{where}: feedback: expected a Feedback from fa_jax.init_feedback, given {_checks.describe(feedback)}"
+        )
+    return feedback
 
 
-def dfa_weight_alignment(
-    feedback: DFAFeedback, kernels: list[jax.Array], rule: _rules.DFA | None = None
+def _check_step(rule: Rule, step: Any, where: str) -> None:
+    if rule.needs_step and step is None:
+        raise ValueError(
+            f"{where}: step: rule {rule.name!r} redraws its feedback every step from (key, step); pass step=t"
+        )
+
+
+def _backward_matrices(rule: Rule, program: _program.Program, params: Any, feedback: Feedback, step: Any) -> dict:
+    """``{path: (B, W)}``: the matrix the rule uses for ``W`` in the backward, for every weight with feedback."""
+    specs, weights = _specs(program), by_path(params)
+    out = {}
+    for path, leaf in feedback.weights.items():
+        if path not in specs or path not in weights:
+            raise ValueError(f"feedback: the weight {path!r} is not a weight of this model; draw the feedback for it")
+        weight = weights[path]
+        matrix = rule.backward_matrix(weight, leaf, spec=specs[path], step=step)
+        out[path] = (matrix, weight)
+    return out
+
+
+def fa_weight_alignment(
+    params: Any, feedback: Feedback, rule: Rule | str, *, model: Callable, inputs: Any, step: Any = None
 ) -> dict[str, Cosine]:
+    """Angle between ``vec W`` and ``vec B`` and ``‖B‖/‖W‖`` for every weight with feedback (biotorch).
+
+    B is the matrix the rule puts in W's place in the input gradient
+    ``dx = g Bᵀ`` (Lillicrap et al. 2016, eq. 2): FA's stored or regenerated B,
+    ``sign(W)·s`` (uSF), ``|M| ⊙ sign(W)`` (frSF, brSF at ``step``), Kolen–Pollack's
+    learned B. It is built by :meth:`Rule.backward_matrix` from the model's
+    weight specs, so regenerated keys give the B the backward uses.
+
+    Args:
+      params, feedback: the model's params and ``init_feedback(rule, ...)``'s feedback.
+      model, inputs: the model and an example batch (to read the weights' specs).
+      step: the training step (rules with ``needs_step``, e.g. brSF).
+
+    Returns:
+      ``{path: Cosine(cos(B, W), angle, ‖B‖/‖W‖)}``; empty for a rule without per-weight feedback.
+      A stacked (scanned) weight counts as one vector.
+    """
+    rule = get_rule(rule)
+    feedback = _check_feedback(feedback, "fa_weight_alignment")
+    _check_step(rule, step, "fa_weight_alignment")
+    program = _program.analyse(model, params, inputs, exact=feedback.exact)
+    return {path: cosine(b, w) for path, (b, w) in _backward_matrices(rule, program, params, feedback, step).items()}
+
+
+def dense_kernels(model: Callable, params: Any, inputs: Any) -> list[jax.Array]:
+    """The 2-d weights of ``model``'s dense products in the order the program first uses them (an MLP's layers).
+
+    Exact (``exact=``) weights are left out, as are convolution kernels and stacked weights.
+    """
+    program = _program.analyse(model, params, inputs)
+    return _dense_kernels(program, params)
+
+
+def _dense_kernels(program: _program.Program, params: Any) -> list[jax.Array]:
+    weights = by_path(params)
+    return [weights[s.path] for s in program.specs.values() if s.kind == "dense" and len(s.shape) == 2 and s.depth == 0]
+
+
+def _tap_matrices(rule: Rule, feedback: Feedback, dtype: Any) -> list[jax.Array]:
+    """``B_l`` of shape ``(output features, tap features)`` per tap: the rule's tap map applied to unit errors.
+
+    For DFA the signal of tap ``l`` is ``e B_l`` (Nøkland 2016, eq. 3), linear in ``e``, so feeding the
+    rows of the identity as ``e`` reads ``B_l`` row by row, whatever the feedback's storage (a matrix,
+    a regenerated key, TinyDFA's shared prefix).
+    """
+    layout = feedback.layout
+    if layout is None:
+        raise ValueError(f"feedback: rule {rule.name!r}: expected feedback with taps (a tap rule's), given none")
+    if layout.batch_dims < 1:
+        raise ValueError(f"feedback: batch_dims={layout.batch_dims}: a projection mixing samples has no per-sample B_l")
+    if any(t.stack for t in layout.taps):
+        raise ValueError(f"feedback: taps {[t.name for t in layout.taps if t.stack]} are stacked (lax.scan); "
+                         "expected one layer per tap")
+    out = layout.output.size
+    lead = (out,) + (1,) * (layout.batch_dims - 1)
+    error = jnp.eye(out, dtype=dtype).reshape(*lead, *layout.output.shape)
+    structs = [jax.ShapeDtypeStruct((*lead, *t.shape), dtype) for t in layout.taps]
+    signals = rule.tap_signals(feedback.taps, layout, error=error, outputs=jnp.zeros_like(error), targets=None,
+                               taps=structs)
+    return [jnp.zeros((out, t.size), dtype) if s is None else jnp.reshape(s, (out, t.size))
+            for s, t in zip(signals, layout.taps)]
+
+
+def dfa_weight_alignment(feedback: Feedback, kernels: list[jax.Array], rule: Rule | str = "dfa") -> dict[str, Cosine]:
     """Angle between ``B_l`` and ``(W_{l+1} … W_L)ᵀ`` for every tap of an MLP (linearised network).
 
     In a linear network BP sends ``δ_l = e (W_{l+1} … W_L)ᵀ`` to the output
-    ``h_l`` of layer ``l``, DFA sends ``e B_l``; the angle says how far apart.
+    ``h_l`` of layer ``l``, DFA sends ``e B_l`` (Nøkland 2016, eq. 3); the angle says how far apart.
 
     Args:
-      feedback: DFA feedback with taps ``h_0 … h_{L-1}``; ``B_l: (out, d_l)``.
-      kernels: ``[W_0 … W_L]``, ``W_l: (d_{l-1}, d_l)``, one more than taps.
+      feedback: a tap rule's feedback with taps ``h_0 … h_{L-1}`` (``B_l: (out, d_l)``).
+      kernels: ``[W_0 … W_L]``, ``W_l: (d_{l-1}, d_l)``, one more than taps
+        (:func:`dense_kernels` lists them for a model).
+      rule: the rule the feedback was drawn for (its tap map gives ``B_l``).
 
     Returns:
       ``{tap: Cosine(cos(B_l, (W_{l+1}…W_L)ᵀ), angle, ‖B_l‖/‖W_{l+1}…W_L‖)}``.
     """
-    matrices = dfa_matrices(feedback, rule)
-    if len(kernels) != len(matrices) + 1:
+    rule = get_rule(rule)
+    feedback = _check_feedback(feedback, "dfa_weight_alignment")
+    if feedback.layout is None:
+        raise ValueError("dfa_weight_alignment: feedback: expected a tap rule's feedback (with taps), given one without")
+    taps = feedback.layout.taps
+    if len(kernels) != len(taps) + 1:
         raise ValueError(
-            f"dfa_weight_alignment expects one kernel per tap plus the output layer: "
-            f"{len(matrices)} taps need {len(matrices) + 1} kernels, got {len(kernels)}"
+            f"dfa_weight_alignment: kernels: expected one kernel per tap plus the output layer: "
+            f"{len(taps)} taps need {len(taps) + 1} kernels, given {len(kernels)}"
         )
+    matrices = _tap_matrices(rule, feedback, jnp.result_type(kernels[-1]))
     out, downstream = {}, None
-    for index in range(len(matrices) - 1, -1, -1):
+    for index in range(len(taps) - 1, -1, -1):
         after = kernels[index + 1]
         downstream = after if downstream is None else after @ downstream
-        tap = feedback.taps[index]
-        expected = (tap.size, feedback.output_size)
+        tap = taps[index]
+        expected = (tap.size, feedback.layout.output.size)
         if downstream.shape != expected:
             raise ValueError(
-                f"tap {tap.name!r}: downstream product W_{index + 1}…W_L has shape {downstream.shape}, "
-                f"expected {expected} (tap features, outputs); the kernels do not form a chain of dense layers"
+                f"dfa_weight_alignment: tap {tap.name!r}: downstream product W_{index + 1}…W_L has shape "
+                f"{downstream.shape}, expected {expected} (tap features, outputs); the kernels do not form a chain "
+                "of dense layers"
             )
         out[tap.name] = cosine(matrices[index], downstream.T)
     return dict(reversed(out.items()))
 
 
-# --- error signals at taps -------------------------------------------------------------
+def _chains(kernels: list[jax.Array], feedback: Feedback) -> bool:
+    layout = feedback.layout
+    if layout is None or len(kernels) != len(layout.taps) + 1 or any(t.stack for t in layout.taps):
+        return False
+    if kernels[-1].shape[-1] != layout.output.size:
+        return False
+    return all(k.shape[1] == t.size == nxt.shape[0] for k, t, nxt in zip(kernels, layout.taps, kernels[1:]))
 
 
-class _Probe:
-    """Adds a zero probe at every tap: ``∂L/∂probe_l`` is the error signal reaching ``h_l``."""
-
-    def __init__(self, probes: list[jax.Array]):
-        self.probes, self.names, self.values = probes, [], []
-
-    def tap(self, h, name: str | None = None):
-        name = tap_name(name, len(self.names))
-        self.names.append(name)
-        self.values.append(h)
-        return h + self.probes[len(self.names) - 1]
+# --- the signal each tap receives ------------------------------------------------------------
 
 
-class _PlainProbe(_Probe, PlainOps):
-    pass
+def _inside(site: Any, here: tuple) -> bool:
+    return site.ctx[: len(here)] == here
 
 
-class _FAProbe(_Probe, FAOps):
-    def __init__(self, init, probes):
-        FAOps.__init__(self, init)
-        _Probe.__init__(self, probes)
+def _evaluate(jaxpr: Any, consts: list, args: list, ctx: tuple, probes: dict) -> list:
+    """Evaluate ``jaxpr`` with ``probes[site]`` added to the value at every probed site.
+
+    A site is the engine's ``(ctx, var)`` (``ctx``: the equation indices from the top
+    jaxpr). A marked tap's probe is added to the tap's *input*, so the tap (where a
+    tap rule cuts) sees ``h + probe``; any other site (the activation entering a weight
+    product) becomes ``h + probe`` where it is written, and the engine cuts that sum.
+    The cotangent of a probe is therefore what the rule sends to the tap.
+    Bodies holding a probe are rebuilt (``lax.scan`` slicing its stacked probes); the rest is bound as is.
+    """
+    env: dict = {}
+
+    def read(atom):
+        return atom.val if isinstance(atom, jcore.Literal) else env[atom]
+
+    def write(var, value, probed=False):
+        if isinstance(var, jcore.DropVar):
+            return
+        probe = None if probed else probes.get(Site(ctx, var))
+        env[var] = value if probe is None else value + probe.astype(value.dtype)
+
+    for var, value in zip(jaxpr.constvars, consts):
+        write(var, value)
+    for var, value in zip(jaxpr.invars, args):
+        write(var, value)
+    for index, eqn in enumerate(jaxpr.eqns):
+        here = ctx + (index,)
+        invals = [read(v) for v in eqn.invars]
+        inner = {s: p for s, p in probes.items() if _inside(s, here)}
+        probed = False
+        with eqn.ctx.manager:
+            if eqn.primitive is tap_p and Site(ctx, eqn.outvars[0]) in probes:
+                probe = probes[Site(ctx, eqn.outvars[0])]
+                outs, probed = [tap_p.bind(invals[0] + probe.astype(invals[0].dtype), **eqn.params)], True
+            elif not inner:
+                out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+                outs = list(out) if eqn.primitive.multiple_results else [out]
+            else:
+                outs = _rebuild(eqn, invals, here, inner)
+        for var, value in zip(eqn.outvars, outs):
+            write(var, value, probed)
+    return [read(v) for v in jaxpr.outvars]
 
 
-def _tap_structs(model, params, inputs) -> list[jax.ShapeDtypeStruct]:
-    def run(p, x):
-        ops = TapOps()
-        model(p, x, ops)
-        return ops.values
+def _rebuild(eqn: Any, invals: list, here: tuple, inner: dict) -> list:
+    """An equation whose body holds probed sites, evaluated with the probes (scan slices its stacked ones)."""
+    name, p = eqn.primitive.name, eqn.params
+    if name in ("jit", "pjit", "closed_call", "core_call"):
+        sub = p.get("jaxpr") or p.get("call_jaxpr")
+        consts = list(getattr(sub, "consts", ()))
+        return _evaluate(getattr(sub, "jaxpr", sub), consts, invals, here, inner)
+    if name == "scan":
+        body, nc, nk = p["jaxpr"], p["num_consts"], p["num_carry"]
+        consts, carry, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
+        sites = list(inner)
 
-    return jax.eval_shape(run, params, inputs)
+        def step(carry_values, x):
+            xs_values, probe_slices = x
+            outs = _evaluate(body.jaxpr, list(body.consts), consts + list(carry_values) + list(xs_values), here,
+                             dict(zip(sites, probe_slices)))
+            return outs[:nk], outs[nk:]
+
+        carry_out, ys = lax.scan(step, carry, (xs, [inner[s] for s in sites]), length=p["length"],
+                                 reverse=p["reverse"], unroll=p["unroll"])
+        return list(carry_out) + list(ys)
+    if name in ("remat2", "checkpoint"):
+        sites = list(inner)
+
+        def fn(values, probe_values):
+            return _evaluate(p["jaxpr"], [], list(values), here, dict(zip(sites, probe_values)))
+
+        return jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(invals, [inner[s] for s in sites])
+    if name == "cond":
+        sites = list(inner)
+
+        def branch(b, closed):
+            def fn(probe_values, *operands):
+                local = {s: v for s, v in zip(sites, probe_values) if _inside(s, here + (b,))}
+                return _evaluate(closed.jaxpr, list(closed.consts), list(operands), here + (b,), local)
+            return fn
+
+        branches = [branch(b, closed) for b, closed in enumerate(p["branches"])]
+        return list(lax.switch(invals[0], branches, [inner[s] for s in sites], *invals[1:]))
+    raise ValueError(
+        f"tap_signals: a tap lies inside a {name!r} equation (at {here}), where its signal cannot be probed; "
+        "tap the value outside it"
+    )
+
+
+class _Taps(NamedTuple):
+    names: list[str]
+    sites: list[Any]
+    shapes: list[tuple[int, ...]]  # (*stack, *batch, *features)
+    dtypes: list[Any]
+    stacks: list[int]  # leading stack axes per tap
+
+
+def _taps(program: _program.Program, placement: str) -> _Taps:
+    found = program.taps(placement)
+    names, sites, shapes, dtypes, stacks = [], [], [], [], []
+    for site, name, aval, stack in found:
+        names.append(name)
+        sites.append(site)
+        shapes.append((*stack, *aval.shape))
+        dtypes.append(aval.dtype)
+        stacks.append(len(stack))
+    return _Taps(names, sites, shapes, dtypes, stacks)
+
+
+def _probed_model(program: _program.Program, sites: list[Any]) -> Callable:
+    """``probed(params, (inputs, probes))``: the model's program with ``probes[k]`` added at tap ``k``."""
+
+    def probed(params, inputs_and_probes):
+        inputs, probes = inputs_and_probes
+        args = jax.tree_util.tree_leaves(params) + jax.tree_util.tree_leaves(inputs)
+        outs = _evaluate(program.closed.jaxpr, list(program.closed.consts), args, (), dict(zip(sites, probes)))
+        return jax.tree_util.tree_unflatten(program.out_tree, outs)
+
+    return probed
 
 
 class _Pass(NamedTuple):
-    value: Any
+    value: jax.Array
     aux: Any
     grads: Any
     signals: dict[str, jax.Array]
-    error: jax.Array  # ∂L/∂y
-    taps: list[jax.Array]
 
 
-def _probe_pass(model, loss_with_aux, make_ops, params, inputs, targets, bind_feedback=None) -> _Pass:
-    """One forward and backward giving the loss, the params' gradient and the signal at every tap.
+def _probe_pass(program, taps: _Taps, rule: Rule, loss_with_aux: Callable, params, feedback, inputs, targets,
+                step) -> _Pass:
+    """One forward and backward under ``rule``: the loss, the rule's update and the signal at every tap."""
+    run = forward(_probed_model(program, taps.sites), rule)
+    zeros = [jnp.zeros(shape, dtype) for shape, dtype in zip(taps.shapes, taps.dtypes)]
 
-    ``bind_feedback``: FA kernels to bind to ``params`` inside the forward (as the core does).
-    """
-    structs = _tap_structs(model, params, inputs)
-    zeros = [jnp.zeros(s.shape, s.dtype) for s in structs]
-    names: list[str] = []
+    def outputs_of(p, probes):
+        return run(p, feedback, (inputs, probes), step=step, targets=targets)
 
-    def forward(p, probes):
-        ops = make_ops(probes)
-        outputs = model(p if bind_feedback is None else bind(p, bind_feedback), inputs, ops)
-        names[:] = ops.names
-        return outputs, ops.values
-
-    outputs, pullback, taps = jax.vjp(forward, params, zeros, has_aux=True)
+    outputs, pullback = jax.vjp(outputs_of, params, zeros)
+    _checks.check_targets(outputs, targets)
+    if rule.projects_error:
+        check_error_informative(lambda o, t: loss_with_aux(o, t)[0], outputs, targets, rule)
     (value, aux), error = jax.value_and_grad(loss_with_aux, has_aux=True)(outputs, targets)
     grads, signals = pullback(error)
-    return _Pass(value, aux, grads, dict(zip(names, signals)), error, taps)
+    return _Pass(value, aux, grads, dict(zip(taps.names, signals)))
 
 
-def tap_signals(model: Callable, loss: Callable, rule: _rules.Rule | str, params, feedback, inputs, targets) -> dict[str, jax.Array]:
-    """The error signal each tap ``h_l`` receives under ``rule``: ``{tap: (*batch, *features)}``.
+def _prepare(model, params, inputs, feedback, rule: Rule) -> tuple[_program.Program, _Taps]:
+    _checks.check_floating_tree(params, "params")
+    _checks.check_array_tree(inputs, "inputs")
+    exact = feedback.exact if isinstance(feedback, Feedback) else ()
+    program = _program.analyse(model, params, inputs, exact=exact)
+    return program, _taps(program, rule.taps)
 
-    BP: ``∂L/∂h_l``. FA: the same backward with every ``Wᵀ`` replaced by ``Bᵀ``.
-    DFA: ``e B_l`` (Nøkland 2016, eq. 3). Shallow: zeros.
+
+def tap_signals(
+    model: Callable, loss: Callable, rule: Rule | str, params: Any, feedback: Any, inputs: Any, targets: Any,
+    *, step: Any = None,
+) -> dict[str, jax.Array]:
+    """The signal each tap ``h_l`` receives under ``rule``: ``{tap: (*stack, *batch, *features)}``.
+
+    BP: ``∂L/∂h_l``. FA family: the same backward with every ``Wᵀ`` replaced by the
+    rule's ``Bᵀ`` (Lillicrap et al. 2016, eq. 2). DFA: ``e B_l`` (Nøkland 2016, eq. 3);
+    DRTP: ``(y*/N) B_l`` (Frenkel et al. 2021, eq. 6); shallow: zeros.
+
+    The taps are those the rule cuts or, for a rule that cuts nothing, the
+    ``fa_jax.tap`` marks (else the activation entering every weight product):
+    ``rule.taps``. Each signal is the cotangent of a zero probe added to the tapped
+    value before any cut, under :func:`fa_jax.forward` of the rule.
+
+    Args:
+      model: ``model(params, inputs) -> outputs``.
+      loss: ``loss(outputs, targets) -> scalar``.
+      rule: a rule or its name; ``feedback`` is ``init_feedback(rule, ...)``'s (``None`` for BP).
+      step: the training step (rules with ``needs_step``).
     """
-    rule = _rules.get_rule(rule)
-    with_aux = lambda o, t: (loss(o, t), None)  # noqa: E731
-    if isinstance(rule, _rules.FA):
-        _validate.check_fa(feedback, params)
-        fa_pass = _probe_pass(model, with_aux, lambda z: _FAProbe(rule.init, z), params, inputs, targets, feedback.kernels)
-        return fa_pass.signals
-    bp = _probe_pass(model, with_aux, _PlainProbe, params, inputs, targets)
-    return _rule_signals_from_bp(rule, bp, feedback)
-
-
-def _rule_signals_from_bp(rule, bp: _Pass, feedback) -> dict[str, jax.Array]:
-    if isinstance(rule, _rules.BP):
-        return bp.signals
-    if isinstance(rule, _rules.Shallow):
-        return {name: jnp.zeros_like(s) for name, s in bp.signals.items()}
-    if isinstance(rule, _rules.DFA):
-        projected = project_error(bp.error, feedback, rule, bp.taps)
-        return dict(zip(bp.signals, projected))
-    raise TypeError(f"no tap signals for rule {rule!r}")
+    rule = get_rule(rule)
+    _checks.check_callable(model, "model")
+    _checks.check_callable(loss, "loss")
+    _check_step(rule, step, "tap_signals")
+    program, taps = _prepare(model, params, inputs, feedback, rule)
+    return _probe_pass(program, taps, rule, lambda o, t: (loss(o, t), None), params, feedback, inputs, targets,
+                       step).signals
 
 
 # --- gradient function with alignment as aux --------------------------------------------
@@ -307,89 +521,110 @@ def _rule_signals_from_bp(rule, bp: _Pass, feedback) -> dict[str, jax.Array]:
 def value_and_grad_with_alignment(
     model: Callable,
     loss: Callable,
-    rule: _rules.Rule | str,
+    rule: Rule | str,
     *,
     has_aux: bool = False,
     deltas: bool = True,
     weights: bool | None = None,
 ) -> Callable:
-    """``fa_jax.value_and_grad`` that also returns :class:`Alignment` as aux.
+    """:func:`fa_jax.value_and_grad` that also returns :class:`Alignment` as aux.
 
-    Returns ``grad_fn(params, feedback, inputs, targets, *, measure=True)``
-    giving ``((loss, alignment), grads)`` (``((loss, (aux, alignment)), grads)``
-    with ``has_aux``). With ``measure=False`` it is the core gradient function
-    and ``alignment`` is ``None``: no BP reference is computed. ``measure`` is a
-    Python bool; under ``jax.jit`` mark it static (``static_argnames="measure"``).
+    Returns ``grad_fn(params, feedback, inputs, targets, *, measure=True, step=None)``
+    giving ``((loss, alignment), grads)`` (``((loss, (aux, alignment)), grads)`` with
+    ``has_aux``). With ``measure=False`` it is the core gradient function and
+    ``alignment`` is ``None``: no BP reference is computed. ``measure`` is a Python
+    bool; under ``jax.jit`` mark it static (``static_argnames="measure"``).
 
-    Cost of ``measure=True``: one extra forward and BP backward (for FA the
-    rule's own backward also yields its tap signals, for DFA they are ``e B_l``).
-    Other rules (e.g. the FA family) get gradient alignment; ``delta`` is
-    ``None`` for them. ``call_kwargs`` (e.g. ``step=``) go to the core function.
+    Cost of ``measure=True``: one extra forward and BP backward. The rule's own
+    backward gives its update and, through zero probes on the taps, the signal
+    each tap receives (:func:`tap_signals`), for every rule.
 
     Args:
-      deltas: measure per-sample delta alignment at the taps (needs ``ops.tap``).
-      weights: measure weight alignment. ``None``: FA always; DFA when the 2-d
-        kernels of ``params`` chain like an MLP's (one per tap plus the output),
-        else skipped. ``True``: DFA raises if they do not.
+      deltas: measure per-sample delta alignment at the taps (``rule.taps``'s placement;
+        the samples are the feedback's ``batch_dims``, else the found ones). ``None``
+        in the result when the model has no tap there.
+      weights: measure weight alignment. ``None``: rules with per-weight feedback
+        always (:func:`fa_weight_alignment`); rules projecting
+        the error to the taps (DFA) when the model's dense kernels chain like an
+        MLP's (one per tap plus the output), else skipped. ``True``: raise where
+        neither applies. ``False``: never.
     """
-    rule = _rules.get_rule(rule)
+    rule = get_rule(rule)
+    _checks.check_callable(model, "model")
+    _checks.check_callable(loss, "loss")
+    _checks.check_bool(has_aux, "has_aux")
+    _checks.check_bool(deltas, "deltas")
+    if weights is not None:
+        _checks.check_bool(weights, "weights")
     core = value_and_grad(model, loss, rule, has_aux=has_aux)
     loss_with_aux = loss if has_aux else (lambda o, t: (loss(o, t), None))
-    batch_dims = getattr(rule, "batch_dims", 1)
 
     def pack(value, aux, alignment, grads):
         return ((value, (aux, alignment)) if has_aux else (value, alignment)), grads
 
-    def grad_fn(params, feedback, inputs, targets, *, measure: bool = True, **call_kwargs):
+    def grad_fn(params, feedback, inputs, targets, *, measure: bool = True, step: Any = None):
+        _checks.check_bool(measure, "measure")
         if not measure:
-            value, grads = core(params, feedback, inputs, targets, **call_kwargs)
-            if has_aux:
-                value, aux = value
-                return pack(value, aux, None, grads)
-            return pack(value, None, None, grads)
-
-        bp = _probe_pass(model, loss_with_aux, _PlainProbe, params, inputs, targets)
-        if isinstance(rule, _rules.BP):
-            value, aux, grads, signals = bp.value, bp.aux, bp.grads, bp.signals
-        elif isinstance(rule, _rules.FA):
-            _validate.check_fa(feedback, params)
-            fa = _probe_pass(model, loss_with_aux, lambda z: _FAProbe(rule.init, z), params, inputs, targets, feedback.kernels)
-            value, aux, grads, signals = fa.value, fa.aux, fa.grads, fa.signals
-        else:
-            value, grads = core(params, feedback, inputs, targets, **call_kwargs)
+            value, grads = core(params, feedback, inputs, targets, step=step)
             value, aux = value if has_aux else (value, None)
-            known = isinstance(rule, (_rules.DFA, _rules.Shallow))
-            signals = _rule_signals_from_bp(rule, bp, feedback) if deltas and known else None
-
-        measured = deltas and bp.signals and signals is not None
-        delta = delta_alignment(signals, bp.signals, batch_dims=batch_dims) if measured else None
+            return pack(value, aux, None, grads)
+        _check_step(rule, step, "grad_fn")
+        _checks.check_array_tree(targets, "targets")
+        program, taps = _prepare(model, params, inputs, feedback, rule)
+        if not deltas:
+            taps = _Taps([], [], [], [], [])
+        mine = _probe_pass(program, taps, rule, loss_with_aux, params, feedback, inputs, targets, step)
+        bp = _probe_pass(program, taps, BP(), loss_with_aux, params, None, inputs, targets, None)
+        delta = None
+        if taps.names:
+            batch_dims = _batch_dims(model, params, inputs, program, rule, feedback)
+            delta = delta_alignment(mine.signals, bp.signals, batch_dims=batch_dims,
+                                    stack=dict(zip(taps.names, taps.stacks)))
         alignment = Alignment(
-            gradient=gradient_alignment(grads, bp.grads),
-            total=total_alignment(grads, bp.grads),
+            gradient=gradient_alignment(mine.grads, bp.grads),
+            total=total_alignment(mine.grads, bp.grads),
             delta=delta,
-            weight=_weight_alignment(rule, params, feedback, weights),
+            weight=_weight_alignment(rule, program, params, feedback, weights, step),
         )
-        return pack(value, aux, alignment, grads)
+        return pack(mine.value, mine.aux, alignment, mine.grads)
 
     return grad_fn
 
 
-def _weight_alignment(rule, params, feedback, weights: bool | None):
+def _batch_dims(model, params, inputs, program, rule: Rule, feedback) -> int:
+    """The sample axes of the taps: the feedback's (a tap rule's), the rule's, else found like a tap rule's."""
+    layout = getattr(feedback, "layout", None) if isinstance(feedback, Feedback) else None
+    if layout is not None:
+        return layout.batch_dims
+    if rule.batch_dims is not None:
+        return rule.batch_dims
+    try:
+        exact = tuple(program.paths[i] for i in sorted(program.exact))
+        return _program.find_batch_dims(model, params, inputs, program, rule.taps, exact=exact, asked=None, mix=False)
+    except ValueError:
+        return 1  # taps not shaped like the output (or several outputs): one leading sample axis
+
+
+def _weight_alignment(rule: Rule, program, params, feedback, weights: bool | None, step) -> dict[str, Cosine] | None:
     if weights is False:
         return None
-    if isinstance(rule, _rules.FA):
-        return fa_weight_alignment(params, feedback, rule)
-    if isinstance(rule, _rules.DFA):
-        kernels = dense_kernels(params)
-        if weights is None and not _chains(kernels, feedback):
-            return None
-        return dfa_weight_alignment(feedback, kernels, rule)
+    if isinstance(feedback, Feedback) and feedback.weights:
+        pairs = _backward_matrices(rule, program, params, feedback, step)
+        return {path: cosine(b, w) for path, (b, w) in pairs.items()}
+    if rule.projects_error and isinstance(feedback, Feedback) and feedback.layout is not None:
+        kernels = _dense_kernels(program, params)
+        if _chains(kernels, feedback):
+            return dfa_weight_alignment(feedback, kernels, rule)
+        if weights:
+            raise ValueError(
+                f"weights=True: rule {rule.name!r} projects the error to the taps, and its weight alignment compares "
+                f"B_l with W_(l+1)…W_L, so the dense kernels must chain like an MLP's (one per tap plus the output); "
+                f"given kernels {[tuple(k.shape) for k in kernels]} for taps {[t.name for t in feedback.layout.taps]}"
+            )
+        return None
     if weights:
-        raise ValueError(f"weight alignment is defined for FA and DFA, not for rule {rule.name!r}")
+        raise ValueError(
+            f"weights=True: rule {rule.name!r} has no per-weight feedback and does not project the error to taps, "
+            "so no weight alignment is defined for it"
+        )
     return None
-
-
-def _chains(kernels: list[jax.Array], feedback: DFAFeedback) -> bool:
-    if len(kernels) != len(feedback.taps) + 1 or kernels[-1].shape[-1] != feedback.output_size:
-        return False
-    return all(k.shape[1] == tap.size == nxt.shape[0] for k, tap, nxt in zip(kernels, feedback.taps, kernels[1:]))
