@@ -7,17 +7,20 @@ those of FA sit at extrema of the loss and that gradient alignment is a
 stability criterion for them.
 
 Linearising at ``θ*`` gives ``dδ/dt = -J δ`` with the **update Jacobian**
-``J = ∂g/∂θ``, computed here by reverse mode through the rules' ``custom_vjp``
-(``jax.jacrev``; forward mode is unavailable for ``custom_vjp``). ``θ*`` is
-linearly stable when every eigenvalue of ``-J`` has a negative real part; under
-BP ``J`` is the Hessian of the loss and symmetric.
+``J = ∂g/∂θ``, computed here by reverse mode (``jax.jacrev``) through the
+engine's ``custom_vjp``s, the feedback products, the tap cuts and the head, for
+every rule (forward mode is unavailable for ``custom_vjp``). ``θ*`` is linearly
+stable when every eigenvalue of ``-J`` has a negative real part; under BP ``J``
+is the Hessian of the loss and symmetric.
 
 An *update* here is ``update(params) -> (loss, grads)``; :func:`as_update`
-builds one from a model, a loss, a rule, its feedback and a batch.
+builds one from a model, a loss, a rule, its feedback and a batch, for any
+model ``model(params, inputs)`` and any rule.
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -25,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from fa_jax import _rules
+from fa_jax import _checks
 from fa_jax._grad import value_and_grad
 from fa_jax.alignment import cosine
+from fa_jax.rules import Rule
 
 Update = Callable[[Any], tuple[jax.Array, Any]]
 
@@ -46,30 +50,40 @@ __all__ = [
 def as_update(
     model: Callable,
     loss: Callable,
-    rule: _rules.Rule | str,
+    rule: Rule | str,
     feedback: Any,
     inputs: Any,
     targets: Any,
     *,
     weight_decay: float = 0.0,
-    **call_kwargs: Any,
+    step: Any = None,
 ) -> Update:
     """``update(params) -> (loss, g)`` of ``rule`` on one fixed batch, ``g = rule update + λθ``.
 
-    Differentiable in ``params`` in reverse mode, so ``jax.jacrev(update)`` is the
-    Jacobian of the update map, for every rule: the core gradient feeds DFA
-    blocks the tap values of a plain forward pass, so ``jacrev`` follows how a
-    block's input and the error depend on upstream weights.
+    ``g`` is :func:`fa_jax.value_and_grad`'s update. It is differentiable in
+    ``params`` in reverse mode, so ``jax.jacrev(update)`` is the Jacobian of the
+    update map, for every rule: a tap rule's cut is a ``custom_vjp`` identity (not
+    a ``stop_gradient``), so ``jacrev`` follows how a block's input and the error
+    depend on upstream weights, and a feedback product's backward is an ordinary
+    function of W, B and the activations.
 
     Args:
+      model, loss, rule, feedback: as for :func:`fa_jax.value_and_grad` (``feedback``
+        from :func:`fa_jax.init_feedback`; ``None`` for BP).
+      inputs, targets: the fixed batch.
       weight_decay: ``λ``; adds ``λ/2 ‖θ‖²`` to the loss and ``λθ`` to every
         update, so cross-entropy problems get isolated fixed points.
-      call_kwargs: passed to the core gradient function (e.g. ``step=``).
+      step: the training step, for rules that redraw feedback every step (brSF);
+        the update is then the one of that step, held fixed.
     """
     grad_fn = value_and_grad(model, loss, rule)
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0:
+        raise ValueError(f"weight_decay: expected a number >= 0, given {weight_decay!r}")
+    if step is not None:
+        _checks.check_step_value(step, "step")
 
     def raw(params):
-        return grad_fn(params, feedback, inputs, targets, **call_kwargs)
+        return grad_fn(params, feedback, inputs, targets, step=step)
 
     def update(params):
         value, grads = raw(params)
