@@ -3,7 +3,7 @@
     python benchmarks/step_time_flax.py            # CNN (digits-sized) and a 2-block Transformer
     python benchmarks/step_time_flax.py --quick    # a smoke run
 
-Models are ``fa_jax.flax_models.CNN`` / ``Transformer`` (NNX, converted with
+Models are ``tests/flax_models.py``'s ``CNN`` / ``Transformer`` (NNX, converted with
 ``fa_jax.nnx.convert``) and their Linen twins (``fa_jax.linen.adapt``). A step
 is one jitted gradient evaluation plus an Adam update on the pure
 ``split``/``merge`` path. All variants of one model are timed in the same
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 
 import jax
 import optax
@@ -25,11 +26,12 @@ from flax import nnx
 import fa_jax
 import fa_jax.linen as flinen
 import fa_jax.nnx as fnnx
-from fa_jax.flax_models import CNN, Block, LinenBlock, LinenCNN, LinenTransformer, Transformer
 
 from _timing import add_timing_arguments, environment, paired_times, ratio_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # the ordinary Flax models live with the tests
+from flax_models import CNN, Block, LinenBlock, LinenCNN, LinenTransformer, Transformer  # noqa: E402
 
 
 def xent(logits, labels):

@@ -1,356 +1,242 @@
-"""Train an unmodified Flax Linen model with FA, DFA, their family (uSF, frSF, brSF, Kolen–Pollack, DRTP) or shallow.
+"""Train an unmodified Flax Linen model with any fa_jax rule (FA, DFA, their family, shallow).
 
-:func:`adapt` wraps ``model.apply`` in ``nn.intercept_methods``; the model's
-code is not touched::
+Design. :func:`adapt` changes nothing in the model. Its ``apply`` hands
+``lambda params, inputs: model.apply({"params": params, **other collections},
+*args, **kwargs)`` to :func:`fa_jax.forward`; the engine reads that program, so
+every weight product goes through the rule whatever module computes it
+(``nn.Dense``, ``DenseGeneral``, ``Conv``, ``ConvTranspose``, ``ConvLocal``,
+``Einsum``, ``Embed.attend`` heads, ``self.param`` matmuls, ``nn.scan`` stacks
+with one B per layer, ``nn.remat``), and a ``model.apply`` jitted elsewhere is
+read as well. Biases and normalisation scales keep their exact gradient; a use
+the engine cannot route raises, naming the parameter (see :func:`fa_jax.plan`).
+Params boxed by ``nn.with_logical_partitioning`` work as they are (the box is
+dropped from paths: B of ``Dense_0/kernel`` is keyed ``"Dense_0/kernel"``)::
 
     adapted = fa_jax.linen.adapt(model, "fa")
     feedback = adapted.init_feedback(variables, x, key=jax.random.key(0))
-    y = adapted.apply(variables, feedback, x)          # same as model.apply(variables, x)
+    y = adapted.apply(variables, feedback, x)       # model.apply(variables, x), differentiable under the rule
     grads = jax.grad(lambda p: loss(adapted.apply({"params": p}, feedback, x), t))(params)
 
-* **FA**: each ``nn.Dense``, ``nn.DenseGeneral`` and ``nn.Conv`` call runs the
-  layer's own ``__call__`` with its primitive (``dot_general`` /
-  ``conv_general_dilated``) swapped for a feedback op, so ``dx`` goes through
-  B (Lillicrap et al. 2016, eq. 2) and ``dW`` stays exact. B lives in a
-  :class:`fa_jax.FAFeedback` shaped like ``params`` (B at each kernel drawn from
-  ``layer_key(key, "<module path>/kernel")``, ``None`` elsewhere): outside
-  ``params``, so no optimizer, weight decay or checkpoint restore touches it.
-* **DFA / shallow**: the taps (see ``fa_jax.nnx`` for ``"layer"``, ``"macro"``,
-  ``"micro"`` or a list of module paths) are cut with a stop-gradient, and the
-  output's backward sends ``δ_l = e B_l`` to each (Nøkland 2016, eq. 3). The
-  feedback is a :class:`fa_jax.DFAFeedback`.
-* **uSF, frSF, brSF** (Liao et al. 2016), **Kolen–Pollack** (Akrout et al. 2019):
-  like FA, with the core's feedback leaf at each kernel (M for frSF, B for KP,
-  the layer key for uSF and brSF) and B built by ``rule.backward_matrix(W,
-  (leaf, step))`` in the backward. brSF needs the step,
-  ``apply(variables, feedback, x, step=t)``. KP's B is learned: the feedback
-  is the core's :class:`fa_jax.FAFeedback` shaped like ``params``, so the core's
-  ``fa_jax.update_feedback(rule, feedback, updates, params, decay=)`` steps it
-  beside the optimizer (and returns every other rule's feedback unchanged).
-* **DRTP** (Frenkel et al. 2021): like DFA, but the hidden taps receive a fixed
-  projection of the targets, ``apply(variables, feedback, x, targets=labels)``.
+Call arguments pass through: array leaves (inputs, ``rngs={"dropout": k}``) are
+traced inputs; other leaves (``train=False``, ``mutable=["batch_stats"]``) are
+static. With ``mutable``, ``apply`` returns ``(outputs, updated collections)``
+as ``model.apply`` does, and only ``outputs`` are projected from.
 
-``step=`` and ``targets=`` are keywords of the adapted ``apply`` (not passed on
-to the model); without them evaluation runs, and a gradient raises at trace time.
+The feedback is one :class:`fa_jax.Feedback`, outside ``params``: no optimizer,
+weight decay or checkpoint restore of params reaches it;
+``fa_jax.update_feedback(rule, feedback, updates, params)`` steps Kolen–Pollack's
+B (the rule's ``decay``) and returns every other rule's feedback unchanged.
+brSF's ``step`` and DRTP's ``targets`` are keywords of the adapted ``apply``.
 
-Two traps are guarded, so BP is never computed silently:
+Taps (DFA, DRTP, shallow), ``taps=``: ``"auto"`` (the rule's own placement:
+``fa_jax.tap`` marks if any, else ``"layer"``), ``"layer"`` (the activation
+entering every weight product), ``"macro"`` / ``"micro"`` / module paths
+(``"Block_0"``): ``nn.intercept_methods`` wraps those modules' outputs in
+``fa_jax.tap(out, name=<module path>)`` and the rule cuts there. An interceptor
+acts only while JAX traces: a ``model.apply`` jitted and first traced outside
+the adapter replays a trace without the marks, and the adapter raises rather than
+cut elsewhere. Pass the un-jitted apply and jit the adapted function.
 
-* An interceptor acts only while JAX traces. A function jitted (``jax.jit``,
-  ``nn.jit``) and first traced outside the adapter replays its cached trace,
-  in which no layer is intercepted. Every adapted forward therefore counts the
-  layers it intercepted and raises when a layer holding FA feedback, or a DFA
-  tap, was not reached. Pass the un-jitted ``model.apply`` and jit the adapted
-  function instead.
-* ``nn.scan`` / ``nn.vmap`` over layers trace one layer for the whole stack; an
-  interceptor keyed by module path would give all of them one B. A layer whose
-  kernel is a slice of a stacked param raises instead (unroll the stack, or
-  use ``fa_jax.nnx`` / the functional core with ``lax.scan``).
+``jax.jacrev`` of the update is right: taps are cut by a ``custom_vjp``
+identity with a zero backward, not by ``stop_gradient``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import re
 from typing import Any, Callable, NamedTuple, Sequence
 
+import flax.errors
 import flax.linen as nn
 import jax
 
-from fa_jax import _checks, _flax, _rules
-from fa_jax._feedback import DFAFeedback, FAFeedback, path_str
+import fa_jax
+from fa_jax import _checks, _flax
+from fa_jax.rules import Rule, get_rule
 
-__all__ = ["WEIGHT_LAYERS", "Adapted", "adapt"]
+__all__ = ["Adapted", "adapt"]
 
-WEIGHT_LAYERS: tuple[type, ...] = (nn.Dense, nn.DenseGeneral, nn.Conv)
 _ATTENTION = (nn.MultiHeadDotProductAttention,)
 
-_PASS_STEP = "Pass it to the adapted apply: apply(variables, feedback, *args, step=step)"
-_PASS_TARGETS = "Pass them to the adapted apply: apply(variables, feedback, *args, targets=targets)"
-
 _TRAP = (
-    "The usual cause: a function jitted (jax.jit, nn.jit) and first traced outside fa_jax.linen replayed its "
-    "cached trace, in which the interceptor never ran; pass the un-jitted model.apply to adapt() and jit the "
-    "adapted function instead."
+    " The usual cause: model.apply jitted (jax.jit, nn.jit) and first traced outside fa_jax.linen replays its "
+    "cached trace, in which the interceptor that marks the taps never ran; pass the un-jitted model.apply to "
+    "adapt() and jit the adapted function instead."
 )
 
 
-def _primitive(module: nn.Module) -> tuple[str, str]:
-    if isinstance(module, nn.Conv):
-        return "conv_general_dilated", "conv_general_dilated_cls"
-    return "dot_general", "dot_general_cls"
+class _Marker:
+    """An ``nn.intercept_methods`` interceptor marking the outputs of the chosen modules as taps."""
 
+    def __init__(self, taps: Any, blocks: Any, attention: tuple):
+        self.taps, self.blocks, self.attention = taps, blocks, attention
+        self.met: list[str] = []
+        self.seen: set[str] = set()
+        self.active: set[int] = set()
 
-def _lookup(tree: Any, path: tuple[str, ...]) -> Any:
-    for part in path:
-        if not hasattr(tree, "get"):
-            return None
-        tree = tree.get(part)
-    return tree
-
-
-@dataclasses.dataclass
-class _Plan:
-    """What one adapted forward does, and what it met (built per trace)."""
-
-    rule: Any
-    taps: Any
-    blocks: Any
-    attention: tuple[type, ...]
-    params: Any
-    fa_table: dict[str, Any] | None = None
-    step: Any = None  # brSF's t, read in the FA-family backward
-    used: set = dataclasses.field(default_factory=set)
-    seen: set = dataclasses.field(default_factory=set)
-    layers: list = dataclasses.field(default_factory=list)
-    unhandled: list = dataclasses.field(default_factory=list)  # (path, module) with a kernel we cannot intercept
-    active: set = dataclasses.field(default_factory=set)
-
-    def is_block(self, module: nn.Module, path: str) -> bool:
-        if self.blocks is None:
-            return False
-        if isinstance(self.blocks, (list, tuple)) and all(isinstance(b, str) for b in self.blocks):
-            return path in self.blocks
-        return isinstance(module, self.blocks)
-
-    def output_tap(self, module: nn.Module, path: str) -> bool:
-        if self.taps == "layer":
-            return False
+    def chosen(self, module: nn.Module, path: str) -> bool:
         if self.taps == "macro":
-            return self.is_block(module, path)
+            return _flax.is_block(path, module, self.blocks)
         if self.taps == "micro":
-            if self.is_block(module, path):
+            if _flax.is_block(path, module, self.blocks):
                 return True
             if not isinstance(module, self.attention):
                 return False
             parent = module.parent
             while isinstance(parent, nn.Module):
-                if self.is_block(parent, "/".join(parent.path)):
+                if _flax.is_block("/".join(parent.path), parent, self.blocks):
                     return True
                 parent = parent.parent
             return False
         return path in self.taps
 
-    def check_layer(self, module: nn.Module, path: str) -> None:
-        attribute, cls_attribute = _primitive(module)
-        if getattr(module, attribute, None) is not None or getattr(module, cls_attribute, None) is not None:
-            raise ValueError(
-                f"layer {path!r} ({type(module).__name__}): expected the default {attribute}, given a custom one; "
-                "FA replaces that primitive, so a custom one cannot be honoured"
-            )
-        kernel = module.get_variable("params", "kernel")
-        stored = _lookup(self.params, module.path + ("kernel",))
-        if kernel is not None and (stored is None or tuple(stored.shape) != tuple(kernel.shape)):
-            raise ValueError(
-                f"layer {path!r} runs inside nn.scan / nn.vmap (its kernel is {tuple(kernel.shape)} here but "
-                f"{None if stored is None else tuple(stored.shape)} in params): an interceptor keyed by module path "
-                "would give every scanned layer one shared B. Unroll the layers (a Python loop), or use "
-                "fa_jax.nnx or the functional core (fa_jax.value_and_grad) with lax.scan"
-            )
-
-    def fa_call(self, module, path, next_fun, args, kwargs):
-        name = f"{path}/kernel"
-        if name not in self.fa_table:
-            raise ValueError(f"layer {path!r} has no FA feedback; expected one of {sorted(self.fa_table)[:10]}")
-        self.used.add(name)
-        layer = _flax.LayerFeedback(self.fa_table[name], self.rule, self.step, path, _PASS_STEP)
-        attribute, cls_attribute = _primitive(module)
-        if attribute == "conv_general_dilated":
-            primitive = _flax.feedback_conv_general_dilated(layer, module.mask)
-        else:
-            primitive = _flax.feedback_dot_general(layer)
-        # Linen modules are frozen dataclasses: swap the primitive for this call only.
-        object.__setattr__(module, attribute, primitive)
-        try:
-            return next_fun(*args, **kwargs)
-        finally:
-            object.__setattr__(module, attribute, None)
-
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
-        # A subclass's __call__ calling super().__call__ (nn.SelfAttention) is one layer call, not two.
+        # A subclass's __call__ calling super().__call__ is one module call, one tap.
         if context.method_name != "__call__" or not module.path or id(module) in self.active:
+            return next_fun(*args, **kwargs)
+        path = "/".join(module.path)
+        self.seen.add(path)
+        if not self.chosen(module, path):
             return next_fun(*args, **kwargs)
         self.active.add(id(module))
         try:
-            return self.intercept(module, next_fun, args, kwargs)
+            outputs = next_fun(*args, **kwargs)
         finally:
             self.active.discard(id(module))
+        self.met.append(path)
+        return _flax.tap_output(outputs, path)
 
-    def intercept(self, module, next_fun, args, kwargs):
-        path = "/".join(module.path)
-        self.seen.add(path)
-        weight = isinstance(module, WEIGHT_LAYERS)
-        if not weight and module.has_variable("params", "kernel"):
-            self.unhandled.append((path, module))
-            if _rules.is_fa_family(self.rule) or (self.taps == "layer" and _rules.uses_taps(self.rule)):
-                raise ValueError(_flax.unhandled_kernel_message(self.rule.name, path, module, WEIGHT_LAYERS))
-        if weight:
-            self.check_layer(module, path)
-            self.layers.append(path)
-            if _rules.is_fa_family(self.rule):
-                return self.fa_call(module, path, next_fun, args, kwargs)
-        if weight and self.taps == "layer" and _rules.uses_taps(self.rule):
-            args = (_flax.tap(f"{path}:in", args[0], path),) + tuple(args[1:])
-        outputs = next_fun(*args, **kwargs)
-        if _rules.uses_taps(self.rule) and self.output_tap(module, path):
-            outputs = _flax.tap(path, outputs, path)
-        return outputs
+    def check(self) -> None:
+        """Raise when the requested taps did not all appear in this trace."""
+        if isinstance(self.taps, tuple):
+            expected = self.taps
+        else:
+            expected = tuple(self.met) or (f"{self.taps} modules matching blocks={self.blocks!r}",)
+        if isinstance(self.blocks, tuple) and all(isinstance(b, str) for b in self.blocks):
+            missing = [b for b in self.blocks if b not in self.seen]
+            if missing and self.seen:
+                raise ValueError(f"fa_jax.linen: blocks: {missing} name no module; modules met: {sorted(self.seen)[:20]}")
+        _flax.check_marked(self.taps, expected, self.met, "fa_jax.linen", _TRAP)
 
 
 class Adapted(NamedTuple):
-    """``init_feedback(variables, *args, key=...)`` and ``apply(variables, feedback, *args, step=, targets=, **kwargs)``."""
+    """What :func:`adapt` returns.
+
+    Attributes:
+      init_feedback: ``init_feedback(variables, *args, key=None, **kwargs) -> fa_jax.Feedback``.
+      apply: ``apply(variables, feedback, *args, step=None, targets=None, **kwargs)``: what
+        ``model.apply(variables, *args, **kwargs)`` returns, differentiable under the rule.
+      value_and_grad: ``value_and_grad(loss, *, has_aux=False, **kwargs) -> grad_fn(params,
+        feedback, inputs, targets, *, step=None) -> (loss, grads)``, pure (jit, vmap, jacrev).
+      rule: the rule, with the tap placement applied.
+    """
 
     init_feedback: Callable
     apply: Callable
+    value_and_grad: Callable
+    rule: Rule
 
 
-def _split_output(result: Any, kwargs: dict) -> tuple[Any, Callable]:
-    """The model output, and how to put a new one back (``mutable=`` returns ``(output, state)``)."""
-    if kwargs.get("mutable") not in (None, False) and isinstance(result, tuple) and len(result) == 2:
-        return result[0], lambda out: (out, result[1])
-    return result, lambda out: out
+def _split_variables(variables: Any) -> tuple[Any, dict]:
+    if not hasattr(variables, "keys") or "params" not in variables:
+        raise TypeError(
+            f"variables: expected a dict of collections with 'params' (from model.init), given "
+            f"{_checks.describe(variables) if not hasattr(variables, 'keys') else sorted(variables.keys())}"
+        )
+    return variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+
+def _mutable(kwargs: dict) -> bool:
+    """``model.apply`` returns ``(outputs, collections)`` whenever ``mutable`` is not ``False``."""
+    return kwargs.get("mutable", False) is not False
 
 
 def adapt(
     model: nn.Module | Callable,
-    rule: Any,
+    rule: Rule | str,
     *,
-    taps: str | Sequence[str] = "layer",
+    taps: str | Sequence[str] = "auto",
     blocks: Any = None,
     attention: type | tuple[type, ...] = _ATTENTION,
+    exact: Any = (),
 ) -> Adapted:
     """Versions of ``model.apply`` that train with ``rule``, with no change to the model.
 
     Args:
       model: an ``nn.Module``, or any ``apply_fn(variables, *args, **kwargs)`` that calls ``model.apply``.
-      rule: ``"bp"``, ``"fa"``, ``"dfa"``, ``"shallow"``, ``"usf"``, ``"frsf"``, ``"brsf"``,
-        ``"kp"``, ``"drtp"`` or a rule value.
-      taps, blocks, attention: tap placement for DFA, DRTP and shallow (module paths are ``"Block_0"``-style).
+      rule: a rule or its name (``"bp"``, ``"fa"``, ``"dfa"``, …).
+      taps, blocks, attention: where a tap rule cuts (module doc; paths are ``"Block_0"``-style);
+        other rules ignore them.
+      exact: parameter paths (``"Dense_0/kernel"``) or ``predicate(path)`` whose products keep ``Wᵀ``.
 
     Returns:
-      :class:`Adapted`. ``init_feedback(variables, *example_args, key=key)``
-      returns ``None`` (BP, shallow), :class:`fa_jax.FAFeedback` (FA family) or
-      :class:`fa_jax.DFAFeedback` (DFA, DRTP), drawn from the layer keys the core
-      uses. ``apply(variables, feedback, *args, step=None, targets=None, **kwargs)``
-      returns what ``model.apply(variables, *args, **kwargs)`` returns, with the
-      rule's gradients; ``step`` (brSF) and ``targets`` (DRTP) are the adapter's.
-      Both are pure: jit them, vmap them over seeds.
+      :class:`Adapted`. ``init_feedback(variables, *example_args, key=key, **kwargs)`` traces
+      the model abstractly (no FLOPs; a model with dropout needs no ``rngs``: placeholder
+      keys are used for the trace) and draws the rule's feedback from the layer keys the
+      core uses. ``apply(variables, feedback, *args, step=None, targets=None, **kwargs)``
+      returns what ``model.apply(variables, *args, **kwargs)`` returns. All are pure.
     """
-    rule = _rules.get_rule(rule)
-    _flax.check_rule(rule, "fa_jax.linen.adapt")
+    rule = get_rule(rule)
     apply_fn = model.apply if isinstance(model, nn.Module) else model
-    if not callable(apply_fn):
-        raise TypeError(f"model: expected an nn.Module or an apply function, given {type(model).__name__}")
-    attention = attention if isinstance(attention, tuple) else (attention,)
-    if taps in ("macro", "micro") and blocks is None:
-        raise ValueError(f"DFA taps={taps!r} needs blocks=: a module type, a tuple of types, or a list of module paths")
-    if isinstance(blocks, str):
-        blocks = [blocks]
+    _checks.check_callable(apply_fn, "model")
+    taps, blocks, attention = _flax.check_placement(taps, blocks, attention, "adapt")
+    rule = _flax.placed_rule(rule, taps, "adapt")
+    marks = rule.cuts and _flax.marks_modules(taps)
 
-    def plan(variables, fa_table=None, step=None) -> _Plan:
-        return _Plan(rule, taps, blocks, attention, variables.get("params", {}), fa_table, step)
+    def program(rebuild: Callable) -> Callable:
+        """``fn(params, (arrays, rest)) -> model.apply(...)``, marking module taps when asked."""
 
-    def run(p: _Plan, variables, args, kwargs, cut: bool):
-        with _flax.recording(cut=cut) as recorder, nn.intercept_methods(p):
-            result = apply_fn(variables, *args, **kwargs)
-        return result, recorder
+        def fn(params, inputs):
+            arrays, rest = inputs
+            args, kwargs = rebuild(arrays)
+            variables = {"params": params, **rest}
+            if not marks:
+                return apply_fn(variables, *args, **kwargs)
+            marker = _Marker(taps, blocks, attention)
+            with nn.intercept_methods(marker):
+                result = apply_fn(variables, *args, **kwargs)
+            marker.check()
+            return result
 
-    def missing_paths(p: _Plan) -> None:
-        if isinstance(taps, (list, tuple)):
-            missing = [t for t in taps if t not in p.seen]
-            if missing:
-                raise ValueError(f"DFA taps: {missing} name no module; modules met: {sorted(p.seen)[:20]}")
-        if isinstance(blocks, (list, tuple)) and all(isinstance(b, str) for b in blocks):
-            missing = [b for b in blocks if b not in p.seen]
-            if missing:
-                raise ValueError(f"DFA blocks: {missing} name no module; modules met: {sorted(p.seen)[:20]}")
-
-    def no_layer(p: _Plan) -> ValueError:
-        return ValueError(
-            f"rule {rule.name!r}: the model has no layer it can handle; expected at least one call of "
-            f"{[c.__name__ for c in WEIGHT_LAYERS]}, met modules {sorted(p.seen)[:20]}. {_TRAP}"
-        )
+        return fn
 
     def init_feedback(variables, *args, key=None, **kwargs):
-        if isinstance(rule, _rules.BP):
-            return None
-        _flax.check_key(rule, key)
-        found: dict[str, Any] = {}
-
-        def discover(variables, args):
-            p = plan(variables, fa_table={})
-            if _rules.is_fa_family(p.rule):  # trace as BP here: we only need which layers run
-                p.rule = _rules.BP()
-            result, recorder = run(p, variables, args, kwargs, cut=True)
-            leaves = jax.tree.leaves(args)
-            found.update(plan=p, names=list(recorder.names),
-                         raw={n for n, v in zip(recorder.names, recorder.values) if any(v is x for x in leaves)})
-            return _split_output(result, kwargs)[0], recorder.values
-
-        outputs, values = jax.eval_shape(discover, variables, args)
-        p = found["plan"]
-        missing_paths(p)
-        if _rules.is_fa_family(rule):
-            if p.unhandled:  # discovery ran as BP; the FA family would leave this layer on Wᵀ
-                path, module = p.unhandled[0]
-                raise ValueError(_flax.unhandled_kernel_message(rule.name, path, module, WEIGHT_LAYERS))
-            if not p.layers:
-                raise no_layer(p)
-            layers = {f"{path}/kernel" for path in p.layers}
-
-            def draw(path, leaf):
-                name = path_str(path)
-                return _flax.layer_feedback(rule, key, name, leaf) if name in layers else None
-
-            return FAFeedback(jax.tree_util.tree_map_with_path(draw, variables["params"]))
-        kept = [(n, v) for n, v in zip(found["names"], values) if n not in found["raw"]]
-        if not kept:
-            if taps == "layer" and not p.layers:
-                raise no_layer(p)
-            raise ValueError(f"rule {rule.name!r} with taps={taps!r}: no tap reaches a hidden layer. {_TRAP}")
-        if not (hasattr(outputs, "shape") and hasattr(outputs, "dtype")):
-            raise TypeError(f"rule {rule.name!r} needs the model to return one array, given {type(outputs).__name__}")
-        specs = _flax.tap_specs([n for n, _ in kept], [v for _, v in kept], rule.batch_dims)
-        output_shape = tuple(outputs.shape[rule.batch_dims:])
-        # shallow: the taps only cut the network; there is no projection
-        projection = _flax.draw_projection(rule, key, specs, output_shape) if _rules.projects_to_taps(rule) else None
-        return _flax.dfa_feedback(projection, specs, output_shape, rule)
+        params, rest = _split_variables(variables)
+        kwargs = dict(kwargs)
+        placeholders = "rngs" not in kwargs
+        for _ in range(16):  # one more rng stream per round
+            arrays, rebuild = _flax.split_leaves((args, kwargs))
+            try:
+                return fa_jax.init_feedback(rule, params, key=key, model=program(rebuild), inputs=(arrays, rest),
+                                            exact=exact, model_has_aux=_mutable(kwargs))
+            except flax.errors.InvalidRngError as error:
+                name = re.search(r'needs PRNG for "([^"]+)"', str(error))
+                if not placeholders or name is None or name.group(1) in kwargs.get("rngs", {}):
+                    raise
+                # Shapes do not depend on the key: a placeholder stream lets the trace run.
+                kwargs["rngs"] = {**kwargs.get("rngs", {}), name.group(1): jax.random.key(0)}
+        raise RuntimeError("init_feedback: the model asked for more than 16 rng streams")
 
     def apply(variables, feedback, *args, step=None, targets=None, **kwargs):
-        if step is not None:
-            _checks.check_step_value(step, "step")
-        if isinstance(rule, _rules.BP):
-            return apply_fn(variables, *args, **kwargs)
-        if _rules.is_fa_family(rule):
-            if not isinstance(feedback, FAFeedback):
-                raise TypeError(
-                    f"feedback: rule {rule.name!r} needs FAFeedback from init_feedback, given {type(feedback).__name__}"
-                )
-            flat, _ = jax.tree_util.tree_flatten_with_path(feedback.kernels)
-            table = {path_str(path): leaf for path, leaf in flat}
-            p = plan(variables, fa_table=table, step=step)
-            result, _ = run(p, variables, args, kwargs, cut=False)
-            unused = sorted(set(table) - p.used)
-            if unused:
-                raise ValueError(f"FA feedback for {unused[:10]} was never used in this forward: those layers "
-                                 f"ran without FA, which would silently be BP. {_TRAP}")
-            return result
-        if not isinstance(feedback, DFAFeedback):
-            raise TypeError(
-                f"feedback: rule {rule.name!r} needs DFAFeedback from init_feedback, given {type(feedback).__name__}"
-            )
-        p = plan(variables)
-        result, recorder = run(p, variables, args, kwargs, cut=True)
-        raw = {n for n, v in zip(recorder.names, recorder.values) if any(v is x for x in jax.tree.leaves(args))}
-        names = [n for n in recorder.names if n not in raw]
-        values = [v for n, v in zip(recorder.names, recorder.values) if n not in raw]
-        if not names:
-            raise ValueError(f"rule {rule.name!r}: no DFA tap ran in this forward, which would silently be BP "
-                             f"for the output block only. {_TRAP}")
-        _flax.check_taps(rule, feedback.taps, names, values)
-        outputs, put_back = _split_output(result, kwargs)
-        if isinstance(rule, _rules.Shallow):
-            return result
-        return put_back(_flax.dfa_head(outputs, feedback.projection, values, taps=feedback.taps, rule=rule,
-                                       targets=targets, pass_targets=_PASS_TARGETS))
+        params, rest = _split_variables(variables)
+        arrays, rebuild = _flax.split_leaves((args, kwargs))
+        run = fa_jax.forward(program(rebuild), rule, model_has_aux=_mutable(kwargs))
+        return run(params, feedback, (arrays, rest), step=step, targets=targets)
 
-    return Adapted(init_feedback, apply)
+    def value_and_grad(loss: Callable, *, has_aux: bool = False, **kwargs: Any) -> Callable:
+        """Pure ``grad_fn(params, feedback, inputs, targets, *, step=None) -> (loss, grads)``.
+
+        :func:`fa_jax.value_and_grad` of ``model.apply({"params": params}, inputs, **kwargs)``:
+        the core's checks and signature, for sweeps under ``jax.vmap``.
+        """
+        _checks.check_callable(loss, "loss")
+
+        def grad_fn(params, feedback, inputs, targets, *, step=None):
+            arrays, rebuild = _flax.split_leaves(((inputs,), kwargs))
+            core = fa_jax.value_and_grad(program(rebuild), loss, rule, has_aux=has_aux)
+            return core(params, feedback, (arrays, {}), targets, step=step)
+
+        return grad_fn
+
+    return Adapted(init_feedback, apply, value_and_grad, rule)

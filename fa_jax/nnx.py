@@ -1,76 +1,60 @@
-"""Train an unmodified Flax NNX model with FA, DFA, their family (uSF, frSF, brSF, Kolen–Pollack, DRTP) or shallow.
+"""Train an unmodified Flax NNX model with any fa_jax rule (FA, DFA, their family, shallow).
 
-:func:`convert` walks the module graph (``nnx.iter_modules``) and re-types
-modules in place, keeping the module objects, their ``nnx.Param`` s and their
-paths (so shared layers stay shared and optimizer state lines up):
+Design. :func:`convert` does not look for layer types. It re-types the *root*
+module only, so that its ``__call__`` splits the model (``nnx.split(self,
+nnx.Param, ...)``) and runs the original ``__call__`` as a pure function of
+``(params, (call arguments, other state))`` through :func:`fa_jax.forward`.
+The engine reads that function's program, so every weight product of every
+module goes through the rule: ``nnx.Linear``, ``Conv``, ``ConvTranspose``,
+``Einsum``, ``LoRA`` (``x A B``: both factors get feedback), a tied head
+(``Embed.attend``), a raw ``h @ self.w[...]``, a ``Linear`` subclass calling
+``super().__call__``, an ``nnx.scan`` stack of layers (one B per layer). Biases
+and normalisation scales keep their exact gradient; a use the engine cannot
+route raises, naming the parameter (see :func:`fa_jax.plan`). The updated
+non-``Param`` state (BatchNorm statistics, RNG counts, also those of an
+``nnx.Rngs`` passed as a call argument) comes back from that function as aux
+and is written into the model, so the converted model is still stateful.
 
-* **FA**: every ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv`` and
-  ``nnx.Einsum`` becomes a feedback-aware subclass holding B in a
-  :class:`Feedback` variable. The layer's own ``__call__`` runs unchanged
-  except that its primitive (``dot_general`` / ``conv_general_dilated`` /
-  ``einsum_op``) routes ``dx`` through B (Lillicrap et al. 2016, eq. 2):
-  ``dx = g Bᵀ`` for dense layers, the transposed convolution with B for conv.
-* **DFA**: modules chosen by ``taps`` are cut with a stop-gradient and recorded;
-  the root's output goes through a ``custom_vjp`` identity whose backward sends
-  ``δ_l = e B_l`` to each tap (Nøkland 2016, eq. 3) with one GEMM of ``e`` and
-  the concatenated ``[B_1 … B_L]`` (held by the root in a :class:`Feedback`).
-* **shallow**: the same cuts, no projection: only the part after the last tap trains.
-* **uSF, frSF, brSF** (Liao et al. 2016) and **Kolen–Pollack** (Akrout et al.
-  2019) are converted like FA: each layer holds the core's feedback leaf for its
-  kernel (M for frSF, B for KP, the layer key for uSF and brSF) and its backward
-  builds ``rule.backward_matrix(W, (leaf, step))``, as ``fa_jax.FAOps`` does.
-* **DRTP** (Frenkel et al. 2021) is converted like DFA, but the head sends
-  ``y* B_l``, a fixed projection of the *targets*, to the hidden taps.
+Call arguments pass through: array leaves (inputs, masks) are traced inputs of
+the program; other leaves (``deterministic=True``, strings) are static.
 
-Two rules need more than the batch in their backward, and get it at call time
-through :func:`call` (the pure :func:`value_and_grad` passes both):
+Feedback is ONE :class:`Feedback` variable on the root (``model.fa_feedback``,
+its value a :class:`fa_jax.Feedback`), not an ``nnx.Param``:
+``nnx.Optimizer(model, tx, wrt=nnx.Param)``, weight decay and
+``nnx.value_and_grad`` leave it alone. Only Kolen–Pollack changes it, through
+:func:`optimizer_update` (stateful) or :func:`update_feedback` (pure), with the
+rule's own ``decay``::
 
-* brSF the step ``t``: ``fa_jax.nnx.call(model, x, step=t)``;
-* DRTP the targets: ``fa_jax.nnx.call(model, x, targets=labels)``.
-
-A plain ``model(x)`` still evaluates; differentiating it raises at trace time
-and says what to use. Kolen–Pollack's B is learned: :func:`optimizer_update`
-(stateful, in place of ``optimizer.update``) or :func:`update_feedback` (on the
-pure :func:`split` states) give it W's update and decay; the optimizer itself
-never sees it.
-
-Feedback is a :class:`Feedback` variable, not an ``nnx.Param``, so
-``nnx.Optimizer(model, tx, wrt=nnx.Param)`` and ``nnx.value_and_grad`` leave it
-alone. Gradients are ordinary autodiff of the converted model::
-
-    model = fa_jax.nnx.convert(model, "fa", key=jax.random.key(0))
+    model = fa_jax.nnx.convert(model, "fa", key=jax.random.key(0), inputs=x)
     optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)
-    loss, grads = nnx.value_and_grad(loss_fn)(model)     # FA gradients
-    optimizer.update(model, grads)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)          # the rule's gradients
+    fa_jax.nnx.optimizer_update(optimizer, model, grads)      # optimizer, then rule.update_feedback
 
-    # brSF / DRTP: call the model with its step / targets; KP: learn B beside the optimizer
-    loss_fn = lambda m: loss(fa_jax.nnx.call(m, x, step=t, targets=y), y)
-    fa_jax.nnx.optimizer_update(optimizer, model, grads, decay=lr * weight_decay)
+brSF needs the step and DRTP the targets in the backward: call the model as
+``fa_jax.nnx.call(model, x, step=t, targets=y)`` inside the differentiated
+function (a plain ``model(x)`` still evaluates; its gradient raises).
 
-Pure path (seed sweeps under ``jax.vmap``): ``graphdef, params, feedback =
-fa_jax.nnx.split(model)`` and ``grad_fn = fa_jax.nnx.value_and_grad(graphdef,
-loss)``, ``grad_fn(params, feedback, inputs, targets, *, step=None) -> (loss,
-grads)``, the signature of the core ``fa_jax.value_and_grad``.
+Taps (DFA, DRTP, shallow), ``taps=``: ``"auto"`` (the rule's own placement:
+``fa_jax.tap`` marks in the model code if any, else ``"layer"``), ``"layer"``
+(the activation entering every weight product), ``"macro"`` (every block's
+output, ``blocks=`` types or paths), ``"micro"`` (inside every block, each
+attention module's output, then the block's), or a list of module paths. By
+module, the chosen modules are re-typed so their output is
+``fa_jax.tap(out, name=<module path>)``, whatever arguments they are called
+with, and the rule cuts at those marks (``taps="marked"``).
 
-DFA tap placements (``taps=``), following Launay et al. 2020:
-
-* ``"layer"``: one tap at the input of every weight layer that does not read
-  the model input directly. For an MLP that is the post-activation ``h_l`` of
-  every hidden layer, Nøkland's DFA exactly; for a CNN it is every feature map
-  a conv or dense layer reads.
-* ``"macro"``: one tap at the output of every block (``blocks=``: a module
-  type, a tuple of types, or a list of module paths).
-* ``"micro"``: inside every block, a tap at the output of each attention module
-  (``attention=``, default ``nnx.MultiHeadAttention``), plus the block output
-  (after the MLP and its residual).
-* a list of module paths (``"blocks/0"``): a tap at each module's output.
-
-Normalization, dropout and residual connections need nothing: between taps
-they are differentiated as usual (they carry no transported weight matrix).
+Pure path (seed sweeps under ``jax.vmap``): ``graphdef, params, state =
+split(model)``; ``value_and_grad(graphdef, loss)`` gives ``grad_fn(params, state,
+inputs, targets, *, step=None) -> (loss, grads)``, the core's signature and
+checks. ``jax.jacrev`` of that update is right (e.g. for a stability analysis):
+the engine cuts taps with a ``custom_vjp`` identity whose backward is zero, not
+with ``stop_gradient``, so an outer derivative still sees how a block's input
+depends on the weights upstream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -78,469 +62,347 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fa_jax import _checks, _flax, _kolen_pollack, _rules
-from fa_jax._feedback import FAFeedback
+import fa_jax
+from fa_jax import _checks, _flax
+from fa_jax.rules import Rule, get_rule
 
-__all__ = [
-    "Feedback", "WEIGHT_LAYERS", "convert", "call", "split", "value_and_grad", "feedback_of",
-    "update_feedback", "optimizer_update",
-]
+__all__ = ["Feedback", "convert", "call", "split", "value_and_grad", "feedback_of", "update_feedback",
+           "optimizer_update"]
 
 
 class Feedback(nnx.Variable):
-    """Feedback: B, M, a DFA/DRTP projection, or a key. Not an ``nnx.Param``: no optimizer touches it.
+    """The rule's feedback for the whole model: its value is one :class:`fa_jax.Feedback`.
 
-    Fixed for every rule but Kolen–Pollack, whose B changes only through
-    :func:`optimizer_update` / :func:`update_feedback`.
+    Not an ``nnx.Param``, so no optimizer touches it. Fixed for every rule but
+    Kolen–Pollack, whose B changes only through :func:`optimizer_update` /
+    :func:`update_feedback`. Read it with ``model.fa_feedback.get_value()``.
     """
 
 
-WEIGHT_LAYERS: tuple[type, ...] = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Einsum)
+# --------------------------------------------------------------------------- per-call inputs
 
-# The primitive each layer calls through ``self.<attribute>`` and its default.
-_PRIMITIVE = (
-    (nnx.Conv, "conv_general_dilated", (jax.lax.conv_general_dilated,)),
-    (nnx.Einsum, "einsum_op", (jnp.einsum,)),
-    (nnx.LinearGeneral, "dot_general", (None, jax.lax.dot_general)),
-    (nnx.Linear, "dot_general", (jax.lax.dot_general,)),
-)
+
+class _CallInputs(NamedTuple):
+    step: Any = None
+    targets: Any = None
+
+
+_LOCAL = threading.local()
+
+
+def _call_inputs() -> _CallInputs:
+    stack = getattr(_LOCAL, "calls", None)
+    return stack[-1] if stack else _CallInputs()
+
+
+def call(model: nnx.Module, *args: Any, step: Any = None, targets: Any = None, **kwargs: Any) -> Any:
+    """``model(*args, **kwargs)`` with the inputs some rules read in their backward.
+
+    * ``step``: brSF redraws ``M_t = init(fold_in(k_l, t))`` every step (Liao et al. 2016).
+    * ``targets``: DRTP sends ``(y*/N) B_l`` to the hidden taps (Frenkel et al. 2021, eq. 6);
+      integer labels of the output's batch shape, or an array shaped like the output.
+
+    Other rules ignore both. They travel with this call only (nothing is left in the
+    model), so call it *inside* the function you differentiate or jit.
+    """
+    if step is not None:
+        _checks.check_step_value(step, "step")
+    if not hasattr(_LOCAL, "calls"):
+        _LOCAL.calls = []
+    _LOCAL.calls.append(_CallInputs(step, targets))
+    try:
+        return model(*args, **kwargs)
+    finally:
+        _LOCAL.calls.pop()
+
+
+# --------------------------------------------------------------------------- taps by module
+
+
+@contextlib.contextmanager
+def _recording():
+    """Collect the names of the module taps that run (per trace of the model's program)."""
+    stack = _LOCAL.__dict__.setdefault("taps", [])
+    stack.append([])
+    try:
+        yield stack[-1]
+    finally:
+        stack.pop()
+
+
+_TAPPED: dict[type, type] = {}
+
+
+def _tapped_class(base: type) -> type:
+    """``Tapped<Base>``: ``Base.__call__``, its output marked ``fa_jax.tap(out, name=<module path>)``."""
+    if base not in _TAPPED:
+
+        def __call__(self, *args, **kwargs):
+            outputs = _flax.tap_output(base.__call__(self, *args, **kwargs), self.fa_tap)
+            stack = getattr(_LOCAL, "taps", None)
+            if stack:
+                stack[-1].append(self.fa_tap)
+            return outputs
+
+        _TAPPED[base] = type(f"Tapped{base.__name__}", (base,), {"__call__": __call__, "__module__": __name__,
+                                                                 "_fa_base": base})
+    return _TAPPED[base]
 
 
 def _path_str(path: tuple) -> str:
     return "/".join(str(p) for p in path)
 
 
-def _primitive(module: nnx.Module) -> tuple[str, tuple]:
-    for cls, attribute, defaults in _PRIMITIVE:
-        if isinstance(module, cls):
-            return attribute, defaults
-    raise TypeError(f"{type(module).__name__} is not one of {[c.__name__ for c in WEIGHT_LAYERS]}")
-
-
-class _Overlay:
-    """``module`` with a few attributes replaced; the layer's own ``__call__`` runs on it."""
-
-    def __init__(self, module: Any, overrides: dict[str, Any]):
-        object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "_overrides", overrides)
-
-    def __getattr__(self, name):
-        overrides = object.__getattribute__(self, "_overrides")
-        return overrides[name] if name in overrides else getattr(object.__getattribute__(self, "_module"), name)
-
-
-def _value(variable: nnx.Variable) -> jax.Array:
-    return variable.get_value() if hasattr(variable, "get_value") else variable.value
-
-
-class _CallInputs(NamedTuple):
-    """What a forward may need beyond the model's own arguments: brSF's step, DRTP's targets."""
-
-    step: Any = None
-    targets: Any = None
-
-
-_CALLS = threading.local()
-
-_PASS_STEP = (
-    "Call the model as fa_jax.nnx.call(model, x, step=step) inside the differentiated function, or pass "
-    "step=step to the grad_fn of fa_jax.nnx.value_and_grad(graphdef, loss)"
-)
-_PASS_TARGETS = (
-    "A plain model(x) under nnx.value_and_grad cannot see them: call the model as "
-    "fa_jax.nnx.call(model, x, targets=targets) inside the differentiated function, or use the pure "
-    "fa_jax.nnx.value_and_grad(graphdef, loss), whose grad_fn(params, feedback, inputs, targets) passes them"
-)
-
-
-def _call_inputs() -> _CallInputs:
-    """The innermost :func:`call`'s step and targets (both ``None`` for a plain ``model(x)``)."""
-    stack = getattr(_CALLS, "stack", None)
-    return stack[-1] if stack else _CallInputs()
-
-
-def call(model: nnx.Module, *args: Any, step: Any = None, targets: Any = None, **kwargs: Any) -> Any:
-    """``model(*args, **kwargs)`` given the per-call inputs some rules read in their backward.
-
-    * ``step``: brSF redraws ``M_t = init(fold_in(k_l, t))`` every step (Liao et al. 2016).
-    * ``targets``: DRTP sends ``y* B_l`` to the hidden taps (Frenkel et al. 2021, eq. 6);
-      integer labels of the output's batch shape, or an array shaped like the output.
-
-    Other rules ignore both, so one training step serves every rule. The values travel
-    with this call only (no state is left in the model), so call it *inside* the
-    function you differentiate or jit: the step and targets then are that trace's own
-    arguments, never constants of an earlier trace. Without them, evaluation runs as
-    usual and a gradient raises at trace time.
-    """
-    if step is not None:
-        _checks.check_step_value(step, "step")
-    if not hasattr(_CALLS, "stack"):
-        _CALLS.stack = []
-    _CALLS.stack.append(_CallInputs(step, targets))
-    try:
-        return model(*args, **kwargs)
-    finally:
-        _CALLS.stack.pop()
-
-
-_CLASSES: dict[tuple, type] = {}
-
-
-def _fa_class(base: type) -> type:
-    """``FA<Base>``: ``Base.__call__`` with its primitive's input-gradient through the layer's feedback."""
-    if ("fa", base) not in _CLASSES:
-
-        def __call__(self, *args, **kwargs):
-            attribute, _ = _primitive(self)
-            layer = _flax.LayerFeedback(_value(self.fa_feedback), self.fa_rule, _call_inputs().step,
-                                        self.fa_path, _PASS_STEP)
-            if attribute == "conv_general_dilated":
-                primitive = _flax.feedback_conv_general_dilated(layer, getattr(self, "mask", None))
-            elif attribute == "einsum_op":
-                primitive = _flax.feedback_einsum(layer)
-            else:
-                primitive = _flax.feedback_dot_general(layer)
-            overrides = {attribute: primitive, "dot_general_cls": None}
-            return base.__call__(_Overlay(self, overrides), *args, **kwargs)
-
-        _CLASSES["fa", base] = type(f"FA{base.__name__}", (base,), {"__call__": __call__, "__module__": __name__})
-    return _CLASSES["fa", base]
-
-
-def _tap_class(base: type, where: str) -> type:
-    """``Tapped<Base>``: records and cuts the module's input (``where="input"``) or output."""
-    if (where, base) not in _CLASSES:
-
-        def __call__(self, x, *args, **kwargs):
-            if where == "input":
-                return base.__call__(self, _flax.tap(self.fa_tap, x, self.fa_tap), *args, **kwargs)
-            return _flax.tap(self.fa_tap, base.__call__(self, x, *args, **kwargs), self.fa_tap)
-
-        name = f"Tapped{base.__name__}" + ("Input" if where == "input" else "")
-        _CLASSES[where, base] = type(name, (base,), {"__call__": __call__, "__module__": __name__})
-    return _CLASSES[where, base]
-
-
-def _root_class(base: type) -> type:
-    """``DFA<Base>``: runs ``Base.__call__`` recording taps, then the DFA head on the output."""
-    if ("root", base) not in _CLASSES:
-
-        def __call__(self, *args, **kwargs):
-            rule = self.fa_rule
-            with _flax.recording(cut=True) as recorder:
-                outputs = base.__call__(self, *args, **kwargs)
-            if not (hasattr(outputs, "shape") and hasattr(outputs, "dtype")):
-                raise TypeError(f"rule {rule.name!r} needs the model to return one array, given {type(outputs).__name__}")
-            _flax.check_taps(rule, self.fa_taps, recorder.names, recorder.values)
-            if isinstance(rule, _rules.Shallow):
-                return outputs
-            return _flax.dfa_head(outputs, _value(self.fa_dfa_feedback), recorder.values, taps=self.fa_taps,
-                                  rule=rule, targets=_call_inputs().targets, pass_targets=_PASS_TARGETS)
-
-        _CLASSES["root", base] = type(f"{base.__name__}WithTaps", (base,), {"__call__": __call__, "__module__": __name__})
-    return _CLASSES["root", base]
-
-
-def _is_converted(module: nnx.Module) -> bool:
-    return type(module) in _CLASSES.values()
-
-
-def _modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
-    return [(_path_str(path), module) for path, module in nnx.iter_modules(model)]
-
-
-def _check_not_stacked(path: str, module: nnx.Module) -> None:
-    """A layer made under ``nnx.vmap`` holds a stack of kernels; one B drawn for the stack would be wrong."""
-    if isinstance(module, nnx.Linear):
-        want = (module.in_features, module.out_features)
-    elif isinstance(module, (nnx.Conv, nnx.Einsum)):
-        want = tuple(module.kernel_shape)
-    else:
-        return
-    given = tuple(module.kernel.shape)
-    if given != want:
-        raise ValueError(
-            f"layer {path!r} ({type(module).__name__}): expected a kernel of shape {want}, given {given}, a stack "
-            "of layers made with nnx.vmap / run with nnx.scan; fa_jax.nnx draws one B per module, so it does not "
-            "convert layer stacks. Use a Python loop over an nnx.List, or the functional core with lax.scan"
-        )
-
-
-def _weight_layers(model: nnx.Module, rule_name: str) -> list[tuple[str, nnx.Module]]:
-    layers = [(p, m) for p, m in _modules(model) if isinstance(m, WEIGHT_LAYERS) and p]
-    if not layers:
-        found = sorted({type(m).__name__ for _, m in _modules(model)})
-        raise ValueError(
-            f"rule {rule_name!r}: the model has no layer it can handle; expected at least one of "
-            f"{[c.__name__ for c in WEIGHT_LAYERS]} as a sub-module, found modules {found}"
-        )
-    for path, module in _modules(model):
-        if path and not isinstance(module, WEIGHT_LAYERS) and isinstance(getattr(module, "kernel", None), nnx.Param):
-            raise ValueError(_flax.unhandled_kernel_message(rule_name, path, module, WEIGHT_LAYERS))
-    for path, module in layers:
-        _check_not_stacked(path, module)
-        attribute, defaults = _primitive(module)
-        custom = getattr(module, attribute, None)
-        if all(custom is not d for d in defaults) or getattr(module, "dot_general_cls", None) is not None:
-            raise ValueError(
-                f"layer {path!r} ({type(module).__name__}): expected the default {attribute}, given a custom one "
-                f"({custom!r}); FA replaces that primitive, so a custom one cannot be honoured"
-            )
-    return layers
-
-
-def _convert_fa(model: nnx.Module, rule: Any, key: jax.Array) -> None:
-    """FA and its family: every weight layer holds its feedback leaf, drawn from ``layer_key(key, "<path>/kernel")``."""
-    for path, module in _weight_layers(model, rule.name):
-        module.fa_feedback = Feedback(_flax.layer_feedback(rule, key, f"{path}/kernel", _value(module.kernel)))
-        module.fa_rule = rule
-        module.fa_path = path
-        module.__class__ = _fa_class(type(module))
-
-
-def _match(path: str, module: nnx.Module, spec: Any) -> bool:
-    if isinstance(spec, type) or (isinstance(spec, tuple) and all(isinstance(s, type) for s in spec)):
-        return isinstance(module, spec)
-    return path in spec
-
-
-def _named(modules: list[tuple[str, nnx.Module]], spec: Any, what: str) -> list[tuple[str, nnx.Module]]:
-    if spec is None:
-        raise ValueError(f"DFA taps={what!r} needs blocks=: a module type, a tuple of types, or a list of module paths")
-    if isinstance(spec, str):
-        spec = [spec]
-    if not isinstance(spec, type) and not (isinstance(spec, tuple) and all(isinstance(s, type) for s in spec)):
-        known = {p for p, _ in modules}
-        missing = [s for s in spec if s not in known]
-        if missing:
-            raise ValueError(
-                f"DFA taps ({what}): {missing} name no module; expected paths among {sorted(known - {''})[:20]}"
-            )
-    chosen = [(p, m) for p, m in modules if p and _match(p, m, spec)]
-    if not chosen:
-        raise ValueError(f"DFA taps ({what}): no module matches {spec!r}")
-    return chosen
-
-
-def _tap_sites(model, taps, blocks, attention, rule_name) -> list[tuple[str, nnx.Module, str]]:
-    """``(path, module, "input" | "output")`` for each tap of the placement."""
-    modules = _modules(model)
-    if taps == "layer":
-        return [(p, m, "input") for p, m in _weight_layers(model, rule_name)]
-    if taps == "macro":
-        return [(p, m, "output") for p, m in _named(modules, blocks, "macro")]
-    if taps == "micro":
+def _tap_modules(model: nnx.Module, taps: Any, blocks: Any, attention: tuple) -> list[tuple[str, nnx.Module]]:
+    """The modules whose outputs are taps, for a placement by module."""
+    modules = [(_path_str(p), m) for p, m in nnx.iter_modules(model) if p]
+    known = [p for p, _ in modules]
+    if taps in ("macro", "micro"):
+        if not isinstance(blocks, type) and all(isinstance(b, str) for b in blocks):
+            missing = [b for b in blocks if b not in known]
+            if missing:
+                raise ValueError(f"convert: blocks: {missing} name no module; expected paths among {known[:20]}")
+        chosen = [(p, m) for p, m in modules if _flax.is_block(p, m, blocks)]
+        if not chosen:
+            raise ValueError(f"convert: blocks: no module of the model matches {blocks!r}; its modules: {known[:20]}")
+        if taps == "macro":
+            return chosen
         sites = []
-        for block_path, block in _named(modules, blocks, "micro"):
+        for block_path, block in chosen:
             inner = [(p, m) for p, m in modules if p.startswith(block_path + "/") and isinstance(m, attention)]
             if not inner:
                 raise ValueError(
-                    f"DFA taps ('micro'): block {block_path!r} holds no attention module of type "
-                    f"{attention!r}; pass attention= or use taps='macro'"
+                    f"convert: taps='micro': block {block_path!r} holds no attention module of type "
+                    f"{[a.__name__ for a in attention]}; pass attention= or use taps='macro'"
                 )
-            sites += [(p, m, "output") for p, m in inner] + [(block_path, block, "output")]
+            sites += inner + [(block_path, block)]
         return sites
-    if isinstance(taps, str) or not isinstance(taps, Sequence):
-        raise ValueError(f"taps: expected 'layer', 'macro', 'micro' or a list of module paths, given {taps!r}")
-    return [(p, m, "output") for p, m in _named(modules, list(taps), "paths")]
+    missing = [t for t in taps if t not in known]
+    if missing:
+        raise ValueError(f"convert: taps: {missing} name no module; expected paths among {known[:20]}")
+    return [(p, m) for p, m in modules if p in taps]
 
 
-def _discover(model: nnx.Module, inputs: Any) -> tuple[list[str], list[Any], Any, set[str]]:
-    """Run the model abstractly: tap names and values in call order, output, and taps that read the model input."""
-    graphdef, state = nnx.split(model)
-    found: dict[str, Any] = {}
+# --------------------------------------------------------------------------- the converted root
 
-    def run(state, inputs):
-        with _flax.recording(cut=True) as recorder:
-            outputs = nnx.merge(graphdef, state)(inputs)
-        leaves = jax.tree.leaves(inputs)
-        found["names"] = list(recorder.names)
-        found["raw"] = {n for n, v in zip(recorder.names, recorder.values) if any(v is leaf for leaf in leaves)}
-        return outputs, recorder.values
-
-    outputs, values = jax.eval_shape(run, state, inputs)
-    return found["names"], values, outputs, found["raw"]
+_ROOTS: dict[type, type] = {}
+_NOT_STATE = nnx.Not(nnx.Any(nnx.Param, Feedback))  # what the original __call__ may update
 
 
-def _convert_taps(model, rule, key, inputs, taps, blocks, attention) -> None:
-    if inputs is None:
-        raise ValueError(f"convert(model, {rule.name!r}, ...) needs inputs= (an example batch) to find the taps")
-    sites = _tap_sites(model, taps, blocks, attention, rule.name)
-    originals = {}
-    for path, module, where in sites:
-        if _is_converted(module):
-            raise ValueError(f"module {path!r} is already converted ({type(module).__name__})")
-        originals[path] = (module, type(module))
-        module.fa_tap = f"{path}:in" if where == "input" else path
-        module.__class__ = _tap_class(type(module), where)
-    try:
-        names, values, outputs, raw = _discover(model, inputs)
-    except Exception:
-        for module, cls in originals.values():
-            module.__class__ = cls
-        raise
-    # A tap on the model input itself feeds no parameter: leave that layer alone.
-    for path, (module, cls) in originals.items():
-        if module.fa_tap in raw or module.fa_tap not in names:
-            module.__class__ = cls
-            del module.fa_tap
-    kept = [(n, v) for n, v in zip(names, values) if n not in raw]
-    if not kept:
-        raise ValueError(
-            f"rule {rule.name!r} with taps={taps!r}: no tap reaches a hidden layer (sites {[s[0] for s in sites]} "
-            "read only the model input or never ran)"
-        )
-    if not (hasattr(outputs, "shape") and hasattr(outputs, "dtype")):
-        raise TypeError(f"rule {rule.name!r} needs the model to return one array, given {type(outputs).__name__}")
-    specs = _flax.tap_specs([n for n, _ in kept], [v for _, v in kept], rule.batch_dims)
-    model.fa_taps = specs
-    model.fa_rule = rule
-    if _rules.projects_to_taps(rule):  # DFA, DRTP; shallow only cuts
-        output_shape = tuple(outputs.shape[rule.batch_dims:])
-        model.fa_dfa_feedback = Feedback(_flax.draw_projection(rule, key, specs, output_shape))
-    model.__class__ = _root_class(type(model))
+def _program(base: type, graphdef: Any, arg_graphdef: Any, expected: tuple, taps: Any) -> Callable:
+    """``fn(params, (call argument state, other state)) -> (outputs, (new state, new argument state))``.
+
+    Merges the model and its call arguments, runs ``base.__call__`` (the original)
+    and returns the state it updated, so the caller writes it back.
+    """
+
+    def fn(params, inputs):
+        arg_state, rest = inputs
+        model = nnx.merge(graphdef, params, rest)
+        args, kwargs = nnx.merge(arg_graphdef, arg_state)
+        with _recording() as met:
+            outputs = base.__call__(model, *args, **kwargs)
+        if expected:
+            _flax.check_marked(taps, expected, met, "fa_jax.nnx")
+        return outputs, (nnx.state(model, _NOT_STATE), nnx.state((args, kwargs), nnx.Variable))
+
+    return fn
+
+
+def _root_class(base: type) -> type:
+    """``Converted<Base>``: ``__call__`` runs ``Base.__call__`` through the engine under the model's rule."""
+    if base not in _ROOTS:
+
+        def __call__(self, *args, **kwargs):
+            return _converted_call(self, base, args, kwargs)
+
+        _ROOTS[base] = type(f"Converted{base.__name__}", (base,), {"__call__": __call__, "__module__": __name__,
+                                                                   "_fa_base": base})
+    return _ROOTS[base]
+
+
+def _converted_call(model: nnx.Module, base: type, args: tuple, kwargs: dict) -> Any:
+    rule, placement = model.fa_rule, model.fa_placement
+    context = _call_inputs()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    arg_graphdef, arg_state = nnx.split((args, kwargs))
+    fn = _program(base, graphdef, arg_graphdef, placement[1], placement[0])
+    run = fa_jax.forward(fn, rule, model_has_aux=True)
+    outputs, (state, arg_state) = run(params, model.fa_feedback.get_value(), (arg_state, rest),
+                                      step=context.step, targets=context.targets)
+    nnx.update(model, state)
+    nnx.update((args, kwargs), arg_state)
+    return outputs
+
+
+def _is_converted(model: nnx.Module) -> bool:
+    return any(type(m) in _ROOTS.values() or type(m) in _TAPPED.values() for _, m in nnx.iter_modules(model))
 
 
 def convert(
     model: nnx.Module,
-    rule: Any,
+    rule: Rule | str,
     *,
     key: jax.Array | None = None,
     inputs: Any = None,
-    taps: str | Sequence[str] = "layer",
+    taps: str | Sequence[str] = "auto",
     blocks: Any = None,
     attention: type | tuple[type, ...] = (nnx.MultiHeadAttention,),
+    exact: Any = (),
+    **call_kwargs: Any,
 ) -> nnx.Module:
-    """Convert ``model`` in place for ``rule`` and return it.
+    """Convert ``model`` in place for ``rule`` and return it (see the module doc).
 
     Args:
-      model: an ``nnx.Module`` whose root call takes the batch and returns one array.
-      rule: ``"bp"`` (no change), ``"fa"``, ``"dfa"``, ``"shallow"``, ``"usf"``, ``"frsf"``,
-        ``"brsf"``, ``"kp"``, ``"drtp"`` or a rule value.
-      key: typed PRNG key for the feedback (every rule but BP and shallow); keyword-only.
-        Layer ``path`` draws from ``layer_key(key, path)`` like the core: the FA
-        family from ``"<module path>/kernel"``, DFA and DRTP from the tap name
-        (``"<module path>"`` or ``"<module path>:in"``).
-      inputs: DFA, DRTP and shallow: an example batch, traced abstractly to find taps.
-      taps, blocks, attention: tap placement for DFA, DRTP and shallow (see the module doc).
+      model: an ``nnx.Module``; its root ``__call__(inputs, **call_kwargs)`` is what trains.
+      rule: a rule or its name (``"bp"`` returns the model unchanged).
+      key: typed PRNG key for the feedback (every rule that draws); keyword-only. Weight
+        ``path`` draws from ``layer_key(key, path)`` (``"layers/0/kernel"``), tap ``name``
+        from ``layer_key(key, name)``: the same numbers as the core for the same params.
+      inputs: an example first argument (a batch), traced abstractly (no FLOPs) to find
+        the weight products and taps.
+      taps, blocks, attention: where a tap rule cuts (module doc); other rules ignore them.
+      exact: parameter paths (or ``predicate(path)``) whose products keep ``Wᵀ``.
+      **call_kwargs: other arguments of the example call (``deterministic=True``, ``rngs=``).
+
+    Returns:
+      ``model`` itself, re-typed; its ``fa_feedback`` holds the :class:`fa_jax.Feedback`.
     """
-    rule = _rules.get_rule(rule)
-    _flax.check_rule(rule, "fa_jax.nnx.convert")
+    rule = get_rule(rule)
     if not isinstance(model, nnx.Module):
-        raise TypeError(f"model: expected an nnx.Module, given {type(model).__name__}")
-    if any(_is_converted(m) for _, m in nnx.iter_modules(model)):
-        raise ValueError("model is already converted; build a fresh model to convert it for another rule")
-    _flax.check_key(rule, key)
-    if isinstance(rule, _rules.BP):
-        return model
-    if _rules.is_fa_family(rule):
-        _convert_fa(model, rule, key)
-    else:
-        _convert_taps(model, rule, key, inputs, taps, blocks, attention)
+        raise TypeError(f"model: expected an nnx.Module, given {_checks.describe(model)}")
+    taps, blocks, attention = _flax.check_placement(taps, blocks, attention, "convert")
+    if _is_converted(model):
+        raise ValueError("model: already converted; build a fresh model to convert it for another rule")
+    if rule.name == fa_jax.BP.name and not rule.cuts:
+        return model  # backprop: the model as it is
+    if inputs is None:
+        raise ValueError(
+            f"inputs: convert(model, {rule.name!r}, ...) needs inputs=, an example first argument of the model, "
+            "to read its program; given none"
+        )
+    rule = _flax.placed_rule(rule, taps, "convert")
+    retyped: list[tuple[nnx.Module, type]] = []
+    expected: tuple = ()
+    if rule.cuts and _flax.marks_modules(taps):
+        for path, module in _tap_modules(model, taps, blocks, attention):
+            retyped.append((module, type(module)))
+            module.fa_tap = path
+            module.__class__ = _tapped_class(type(module))
+        expected = tuple(m.fa_tap for m, _ in retyped)
+    base = type(model)
+    try:
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        arg_graphdef, arg_state = nnx.split(((inputs,), call_kwargs))
+        fn = _program(base, graphdef, arg_graphdef, expected, taps)
+        feedback = fa_jax.init_feedback(rule, params, key=key, model=fn, inputs=(arg_state, rest), exact=exact,
+                                        model_has_aux=True)
+    except Exception:
+        for module, cls in retyped:
+            module.__class__ = cls
+            del module.fa_tap
+        raise
+    model.fa_feedback = Feedback(feedback)
+    model.fa_rule = rule
+    model.fa_placement = (taps, expected)
+    model.__class__ = _root_class(base)
     return model
 
 
+def rule_of(model: nnx.Module) -> Rule:
+    """The rule ``model`` was converted for (BP when it was not)."""
+    return getattr(model, "fa_rule", fa_jax.BP())
+
+
 def feedback_of(model: nnx.Module) -> nnx.State:
-    """All :class:`Feedback` variables of ``model`` (e.g. to check that training left them unchanged)."""
+    """The :class:`Feedback` variable of ``model`` as a state (e.g. to check training left it unchanged)."""
     return nnx.state(model, Feedback)
 
 
-def split(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """``(graphdef, params, feedback)``: ``nnx.split(model, nnx.Param, ...)``; ``feedback`` holds every non-Param state."""
+# --------------------------------------------------------------------------- pure path
+
+
+def split(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
+    """``(graphdef, params, state)`` = ``nnx.split(model, nnx.Param, ...)``; ``state`` holds the feedback and every other non-Param."""
     return nnx.split(model, nnx.Param, ...)
 
 
-def value_and_grad(graphdef: nnx.GraphDef, loss: Callable, *, has_aux: bool = False) -> Callable:
-    """Pure ``grad_fn(params, feedback, inputs, targets, *, step=None) -> (loss, grads)`` for a converted model.
+def value_and_grad(graphdef: Any, loss: Callable, *, has_aux: bool = False, **call_kwargs: Any) -> Callable:
+    """Pure ``grad_fn(params, state, inputs, targets, *, step=None) -> (loss, grads)`` for a converted model.
 
-    ``params`` and ``feedback`` come from :func:`split`; ``grads`` is an
-    ``nnx.State`` shaped like ``params``, the rule's gradients (FA, DFA, …) since
-    the model was converted. Pure, so it composes with ``jax.jit`` and
-    ``jax.vmap`` over seeds. ``loss(outputs, targets)``. The model runs through
-    :func:`call`, so DRTP gets ``targets`` and brSF the ``step`` (an int or int32
-    scalar, required by brSF, ignored by the other rules), like the core's grad_fn.
+    ``graphdef, params, state`` come from :func:`split`; the model is called as
+    ``model(inputs, **call_kwargs)``. This is :func:`fa_jax.value_and_grad` on the
+    model's original ``__call__`` with the feedback held in ``state``: the same
+    checks, ``step`` (brSF) and ``targets`` (DRTP) handling, and it composes with
+    ``jax.jit``, ``jax.vmap`` and ``jax.jacrev``. ``grads`` is an ``nnx.State``
+    shaped like ``params``. Updates of the non-Param state (BatchNorm statistics)
+    are dropped, as in any pure gradient function. An unconverted (BP) graphdef
+    gives BP's gradients.
     """
+    _checks.check_callable(loss, "loss")
 
-    def objective(params, feedback, inputs, targets, step):
-        outputs = call(nnx.merge(graphdef, params, feedback), inputs, step=step, targets=targets)
-        return loss(outputs, targets)
+    def grad_fn(params, state, inputs, targets, *, step=None):
+        probe = nnx.merge(graphdef, params, state)
+        rule = rule_of(probe)
+        base = getattr(type(probe), "_fa_base", type(probe))
+        taps, expected = getattr(probe, "fa_placement", ("auto", ()))
+        arg_graphdef, arg_state = nnx.split(((inputs,), call_kwargs))
+        fn = _program(base, graphdef, arg_graphdef, expected, taps)
+        feedback = probe.fa_feedback.get_value() if hasattr(probe, "fa_feedback") else None
 
-    grad = jax.value_and_grad(objective, has_aux=has_aux)
+        def model(p, program_inputs):
+            return fn(p, program_inputs)[0]
 
-    def grad_fn(params, feedback, inputs, targets, *, step=None):
-        return grad(params, feedback, inputs, targets, step)
+        core = fa_jax.value_and_grad(model, loss, rule, has_aux=has_aux)
+        return core(params, feedback, (arg_state, state), targets, step=step)
 
     return grad_fn
 
 
 def _pure(tree: Any) -> Any:
-    """An ``nnx.State`` as its nested dict of arrays (a snapshot: the State's Variables may be the model's own)."""
+    """An ``nnx.State`` as its nested dict of arrays (a snapshot: the State's Variables may be the model's)."""
     return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
 
 
-def _kernel_path(path: tuple) -> tuple:
-    """The kernel beside a layer's :class:`Feedback` (``(…, "fa_feedback")`` → ``(…, "kernel")``)."""
-    return path[:-1] + ("kernel",)
+def update_feedback(rule: Rule | str, state: nnx.State, updates: Any, params: Any) -> nnx.State:
+    """The state from :func:`split` after one training step: :func:`fa_jax.update_feedback` on its feedback.
 
-
-def update_feedback(rule: Any, feedback: nnx.State, updates: Any, params: Any, *, decay: float = 0.0) -> nnx.State:
-    """The feedback state after one training step, on the pure :func:`split` states.
-
-    Kolen–Pollack learns B (Akrout et al. 2019, eqs. 5–6): ``B ← B + u − decay·(B − W)``
-    through the core's ``fa_jax.kolen_pollack_update``; every other rule returns
-    ``feedback`` itself, so one loop serves the whole family.
+    Kolen–Pollack learns B (``B ← B + u − λ(B − W)``, ``λ = rule.decay``, Akrout et al.
+    2019, eqs. 5–6); every other rule returns ``state`` itself.
 
     Args:
-      rule: the rule the model was converted for (a name or a rule value).
-      feedback: the feedback state from :func:`split` (``Feedback`` at ``"<layer>/fa_feedback"``).
-      updates: what is added to the params this step (optax's ``updates``), shaped like
-        ``params``, *including* the optimizer's own weight-decay term.
+      rule: the rule the model was converted for.
+      state: the non-Param state from :func:`split`.
+      updates: what the optimizer adds to ``params`` this step (optax's ``updates``), shaped like ``params``.
       params: the params *before* the update.
-      decay: ``learning_rate × weight_decay`` of the optimizer, B's own decay.
     """
-    flat = list(nnx.to_flat_state(feedback))
-    learned = {_kernel_path(path): path for path, variable in flat if path[-1] == "fa_feedback"}
-    values = {path: _value(variable) for path, variable in flat}
-    params, updates = _pure(params), _pure(updates)
-
-    def at_kernel(keypath, leaf):
-        path = tuple(k.key for k in keypath)
-        return values[learned[path]] if path in learned else None
-
-    before = FAFeedback(jax.tree_util.tree_map_with_path(at_kernel, params))
-    after = _kolen_pollack.update_feedback(rule, before, updates, params, decay=decay)
+    rule = get_rule(rule)
+    flat = list(nnx.to_flat_state(state))
+    found = [(path, variable) for path, variable in flat if path == ("fa_feedback",)]
+    if not found:
+        raise ValueError("state: expected the non-Param state of a converted model (from fa_jax.nnx.split), "
+                         "given one without its fa_feedback")
+    before = found[0][1].get_value()
+    after = fa_jax.update_feedback(rule, before, _pure(updates), _pure(params))
     if after is before:  # fixed feedback
-        return feedback
-    new = {
-        learned[tuple(k.key for k in keypath)]: matrix
-        for keypath, matrix in jax.tree_util.tree_flatten_with_path(after.kernels)[0]
-    }
-    return nnx.from_flat_state([(path, variable.replace(new[path]) if path in new else variable) for path, variable in flat])
+        return state
+    return nnx.from_flat_state([(p, v.replace(after) if p == ("fa_feedback",) else v) for p, v in flat])
 
 
-def _rule_of(model: nnx.Module) -> Any:
-    """The rule ``model`` was converted for (BP when none)."""
-    for _, module in nnx.iter_modules(model):
-        if hasattr(module, "fa_rule"):
-            return module.fa_rule
-    return _rules.BP()
+def optimizer_update(optimizer: nnx.Optimizer, model: nnx.Module, grads: Any) -> None:
+    """``optimizer.update(model, grads)``, then the rule's feedback step (:meth:`Rule.update_feedback`).
 
-
-def optimizer_update(optimizer: nnx.Optimizer, model: nnx.Module, grads: Any, *, decay: float = 0.0) -> None:
-    """``optimizer.update(model, grads)``, then the rule's feedback step (:func:`update_feedback`).
-
-    The stateful form of the Kolen–Pollack loop: the optimizer touches only
-    ``nnx.Param`` s; B then gets the same update as W plus its own decay
-    (``decay = learning_rate × weight_decay``), so ``B − W`` shrinks by ``1 − decay``
-    per step. For every other rule this is ``optimizer.update(model, grads)``.
-    Works eagerly and inside ``nnx.jit``.
+    For Kolen–Pollack, B gets the update the optimizer gave W (weight decay included)
+    and the rule's own decay, so ``B − W`` shrinks by ``1 − rule.decay`` per step; every
+    other rule's feedback is left as it is. Works eagerly and inside ``nnx.jit``.
     """
-    rule = _rule_of(model)
-    if not isinstance(rule, _kolen_pollack.KolenPollack):  # fixed feedback: nothing to learn
+    if not hasattr(model, "fa_feedback"):
         optimizer.update(model, grads)
         return
-    _, before, feedback = split(model)
-    before = _pure(before)  # arrays, taken before optimizer.update replaces the Params' values
+    before = _pure(nnx.state(model, nnx.Param))  # arrays, kept while optimizer.update replaces the values
     optimizer.update(model, grads)
-    updates = jax.tree.map(jnp.subtract, _pure(split(model)[1]), before)
-    nnx.update(model, update_feedback(rule, feedback, updates, before, decay=decay))
+    updates = jax.tree.map(jnp.subtract, _pure(nnx.state(model, nnx.Param)), before)
+    feedback = model.fa_feedback.get_value()
+    new = fa_jax.update_feedback(model.fa_rule, feedback, updates, before)
+    if new is not feedback:
+        model.fa_feedback.set_value(new)

@@ -1,436 +1,333 @@
-"""fa_jax.nnx: converted NNX models against the core functional path and NumPy closed forms."""
+"""fa_jax.nnx on an nnx.Linear MLP: every rule against its NumPy closed form, stateful and pure, eager and jit.
+
+The closed forms are tests/closed_forms.py (from tests/reference.py), fed the feedback the
+adapter drew (renamed from ``layers/<i>/kernel`` to the core MLP's ``<i>/kernel``).
+"""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference
 from flax import nnx
 
-import fa_jax
+import fa_jax as fj
 import fa_jax.nnx as fnnx
-from fa_jax.models import mlp
+from closed_forms import CLOSED_FORMS
 
 SIZES = (5, 7, 6, 3)
 
 
 class MLP(nnx.Module):
-    def __init__(self, sizes, *, rngs):
-        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+    def __init__(self, sizes=SIZES, *, rngs, dtype=jnp.float32):
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs, param_dtype=dtype) for a, b in zip(sizes[:-1], sizes[1:])])
 
     def __call__(self, x):
-        for layer in self.layers[:-1]:
+        for layer in list(self.layers)[:-1]:
             x = jnp.tanh(layer(x))
-        return self.layers[-1](x)
+        return list(self.layers)[-1](x)
 
 
 def mse(y, t):
     return 0.5 * jnp.sum((y - t) ** 2) / y.shape[0]
 
 
-def batch(seed=1, n=8):
+def data(n=8, seed=0, dtype=jnp.float32):
     kx, kt = jax.random.split(jax.random.key(seed))
-    return jax.random.normal(kx, (n, SIZES[0])), jax.random.normal(kt, (n, SIZES[-1]))
+    return jax.random.normal(kx, (n, SIZES[0]), dtype), jax.random.normal(kt, (n, SIZES[-1]), dtype)
 
 
-def build(rule, seed=0, x=None):
-    model = MLP(SIZES, rngs=nnx.Rngs(seed))
-    return fnnx.convert(model, rule, key=jax.random.key(100 + seed), inputs=x)
+def layers_of(tree):
+    """``[{"kernel", "bias"}, ...]`` of an MLP's params / grads state."""
+    pure = nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
+    return [pure["layers"][i] for i in range(len(SIZES) - 1)]
 
 
-def core_params(model):
-    return [{"kernel": layer.kernel[...], "bias": layer.bias[...]} for layer in model.layers]
+def core_feedback(feedback):
+    """The adapter's feedback keyed like the core MLP (``<i>/kernel``), for the closed forms."""
+    weights = {path.removeprefix("layers/"): leaf for path, leaf in feedback.weights.items()}
+    return dataclasses.replace(feedback, weights=weights)
 
 
-def dfa_blocks(model):
-    """The per-tap B_l (c, d_l) held by the converted root."""
-    projection = np.asarray(model.fa_dfa_feedback[...])
-    offsets = np.cumsum([tap.size for tap in model.fa_taps])[:-1]
-    return np.split(projection, offsets, axis=1)
+def closed_form(rule, model, x, t, step=None):
+    rule = fj.get_rule(rule)
+    params = layers_of(nnx.state(model, nnx.Param))
+    feedback = core_feedback(model.fa_feedback.get_value()) if hasattr(model, "fa_feedback") else None
+    return CLOSED_FORMS[rule.name](rule, params, feedback, x, t, "tanh", step)
 
 
-def core_feedback(rule, model):
-    if rule == "fa":
-        return fa_jax.FAFeedback([{"kernel": layer.fa_feedback[...], "bias": None} for layer in model.layers])
-    if rule == "dfa":
-        taps = tuple(fa_jax.TapSpec(f"layer_{i}", tap.shape) for i, tap in enumerate(model.fa_taps))
-        return fa_jax.DFAFeedback(model.fa_dfa_feedback[...], taps, (SIZES[-1],))
-    return None
-
-
-def numpy_feedback(rule, model):
-    if rule == "fa":
-        return [np.asarray(layer.fa_feedback[...]) for layer in model.layers]
-    if rule == "dfa":
-        return dfa_blocks(model)
-    return None
-
-
-def assert_matches_core_and_numpy(rule, loss, got, params, core_feedback, numpy_feedback, x, t):
-    """``got`` (list of {"kernel", "bias"}) equals the core's tanh-MLP gradients and the NumPy closed form."""
-    core_loss, core = fa_jax.value_and_grad(mlp("tanh"), mse, rule)(params, core_feedback, x, t)
-    want_loss, want = reference.gradients(params, x, t, "tanh", rule, numpy_feedback)
-    np.testing.assert_allclose(loss, core_loss, rtol=1e-6)
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-    for g, c, w in zip(got, core, want):
+def assert_layers_close(got, want, rtol=2e-5, atol=1e-6):
+    for g, w in zip(layers_of(got), want):
         for name in ("kernel", "bias"):
-            np.testing.assert_allclose(g[name], c[name], rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(g[name], w[name], rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(g[name], w[name], rtol=rtol, atol=atol)
 
 
-def nnx_grads(model, x, t, jit):
-    grad = nnx.value_and_grad(lambda m: mse(m(x), t))
+def converted(rule, seed=0, **kw):
+    x, _ = data()
+    return fnnx.convert(MLP(rngs=nnx.Rngs(seed)), rule, key=jax.random.key(seed + 100), inputs=x, **kw)
+
+
+def stateful_grads(model, x, t, *, jit, step=None):
+    def loss_fn(m):
+        return mse(fnnx.call(m, x, step=step, targets=t), t)
+
+    grad = nnx.value_and_grad(loss_fn)
     return (nnx.jit(grad) if jit else grad)(model)
 
 
-@pytest.mark.parametrize("jit", [False, True])
-@pytest.mark.parametrize("rule", ["bp", "fa", "dfa", "shallow"])
-def test_mlp_matches_core_and_numpy(rule, jit):
-    x, t = batch()
-    model = build(rule, x=x)
-    loss, grads = nnx_grads(model, x, t, jit)
-    got = [{"kernel": grads["layers"][i]["kernel"][...], "bias": grads["layers"][i]["bias"][...]} for i in range(3)]
-
-    params = core_params(model)
-    assert_matches_core_and_numpy(rule, loss, got, params, core_feedback(rule, model), numpy_feedback(rule, model), x, t)
-    if rule in ("fa", "dfa"):  # and not BP: the hidden gradients differ
-        _, bp = reference.gradients(params, x, t, "tanh", "bp")
-        assert not np.allclose(got[0]["kernel"], bp[0]["kernel"], atol=1e-3)
+RULES = [name for name in sorted(fj.RULES) if name in CLOSED_FORMS]
 
 
-def test_feedback_is_drawn_from_layer_key_of_its_path():
-    key = jax.random.key(7)
-    model = fnnx.convert(MLP(SIZES, rngs=nnx.Rngs(0)), "fa", key=key)
-    for i, layer in enumerate(model.layers):
-        want = fa_jax.FA().init(fa_jax.layer_key(key, f"layers/{i}/kernel"), layer.kernel.shape, jnp.float32)
-        np.testing.assert_array_equal(layer.fa_feedback[...], want)
-    x, _ = batch()
-    dfa = fnnx.convert(MLP(SIZES, rngs=nnx.Rngs(0)), "dfa", key=key, inputs=x)
-    assert [t.name for t in dfa.fa_taps] == ["layers/1:in", "layers/2:in"]  # layer 0 reads the model input
-    first = fa_jax.DFA().init(fa_jax.layer_key(key, "layers/1:in"), (SIZES[-1], SIZES[1]), jnp.float32)
-    np.testing.assert_array_equal(dfa_blocks(dfa)[0], first)
+@pytest.mark.parametrize("rule, jit", [(r, True) for r in RULES] + [(r, False) for r in ("fa", "dfa", "usf")])
+def test_stateful_matches_closed_form(rule, jit):
+    x, t = data()
+    model = converted(rule)
+    step = 3 if fj.get_rule(rule).needs_step else None
+    loss, grads = stateful_grads(model, x, t, jit=jit, step=step)
+    want_loss, want = closed_form(rule, model, x, t, step)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    assert_layers_close(grads, want)
 
 
-@pytest.mark.parametrize("rule", ["fa", "dfa"])
-def test_regenerated_feedback_gives_the_stored_numbers(rule):
-    x, t = batch()
-    stored = build(rule, x=x)
-    regen_rule = fa_jax.FA(regenerate=True) if rule == "fa" else fa_jax.DFA(regenerate=True)
-    regen = fnnx.convert(MLP(SIZES, rngs=nnx.Rngs(0)), regen_rule, key=jax.random.key(100), inputs=x)
-    assert all(jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key) for v in jax.tree.leaves(fnnx.feedback_of(regen)))
-    _, want = nnx_grads(stored, x, t, jit=True)
-    _, got = nnx_grads(regen, x, t, jit=True)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("rule, jit", [("fa", True), ("dfa", True), ("usf", True), ("drtp", True), ("brsf", True),
+                                       ("dfa", False)])
+def test_pure_path_matches_closed_form(rule, jit):
+    x, t = data(seed=1)
+    model = converted(rule, seed=1)
+    graphdef, params, state = fnnx.split(model)
+    grad_fn = fnnx.value_and_grad(graphdef, mse)
+    step = 5 if fj.get_rule(rule).needs_step else None
+    run = jax.jit(lambda p, s: grad_fn(p, s, x, t, step=step)) if jit else (lambda p, s: grad_fn(p, s, x, t, step=step))
+    loss, grads = run(params, state)
+    assert isinstance(grads, nnx.State)
+    want_loss, want = closed_form(rule, model, x, t, step)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    assert_layers_close(grads, want)
 
 
-def conv_input_gradient_numpy(g, B, stride, padding, in_hw):
-    """dx of a 2-D NHWC cross-correlation with B in place of W: dx[n, i·s+di−p, j·s+dj−p, c] += g[n,i,j,o] B[di,dj,c,o]."""
-    n, oh, ow, _ = g.shape
-    kh, kw, c_in, _ = B.shape
-    if padding == "SAME":
-        pads = [max((o - 1) * stride + k - size, 0) // 2 for o, k, size in ((oh, kh, in_hw[0]), (ow, kw, in_hw[1]))]
-    else:
-        pads = [0, 0]
-    dx = np.zeros((n, *in_hw, c_in))
-    for i in range(oh):
-        for j in range(ow):
-            for di in range(kh):
-                for dj in range(kw):
-                    r, c = i * stride + di - pads[0], j * stride + dj - pads[1]
-                    if 0 <= r < in_hw[0] and 0 <= c < in_hw[1]:
-                        dx[:, r, c, :] += g[:, i, j, :] @ B[di, dj].T
-    return dx
+def test_fa_with_w_as_b_is_bp_exactly_and_random_b_is_not():
+    x, t = data()
+    model = converted("fa")
+    plain = MLP(rngs=nnx.Rngs(0))
+    _, bp = nnx.value_and_grad(lambda m: mse(m(x), t))(plain)
+    _, random_b = stateful_grads(model, x, t, jit=False)
+    feedback = model.fa_feedback.get_value()
+    params = fj._feedback.by_path(nnx.state(model, nnx.Param))
+    model.fa_feedback.set_value(dataclasses.replace(feedback, weights={p: params[p] for p in feedback.weights}))
+    _, with_w = stateful_grads(model, x, t, jit=False)
+    for a, b in zip(jax.tree.leaves(with_w), jax.tree.leaves(bp)):
+        np.testing.assert_array_equal(a, b)
+    first_bp, first_fa = layers_of(bp)[0]["kernel"], layers_of(random_b)[0]["kernel"]
+    assert np.abs(np.asarray(first_bp) - np.asarray(first_fa)).max() > 1e-3
+    np.testing.assert_array_equal(layers_of(bp)[-1]["kernel"], layers_of(random_b)[-1]["kernel"])
 
 
-@pytest.mark.parametrize("stride,padding", [(1, "SAME"), (2, "SAME"), (1, "VALID"), (2, "VALID")])
-def test_conv_input_gradient_is_the_transposed_convolution_with_B(stride, padding):
-    conv = nnx.Conv(2, 3, (3, 3), strides=stride, padding=padding, rngs=nnx.Rngs(0))
-    holder = nnx.Sequential(conv)
-    fnnx.convert(holder, "fa", key=jax.random.key(1))
-    x = jax.random.normal(jax.random.key(2), (2, 7, 6, 2))
-    y, pullback = jax.vjp(lambda x_: holder(x_), x)
-    g = jax.random.normal(jax.random.key(3), y.shape)
-    (dx,) = pullback(g)
-    B = np.asarray(conv.fa_feedback[...], np.float64)
-    np.testing.assert_allclose(dx, conv_input_gradient_numpy(np.asarray(g, np.float64), B, stride, padding, (7, 6)),
-                               rtol=1e-4, atol=1e-5)
-    # lax.conv transpose reference: the VJP of a plain convolution whose kernel is B.
-    plain = lambda x_: jax.lax.conv_general_dilated(x_, jnp.asarray(B, jnp.float32), (stride,) * 2, padding,
-                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    np.testing.assert_allclose(dx, jax.vjp(plain, x)[1](g)[0], rtol=1e-4, atol=1e-5)
-    # the kernel gradient stays exact (BP's)
-    bp = nnx.Conv(2, 3, (3, 3), strides=stride, padding=padding, rngs=nnx.Rngs(0))
-    dw_bp = nnx.grad(lambda m: jnp.sum(m(x) * g))(bp)["kernel"][...]
-    dw_fa = nnx.grad(lambda m: jnp.sum(m(x) * g))(holder)["layers"][0]["kernel"][...]
-    np.testing.assert_allclose(dw_fa, dw_bp, rtol=1e-5, atol=1e-6)
+def test_dfa_taps_and_feedback_outside_params():
+    model = converted("dfa")
+    feedback = model.fa_feedback.get_value()
+    assert [t.name for t in feedback.layout.taps] == ["layers/1/kernel:in", "layers/2/kernel:in"]
+    assert feedback.taps.shape == (SIZES[-1], SIZES[1] + SIZES[2])
+    assert set(fnnx.feedback_of(model).keys()) == {"fa_feedback"}
+    assert "fa_feedback" not in nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-@pytest.mark.parametrize("rule", ["fa", "dfa"])
-def test_optax_chain_trains_and_feedback_is_bit_identical(rule):
-    x, t = batch(n=32)
-    model = build(rule, x=x)
-    before = jax.tree.map(np.array, fnnx.feedback_of(model))
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-2, weight_decay=0.5))
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    assert not jax.tree.leaves(nnx.state(optimizer.opt_state, fnnx.Feedback))
+def test_kolen_pollack_shrinks_b_minus_w_by_its_decay_per_step():
+    x, t = data()
+    decay = 0.25
+    model = converted(fj.KolenPollack(decay=decay))
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+
+    def gap(m):
+        params = fj._feedback.by_path(nnx.state(m, nnx.Param))
+        return {p: np.asarray(b) - np.asarray(params[p]) for p, b in m.fa_feedback.get_value().weights.items()}
 
     @nnx.jit
-    def step(model, optimizer):
-        loss, grads = nnx.value_and_grad(lambda m: mse(m(x), t))(model)
-        optimizer.update(model, grads)
-        return loss
+    def step(m, opt):
+        _, grads = nnx.value_and_grad(lambda m: mse(m(x), t))(m)
+        fnnx.optimizer_update(opt, m, grads)
 
-    losses = [float(step(model, optimizer)) for _ in range(100)]
-    assert losses[-1] < 0.5 * losses[0]
-    after = fnnx.feedback_of(model)
-    assert jax.tree.structure(after) == jax.tree.structure(before)
-    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
-        np.testing.assert_array_equal(np.asarray(a), b)
+    before = gap(model)
+    step(model, optimizer)
+    after = gap(model)
+    for path in before:
+        np.testing.assert_allclose(after[path], (1 - decay) * before[path], rtol=1e-4, atol=1e-6)
+
+    # The pure form: update_feedback on the split state, the same factor.
+    graphdef, params, state = fnnx.split(model)
+    grads = fnnx.value_and_grad(graphdef, mse)(params, state, x, t)[1]
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new_state = fnnx.update_feedback(model.fa_rule, state, updates, params)
+    new_params = optax.apply_updates(params, updates)
+    old_b = state["fa_feedback"].get_value().weights
+    new_b = new_state["fa_feedback"].get_value().weights
+    w0, w1 = fj._feedback.by_path(params), fj._feedback.by_path(new_params)
+    for path in old_b:
+        np.testing.assert_allclose(new_b[path] - w1[path], (1 - decay) * (old_b[path] - w0[path]), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("rule", ["fa", "dfa"])
-def test_pure_path_vmap_over_8_seeds_equals_single_runs(rule):
-    x, t = batch()
+@pytest.mark.parametrize("rule", ["fa", "dfa", "usf"])
+def test_fixed_feedback_unchanged_by_adamw_with_weight_decay(rule):
+    x, t = data()
+    model = converted(rule)
+    before = jax.tree.map(np.asarray, model.fa_feedback.get_value())
+    params_before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2, weight_decay=0.5), wrt=nnx.Param)
 
-    def init(seed):
-        model = MLP(SIZES, rngs=nnx.Rngs(jax.random.key(seed)))
-        fnnx.convert(model, rule, key=jax.random.fold_in(jax.random.key(100), seed), inputs=x)
-        _, params, feedback = fnnx.split(model)
-        return params, feedback
+    @nnx.jit
+    def step(m, opt):
+        _, grads = nnx.value_and_grad(lambda m: mse(m(x), t))(m)
+        fnnx.optimizer_update(opt, m, grads)
 
-    graphdef, _, _ = fnnx.split(build(rule, x=x))
+    for _ in range(20):
+        step(model, optimizer)
+    after = model.fa_feedback.get_value()
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)
+    moved = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    assert all(np.abs(np.asarray(a) - b).max() > 0 for a, b in zip(moved, jax.tree.leaves(params_before)))
+
+
+def test_brsf_without_step_raises_and_evaluates():
+    x, t = data()
+    model = converted("brsf")
+    assert model(x).shape == (8, SIZES[-1])  # a forward needs no step
+    with pytest.raises(ValueError, match="step"):
+        nnx.grad(lambda m: mse(m(x), t))(model)
+    graphdef, params, state = fnnx.split(model)
+    with pytest.raises(ValueError, match="step"):
+        fnnx.value_and_grad(graphdef, mse)(params, state, x, t)
+
+
+def test_drtp_without_targets_raises():
+    x, t = data()
+    model = converted("drtp")
+    with pytest.raises(ValueError, match="targets"):
+        nnx.grad(lambda m: mse(m(x), t))(model)
+
+
+def test_jacrev_of_the_pure_dfa_update_matches_finite_differences():
+    with jax.enable_x64(True):
+        sizes = (3, 4, 3, 2)
+        x = jax.random.normal(jax.random.key(1), (5, 3), jnp.float64)
+        t = jax.nn.one_hot(jnp.arange(5) % 2, 2, dtype=jnp.float64)
+        model = fnnx.convert(MLP(sizes, rngs=nnx.Rngs(0), dtype=jnp.float64), "dfa", key=jax.random.key(3), inputs=x)
+        graphdef, params, state = fnnx.split(model)
+        grad_fn = fnnx.value_and_grad(graphdef, mse)
+        flat, unravel = jax.flatten_util.ravel_pytree(params)
+
+        @jax.jit
+        def update(vector):
+            return jax.flatten_util.ravel_pytree(grad_fn(unravel(vector), state, x, t)[1])[0]
+
+        jacobian = jax.jacrev(update)(flat)
+        eps = 1e-6
+        numeric = np.stack(
+            [(update(flat.at[i].add(eps)) - update(flat.at[i].add(-eps))) / (2 * eps) for i in range(flat.size)], axis=1
+        )
+        np.testing.assert_allclose(jacobian, numeric, rtol=1e-5, atol=1e-7)
+        assert not np.allclose(jacobian, jacobian.T, atol=1e-6)  # not a gradient field
+
+
+def test_pure_path_vmaps_over_models():
+    x, t = data()
+    models = [converted("dfa", seed=s) for s in (0, 1)]
+    splits = [fnnx.split(m) for m in models]
+    graphdef = splits[0][0]
     grad_fn = fnnx.value_and_grad(graphdef, mse)
-
-    def train(params, feedback):  # an SGD step, pure
-        for _ in range(1):
-            _, grads = grad_fn(params, feedback, x, t)
-            params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
-        return grad_fn(params, feedback, x, t)
-
-    seeds = jnp.arange(8)
-    params, feedback = jax.vmap(init)(seeds)
-    losses, grads = jax.jit(jax.vmap(train))(params, feedback)
-    for i in (0, 5):
-        single = jax.jit(train)(*init(jnp.int32(i)))
-        np.testing.assert_allclose(losses[i], single[0], rtol=1e-5)
-        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(single[1])):
-            np.testing.assert_allclose(a[i], b, rtol=1e-4, atol=1e-6)
-    assert len(set(np.round(np.asarray(losses), 6))) == 8  # seeds differ
+    params = jax.tree.map(lambda *a: jnp.stack(a), *[s[1] for s in splits])
+    state = jax.tree.map(lambda *a: jnp.stack(a), *[s[2] for s in splits])
+    losses, grads = jax.jit(jax.vmap(lambda p, s: grad_fn(p, s, x, t)))(params, state)
+    for i, (_, p, s) in enumerate(splits):
+        loss, want = grad_fn(p, s, x, t)
+        np.testing.assert_allclose(losses[i], loss, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-7)
 
 
-class Plain(nnx.Module):
-    def __init__(self, rngs):
-        self.norm = nnx.LayerNorm(4, rngs=rngs)
-
-    def __call__(self, x):
-        return self.norm(x)
-
-
-def test_errors_are_clear():
-    x, _ = batch()
-    with pytest.raises(ValueError, match="no layer it can handle.*Linear"):
-        fnnx.convert(Plain(nnx.Rngs(0)), "fa", key=jax.random.key(0))
-    with pytest.raises(ValueError, match="no layer it can handle"):
-        fnnx.convert(Plain(nnx.Rngs(0)), "dfa", key=jax.random.key(0), inputs=jnp.ones((2, 4)))
-    with pytest.raises(ValueError, match=r"\['layers/9'\] name no module"):
-        fnnx.convert(MLP(SIZES, rngs=nnx.Rngs(0)), "dfa", key=jax.random.key(0), inputs=x, taps=["layers/9"])
-    with pytest.raises(ValueError, match="needs blocks="):
-        fnnx.convert(MLP(SIZES, rngs=nnx.Rngs(0)), "dfa", key=jax.random.key(0), inputs=x, taps="macro")
-    with pytest.raises(ValueError, match="needs inputs="):
-        fnnx.convert(MLP(SIZES, rngs=nnx.Rngs(0)), "dfa", key=jax.random.key(0))
-    with pytest.raises(TypeError, match="typed PRNG key"):
-        fnnx.convert(MLP(SIZES, rngs=nnx.Rngs(0)), "fa", key=0)
-    model = build("fa")
-    with pytest.raises(ValueError, match="already converted"):
-        fnnx.convert(model, "fa", key=jax.random.key(0))
-    custom = MLP(SIZES, rngs=nnx.Rngs(0))
-    custom.layers[1].dot_general = lambda *a, **k: jax.lax.dot_general(*a, **k)
-    with pytest.raises(ValueError, match="layer 'layers/1'.*custom"):
-        fnnx.convert(custom, "fa", key=jax.random.key(0))
-    dfa = build("dfa", x=x)
-    with pytest.raises(ValueError, match="outside its converted root"):
-        dfa.layers[1](jnp.ones((2, SIZES[1])))  # a tapped layer on its own would silently be BP
-
-
-def test_shared_prefix_dfa_matches_core():
-    x, t = batch()
-    rule = fa_jax.DFA(shared_prefix=True)
-    model = fnnx.convert(MLP(SIZES, rngs=nnx.Rngs(0)), rule, key=jax.random.key(3), inputs=x)
-    assert model.fa_dfa_feedback.shape == (SIZES[-1], max(SIZES[1:-1]))  # one matrix, prefixes per tap
-    loss, grads = nnx_grads(model, x, t, jit=True)
-    taps = tuple(fa_jax.TapSpec(f"layer_{i}", tap.shape) for i, tap in enumerate(model.fa_taps))
-    core_fb = fa_jax.DFAFeedback(model.fa_dfa_feedback[...], taps, (SIZES[-1],), shared_prefix=True)
-    _, core = fa_jax.value_and_grad(mlp("tanh"), mse, rule)(core_params(model), core_fb, x, t)
-    for i in range(3):
-        np.testing.assert_allclose(grads["layers"][i]["kernel"][...], core[i]["kernel"], rtol=1e-5, atol=1e-6)
-
-
-class Residual(nnx.Module):
-    """LayerNorm, dropout and a residual around two linear layers."""
+class Stateful(nnx.Module):
+    """BatchNorm statistics, dropout with its own rng stream, a call-time flag and a call-time Rngs."""
 
     def __init__(self, rngs):
-        self.inp = nnx.Linear(SIZES[0], 8, rngs=rngs)
-        self.norm = nnx.LayerNorm(8, rngs=rngs)
-        self.inner = nnx.Linear(8, 8, rngs=rngs)
+        self.a = nnx.Linear(5, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
         self.drop = nnx.Dropout(0.3, rngs=rngs)
-        self.out = nnx.Linear(8, SIZES[-1], rngs=rngs)
+        self.b = nnx.Linear(8, 3, rngs=rngs)
 
-    def __call__(self, x):
-        h = self.inp(x)
-        h = h + self.drop(jnp.tanh(self.inner(self.norm(h))))
-        return self.out(h)
-
-
-def test_norm_dropout_residual_pass_through_fa_with_B_equal_to_W_is_bp():
-    x, t = batch()
-    bp = Residual(nnx.Rngs(0))
-    fa = fnnx.convert(Residual(nnx.Rngs(0)), "fa", key=jax.random.key(1))
-    want = nnx.grad(lambda m: mse(m(x), t))(bp)
-    _, fa_grads = nnx_grads(fa, x, t, jit=False)
-    assert not np.allclose(fa_grads["inp"]["kernel"][...], want["inp"]["kernel"][...], atol=1e-4)
-    same = fnnx.convert(Residual(nnx.Rngs(0)), "fa", key=jax.random.key(1))
-    for layer in (same.inp, same.inner, same.out):
-        layer.fa_feedback.set_value(layer.kernel[...])
-    got = nnx.grad(lambda m: mse(m(x), t))(same)  # same dropout mask: same Rngs seed, first call
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_every_registered_rule_converts():
-    """The rule family (uSF, frSF, brSF, KP, DRTP) goes through the adapter like FA and DFA (tests/test_flax_family.py)."""
-    for name in fa_jax.RULES:
-        model = fnnx.convert(MLP(SIZES, rngs=nnx.Rngs(0)), name, key=jax.random.key(0), inputs=batch()[0])
-        assert model(batch()[0]).shape == (8, SIZES[-1])
-
-
-@nnx.split_rngs(splits=3)
-@nnx.vmap(in_axes=(0,), out_axes=0)
-def _stacked_linear(rngs):
-    return nnx.Linear(SIZES[0], SIZES[0], rngs=rngs)
-
-
-class Stacked(nnx.Module):
-    """Three layers as one stacked nnx.Linear (kernel (3, d, d)) run with nnx.scan."""
-
-    def __init__(self, rngs):
-        self.layers = _stacked_linear(rngs)
-        self.head = nnx.Linear(SIZES[0], SIZES[-1], rngs=rngs)
-
-    def __call__(self, x):
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
-        def body(x, layer):
-            return jnp.tanh(layer(x))
-
-        return self.head(body(x, self.layers))
+    def __call__(self, x, *, train: bool = True, rngs: nnx.Rngs | None = None, mode: str = "tanh"):
+        h = getattr(jnp, mode)(self.a(x))
+        h = self.bn(h, use_running_average=not train)
+        return self.b(self.drop(h, deterministic=not train, rngs=rngs))
 
 
 @pytest.mark.parametrize("rule", ["fa", "dfa"])
-def test_layer_stacks_raise_instead_of_one_B_for_the_stack(rule):
-    with pytest.raises(ValueError, match=r"layer 'layers'.*\(5, 5\), given \(3, 5, 5\).*nnx.scan"):
-        fnnx.convert(Stacked(nnx.Rngs(0)), rule, key=jax.random.key(0), inputs=batch()[0])
+def test_state_updates_and_call_arguments_pass_through(rule):
+    x, t = data()
+    model = fnnx.convert(Stateful(nnx.Rngs(0)), rule, key=jax.random.key(1), inputs=x, train=True)
+    reference = Stateful(nnx.Rngs(0))
+    call_rngs, reference_rngs = nnx.Rngs(dropout=7), nnx.Rngs(dropout=7)
+
+    @nnx.jit
+    def loss_of(m, rngs):
+        return nnx.value_and_grad(lambda m, r: mse(m(x, train=True, rngs=r, mode="tanh"), t))(m, rngs)
+
+    loss, _ = loss_of(model, call_rngs)
+    want = mse(reference(x, train=True, rngs=reference_rngs), t)
+    np.testing.assert_allclose(loss, want, rtol=1e-6)  # same dropout mask, same statistics
+    np.testing.assert_allclose(model.bn.mean[...], reference.bn.mean[...], rtol=1e-6)
+    assert int(call_rngs.dropout.count[...]) == int(reference_rngs.dropout.count[...]) == 1
+    # The model's own stream advances when no rngs are passed; eval mode leaves statistics alone.
+    count = int(model.drop.rngs.count[...])
+    model(x)
+    assert int(model.drop.rngs.count[...]) == count + 1
+    mean = np.asarray(model.bn.mean[...])
+    model(x, train=False)
+    np.testing.assert_array_equal(model.bn.mean[...], mean)
 
 
-class AttentionEinsum(nnx.Module):
-    """nnx.MultiHeadAttention (four nnx.LinearGeneral) and an nnx.Einsum head."""
-
-    def __init__(self, rngs):
-        self.attn = nnx.MultiHeadAttention(2, 6, qkv_features=8, decode=False, rngs=rngs)
-        self.head = nnx.Einsum("bsd,dk->bsk", (6, 3), (3,), rngs=rngs)
-
-    def __call__(self, x):
-        return self.head(x + self.attn(x))
-
-
-def test_fa_with_B_equal_to_W_is_bp_through_linear_general_and_einsum():
-    x = jax.random.normal(jax.random.key(0), (3, 4, 6))
-    objective = lambda m: jnp.sum(jnp.sin(m(x)))
-    want = nnx.grad(objective)(AttentionEinsum(nnx.Rngs(0)))
-    model = fnnx.convert(AttentionEinsum(nnx.Rngs(0)), "fa", key=jax.random.key(1))
-    converted = [p for p, m in nnx.iter_modules(model) if hasattr(m, "fa_feedback")]
-    assert sorted(converted) == [("attn", "key"), ("attn", "out"), ("attn", "query"), ("attn", "value"), ("head",)]
-    fa = nnx.jit(nnx.grad(objective))(model)
-    assert not np.allclose(fa["attn"]["query"]["kernel"][...], want["attn"]["query"]["kernel"][...], atol=1e-4)
-    for _, module in nnx.iter_modules(model):
-        if hasattr(module, "fa_feedback"):
-            module.fa_feedback.set_value(module.kernel[...])
-    got = nnx.jit(nnx.grad(objective))(model)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+def test_stateful_pure_and_core_agree():
+    x, t = data()
+    model = converted("dfa")
+    _, stateful = stateful_grads(model, x, t, jit=True)
+    graphdef, params, state = fnnx.split(model)
+    _, pure = fnnx.value_and_grad(graphdef, mse)(params, state, x, t)
+    plain = MLP(rngs=nnx.Rngs(0))
+    plain_graphdef, plain_params = nnx.split(plain)
+    core_fn = fj.value_and_grad(lambda p, x: nnx.merge(plain_graphdef, p)(x), mse, "dfa")
+    _, core = core_fn(plain_params, model.fa_feedback.get_value(), x, t)
+    for a, b, c in zip(jax.tree.leaves(stateful), jax.tree.leaves(pure), jax.tree.leaves(core)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
 
 
-class _Block(nnx.Module):
-    def __init__(self, width, rngs):
-        self.lin = nnx.Linear(width, width, rngs=rngs)
-
-    def __call__(self, x):
-        return jnp.tanh(self.lin(x))
+def test_bp_returns_the_model_unchanged():
+    model = MLP(rngs=nnx.Rngs(0))
+    assert fnnx.convert(model, "bp") is model and type(model) is MLP
+    assert fnnx.rule_of(model).name == "bp"
 
 
-class _RematWrapper(nnx.Module):
-    """Applies nnx.remat to its child inside its own call: a tap on the wrapper stays in the model's trace."""
-
-    def __init__(self, block, remat):
-        self.block, self.remat = block, remat
-
-    def __call__(self, x):
-        return nnx.remat(lambda block, h: block(h))(self.block, x) if self.remat else self.block(x)
-
-
-class _RematNet(nnx.Module):
-    def __init__(self, remat, rngs):
-        self.inp = nnx.Linear(SIZES[0], 8, rngs=rngs)
-        self.blocks = nnx.List([_RematWrapper(_Block(8, rngs), remat) for _ in range(2)])
-        self.out = nnx.Linear(8, SIZES[-1], rngs=rngs)
-
-    def __call__(self, x):
-        h = jnp.tanh(self.inp(x))
-        for block in self.blocks:
-            h = block(h)
-        return self.out(h)
-
-
-def _remat_grads(rule, remat, **convert_kwargs):
-    x, t = batch()
-    model = fnnx.convert(_RematNet(remat, nnx.Rngs(0)), rule, key=jax.random.key(1), inputs=x, **convert_kwargs)
-    return nnx.value_and_grad(lambda m: mse(m(x), t))(model)[1]
-
-
-@pytest.mark.parametrize("rule, taps", [("fa", None), ("dfa", ["inp", "blocks/0", "blocks/1"])])
-def test_remat_gives_the_same_gradients_when_taps_wrap_it(rule, taps):
-    """nnx.remat changes memory, not gradients: FA layers inside it, DFA taps on modules that wrap it."""
-    kwargs = {} if taps is None else {"taps": taps}
-    plain, remat = _remat_grads(rule, False, **kwargs), _remat_grads(rule, True, **kwargs)
-    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("taps", ["layer", ["inp", "blocks/0/block"]])
-def test_dfa_tap_inside_remat_raises_instead_of_a_wrong_gradient(taps):
-    # The tap's value would belong to the checkpoint's inner trace: before this check, DFA
-    # silently returned gradients that differed from the un-remat'd model's.
-    with pytest.raises(ValueError, match=r"tap 'blocks/0/block(/lin:in)?' ran inside a JAX transformation"):
-        _remat_grads("dfa", True, taps=taps)
-
-
-class _WithConvTranspose(nnx.Module):
-    def __init__(self, rngs):
-        self.inp = nnx.Linear(SIZES[0], 6, rngs=rngs)
-        self.up = nnx.ConvTranspose(6, 6, (1,), rngs=rngs)  # calls lax.conv_transpose directly
-        self.out = nnx.Linear(6, SIZES[-1], rngs=rngs)
-
-    def __call__(self, x):
-        h = jnp.tanh(self.inp(x))
-        h = jnp.tanh(self.up(h[:, None, :])[:, 0])
-        return self.out(h)
-
-
-@pytest.mark.parametrize("rule", ["fa", "usf", "kp", "dfa"])
-def test_a_kernel_the_adapter_cannot_intercept_raises_instead_of_silent_bp(rule):
-    x, _ = batch()
-    with pytest.raises(ValueError, match=rf"rule '{rule}': layer 'up' \(ConvTranspose\) holds a kernel .* silently be BP's"):
-        fnnx.convert(_WithConvTranspose(nnx.Rngs(0)), rule, key=jax.random.key(1), inputs=x)
-    # Whole-block DFA taps leave BP inside blocks by design (Launay et al. 2020): allowed.
-    if rule == "dfa":
-        fnnx.convert(_WithConvTranspose(nnx.Rngs(0)), rule, key=jax.random.key(1), inputs=x, taps=["inp", "up"])
+def test_errors():
+    x, _ = data()
+    with pytest.raises(ValueError, match="inputs"):
+        fnnx.convert(MLP(rngs=nnx.Rngs(0)), "fa", key=jax.random.key(0))
+    with pytest.raises(TypeError, match="model"):
+        fnnx.convert(lambda x: x, "fa", key=jax.random.key(0), inputs=x)
+    model = converted("fa")
+    with pytest.raises(ValueError, match="already converted"):
+        fnnx.convert(model, "fa", key=jax.random.key(0), inputs=x)
+    with pytest.raises(ValueError, match="taps"):
+        fnnx.convert(MLP(rngs=nnx.Rngs(0)), "dfa", key=jax.random.key(0), inputs=x, taps="everywhere")
+    with pytest.raises(ValueError, match="blocks"):
+        fnnx.convert(MLP(rngs=nnx.Rngs(0)), "dfa", key=jax.random.key(0), inputs=x, taps="macro")
+    with pytest.raises(ValueError, match=r"\['nowhere'\] name no module"):
+        fnnx.convert(MLP(rngs=nnx.Rngs(0)), "dfa", key=jax.random.key(0), inputs=x, taps=["nowhere"])
+    with pytest.raises(ValueError, match="taps='marked'"):
+        fnnx.convert(MLP(rngs=nnx.Rngs(0)), fj.DFA(taps="marked"), key=jax.random.key(0), inputs=x, taps="layer")
+    with pytest.raises(TypeError, match="key"):
+        fnnx.convert(MLP(rngs=nnx.Rngs(0)), "fa", key=0, inputs=x)
+    fresh = MLP(rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError):
+        fnnx.convert(fresh, "dfa", key=jax.random.key(0), inputs=x, taps=["layers/0"], blocks=None, exact=["nope"])
+    assert type(fresh) is MLP and not hasattr(fresh.layers[0], "fa_tap")  # a failed convert leaves the model alone

@@ -1,7 +1,8 @@
-"""Small, ordinary Flax models (NNX and Linen) used by the Flax tests, benchmark and docs.
+"""Small, ordinary Flax models (NNX and Linen) used by the Flax tests and benchmarks/step_time_flax.py.
 
 Nothing here knows about feedback: these are the "unmodified models" that
-``fa_jax.nnx.convert`` and ``fa_jax.linen.adapt`` train with FA or DFA.
+``fa_jax.nnx.convert`` and ``fa_jax.linen.adapt`` train with any rule. Sub-modules
+are called with keyword arguments where Flax allows it, as real models do.
 
 * ``CNN``: ``(n, 8, 8, 1) -> (n, classes)``: conv-relu-pool, conv-relu, dense.
 * ``Transformer``: a causal character model ``(n, seq) int -> (n, seq, vocab)``:
@@ -49,8 +50,8 @@ class Block(nnx.Module):
 
     def __call__(self, x):
         causal = nnx.make_causal_mask(jnp.ones(x.shape[:2]))
-        x = x + self.attn(self.ln1(x), mask=causal)
-        return x + self.mlp(self.ln2(x))
+        x = x + self.attn(inputs_q=self.ln1(x), mask=causal)
+        return x + self.mlp(x=self.ln2(x))
 
 
 class Transformer(nnx.Module):
@@ -65,7 +66,7 @@ class Transformer(nnx.Module):
     def __call__(self, tokens):
         x = self.embed(tokens) + self.position[...][: tokens.shape[1]]
         for block in self.blocks:
-            x = block(x)
+            x = block(x=x)
         return self.head(self.ln(x))
 
 
@@ -87,7 +88,7 @@ class LinenBlock(nn.Module):
     def __call__(self, x):
         dim = x.shape[-1]
         causal = nn.make_causal_mask(jnp.ones(x.shape[:2]))
-        x = x + nn.MultiHeadDotProductAttention(self.heads)(nn.LayerNorm()(x), mask=causal)
+        x = x + nn.MultiHeadDotProductAttention(self.heads)(inputs_q=nn.LayerNorm()(x), mask=causal)
         return x + nn.Dense(dim)(nn.gelu(nn.Dense(4 * dim)(nn.LayerNorm()(x))))
 
 
@@ -103,5 +104,5 @@ class LinenTransformer(nn.Module):
         position = self.param("position", nn.initializers.normal(0.02), (self.seq, self.dim))
         x = nn.Embed(self.vocab, self.dim)(tokens) + position[: tokens.shape[1]]
         for _ in range(self.depth):
-            x = LinenBlock(self.heads)(x)
+            x = LinenBlock(self.heads)(x=x)
         return nn.Dense(self.vocab)(nn.LayerNorm()(x))
