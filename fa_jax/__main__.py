@@ -1,4 +1,4 @@
-from fa_jax.cli import main
+from fa_jax.experiments.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Command line: ``python -m fa_jax run TASK`` (also the ``fa-jax`` console script).
 
-Trains every rule for every seed (one jitted sweep per rule), shows a progress
+Trains every rule (any name registered in ``fa_jax.RULES``) for every seed (one jitted sweep per rule), shows a progress
 bar, prints mean ± std of the task's metric per rule, and writes
 ``results.json``, ``results.csv`` and ``curves.png`` to ``--out``.
 Bad input ends with a one-line ``fa-jax: error: ...`` and exit status 2.
@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-from fa_jax._rules import RULES
+from fa_jax import RULES
 
 DEFAULT_RULES = "bp,fa,dfa,shallow"
 
@@ -40,11 +40,13 @@ def _parse_rules(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from fa_jax.experiments import TASKS
 
-    parser = _Parser(prog="fa-jax", description="fa_jax experiments: BP, FA, DFA and shallow on offline data.")
+    parser = _Parser(prog="fa-jax", description="fa_jax experiments: BP, FA, DFA, their family and shallow on offline data.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     run = sub.add_parser("run", help="train every rule for every seed and report a results table")
     run.add_argument("task", help=f"one of {', '.join(TASKS)}")
-    run.add_argument("--rules", default=DEFAULT_RULES, help=f"comma list of rules (default {DEFAULT_RULES})")
+    run.add_argument(
+        "--rules", default=DEFAULT_RULES, help=f"comma list of rules among {', '.join(sorted(RULES))} (default {DEFAULT_RULES})"
+    )
     run.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the task's, 8)")
     run.add_argument("--steps", type=int, default=None, help="training steps per run (default: the task's)")
     run.add_argument("--out", default=None, help="output directory (default results/TASK)")
