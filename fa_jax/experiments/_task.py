@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-
-from fa_jax import _rules
 
 
 class Task(NamedTuple):
@@ -22,13 +19,15 @@ class Task(NamedTuple):
       data: pytree of arrays (train and evaluation), an explicit argument of the
         jitted training loop so it is not baked into the program as a constant.
       init_params: ``init_params(*, key) -> params``.
-      model: ``model(params, inputs, ops) -> outputs`` written against fa_jax ops.
+      model: ``model(params, inputs) -> outputs``, a plain JAX function; its hidden
+        activations are marked with :func:`fa_jax.tap` (where DFA, DRTP and shallow cut).
+        The leading dims the output and taps share (2 for a per-token LM loss) are
+        found by the engine, never set by the task.
       loss: ``loss(outputs, targets) -> scalar``.
       batch: ``batch(data, key, step) -> (inputs, targets)``; ``key`` is the seed's
         data key, so the data order is a function of the seed.
       evaluate: ``evaluate(params, data) -> scalar`` metric (plain forward).
       optimizer: an optax transformation (it only ever sees ``params``).
-      batch_dims: leading dims shared by outputs and taps (2 for per-token LM losses).
       steps, eval_every, seeds: defaults for the runner.
       baselines: reference values printed beside the table (e.g. a unigram model).
       description: one line for ``--help`` and the results file.
@@ -44,19 +43,11 @@ class Task(NamedTuple):
     batch: Callable
     evaluate: Callable
     optimizer: optax.GradientTransformation
-    batch_dims: int = 1
     steps: int = 1000
     eval_every: int = 100
     seeds: int = 8
     baselines: dict = {}
     description: str = ""
-
-    def rule(self, name: str | _rules.Rule) -> _rules.Rule:
-        """The rule value for this task (DFA and shallow get the task's ``batch_dims``)."""
-        rule = _rules.get_rule(name)
-        if isinstance(rule, (_rules.DFA, _rules.Shallow)) and rule.batch_dims != self.batch_dims:
-            return dataclasses.replace(rule, batch_dims=self.batch_dims)
-        return rule
 
 
 def sample_rows(n: int, batch_size: int, key: jax.Array, step: jax.Array) -> jax.Array:

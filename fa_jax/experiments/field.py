@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from fa_jax import apply
-from fa_jax import data as datasets
+from fa_jax.experiments import data as datasets
 from fa_jax.experiments._task import Task, row_batches
 from fa_jax.models import init_mlp, mlp
 

@@ -2,7 +2,7 @@
 
 ``Z = Â · tap(tanh(Â X W₁)) · W₂`` with ``Â = D^{-1/2}(A + I)D^{-1/2}``. Full-batch
 training on the labelled nodes (20 per class); metric: accuracy on the other
-nodes. The graph is :func:`fa_jax.data.make_csbm` (generated, seed 0), or a
+nodes. The graph is :func:`fa_jax.experiments.data.make_csbm` (generated, seed 0), or a
 Planetoid-style ``.npz`` (e.g. Cora) from ``--data``.
 """
 
@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fa_jax import apply
-from fa_jax import data as datasets
+from fa_jax import apply, tap
+from fa_jax.experiments import data as datasets
 from fa_jax.experiments._task import Task
 from fa_jax.models import init_mlp
 
@@ -25,12 +25,15 @@ def normalized_adjacency(adjacency: np.ndarray) -> np.ndarray:
     return (a * inv_sqrt[:, None] * inv_sqrt[None, :]).astype(np.float32)
 
 
-def gcn(params, inputs, ops):
-    """``inputs = (Â (n, n), X (n, d))`` → logits ``(n, classes)``; the hidden layer is tapped."""
+def gcn(params, inputs):
+    """``inputs = (Â (n, n), X (n, d))`` → logits ``(n, classes)``; the hidden layer is tapped.
+
+    ``Z = Â · tap(tanh(Â (X W₁ + b₁))) · W₂ + Â b₂`` (Kipf & Welling 2017, eq. 9, with biases).
+    """
     adjacency, x = inputs
     first, second = params
-    h = ops.tap(jnp.tanh(adjacency @ ops.dense(x, first["kernel"], first["bias"])), name="gcn_0")
-    return adjacency @ ops.dense(h, second["kernel"], second["bias"])
+    h = tap(jnp.tanh(adjacency @ (x @ first["kernel"] + first["bias"])), name="gcn_0")
+    return adjacency @ (h @ second["kernel"] + second["bias"])
 
 
 def make_task(*, data: str | None = None, hidden: int = 64, learning_rate: float = 1e-2, steps: int = 200,
@@ -49,13 +52,15 @@ def make_task(*, data: str | None = None, hidden: int = 64, learning_rate: float
     }
     sizes = (graph.features.shape[1], hidden, graph.num_classes)
 
-    def masked_loss(logits, targets):
-        labels, mask = targets
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    def masked_loss(logits, labels):
+        """Mean cross-entropy over the labelled nodes; ``labels (n,)`` is ``-1`` at every unlabelled node."""
+        mask = (labels >= 0).astype(logits.dtype)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
         return jnp.sum(ce * mask) / jnp.sum(mask)
 
     def batch(data, key, step):  # full batch: the seed sets init and feedback only
-        return (data["adjacency"], data["x"]), (data["y"], data["train"])
+        # Unlabelled nodes carry label -1: masked out of the loss, and a zero one-hot for DRTP's target.
+        return (data["adjacency"], data["x"]), jnp.where(data["train"] > 0, data["y"], -1)
 
     def evaluate(params, data):
         logits = apply(gcn, params, (data["adjacency"], data["x"]))

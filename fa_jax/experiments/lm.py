@@ -1,11 +1,12 @@
 """Character-level language model: a small causal Transformer on CPython standard-library sources.
 
-Corpus: :data:`fa_jax.data.STDLIB_FILES` from the running interpreter (ASCII
+Corpus: :data:`fa_jax.experiments.data.STDLIB_FILES` from the running interpreter (ASCII
 bytes, vocabulary 128); the last 10% is validation. Model: token + position
 embeddings, ``layers`` pre-norm blocks (causal self-attention, GELU MLP), a
 linear head. With DFA each block's output is tapped (the "macro" placement of
-Launay et al. 2020) and the per-token loss makes taps ``(batch, seq, d)``,
-hence ``DFA(batch_dims=2)``. Metric: validation bits per character, beside a
+Launay et al. 2020) and the per-token loss makes taps ``(batch, seq, d)``:
+the engine finds ``batch_dims = 2`` (the batch and position axes), so DFA
+and DRTP project each token's error or target on its own. Metric: validation bits per character, beside a
 unigram model's (character frequencies of the training text).
 """
 
@@ -16,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fa_jax import apply
-from fa_jax import data as datasets
+from fa_jax import apply, tap
+from fa_jax.experiments import data as datasets
 from fa_jax.experiments._task import Task, cross_entropy
 
 
@@ -47,24 +48,29 @@ def _norm(x):
     return (x - x.mean(-1, keepdims=True)) * jax.lax.rsqrt(x.var(-1, keepdims=True) + 1e-5)
 
 
-def transformer(heads: int):
-    """``model(params, tokens (b, t), ops) -> logits (b, t, vocab)``; each block's output is tapped."""
+def _dense(x: jax.Array, layer: dict) -> jax.Array:
+    """``x W + b`` over any leading dims: ``(..., d_in) -> (..., d_out)``."""
+    return x @ layer["kernel"] + layer["bias"]
 
-    def model(params, tokens, ops):
+
+def transformer(heads: int):
+    """``model(params, tokens (b, t)) -> logits (b, t, vocab)``; each block's output is tapped ``block_<i>``."""
+
+    def model(params, tokens):
         t = tokens.shape[-1]
         x = params["embed"][tokens] + params["pos"][:t]
         causal = jnp.tril(jnp.ones((t, t), bool))
         for index, block in enumerate(params["blocks"]):
-            q, k, v = jnp.split(ops.dense(_norm(x), block["qkv"]["kernel"], block["qkv"]["bias"]), 3, axis=-1)
+            q, k, v = jnp.split(_dense(_norm(x), block["qkv"]), 3, axis=-1)
             split = lambda a: a.reshape(*a.shape[:-1], heads, -1)  # noqa: E731
             q, k, v = split(q), split(k), split(v)
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
             attention = jax.nn.softmax(jnp.where(causal, scores, -1e9), axis=-1)
             mixed = jnp.einsum("bhqk,bkhd->bqhd", attention, v).reshape(x.shape)
-            x = x + ops.dense(mixed, block["proj"]["kernel"], block["proj"]["bias"])
-            hidden = jax.nn.gelu(ops.dense(_norm(x), block["up"]["kernel"], block["up"]["bias"]))
-            x = ops.tap(x + ops.dense(hidden, block["down"]["kernel"], block["down"]["bias"]), name=f"block_{index}")
-        return ops.dense(_norm(x), params["head"]["kernel"], params["head"]["bias"])
+            x = x + _dense(mixed, block["proj"])
+            hidden = jax.nn.gelu(_dense(_norm(x), block["up"]))
+            x = tap(x + _dense(hidden, block["down"]), name=f"block_{index}")
+        return _dense(_norm(x), params["head"])
 
     return model
 
@@ -101,7 +107,7 @@ def make_task(
     return Task(
         name="lm", metric="valid_bits_per_char", higher_is_better=False, data=arrays,
         init_params=lambda *, key: init_transformer(text.vocab_size, d, layers, seq, key=key), model=net,
-        loss=cross_entropy, batch=batch, evaluate=evaluate, optimizer=optax.adam(learning_rate), batch_dims=2,
+        loss=cross_entropy, batch=batch, evaluate=evaluate, optimizer=optax.adam(learning_rate),
         steps=steps, eval_every=eval_every, seeds=seeds,
         baselines={"unigram": unigram_bits(text.train, text.valid, text.vocab_size)},
         description=f"CPython stdlib sources ({len(text.train):,} train / {len(text.valid):,} valid chars, "

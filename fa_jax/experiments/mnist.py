@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fa_jax import apply
-from fa_jax import data as datasets
+from fa_jax import apply, tap
+from fa_jax.experiments import data as datasets
 from fa_jax.experiments._task import Task, accuracy, cross_entropy, row_batches
 from fa_jax.models import init_mlp, mlp
 
@@ -47,15 +47,21 @@ def init_cnn(side: int, classes: int, channels: Sequence[int] = (8, 16), *, key:
     return params
 
 
-def cnn(side: int):
-    """``model(params, x, ops)``: ``x (n, side²)`` → stride-2 3×3 convs with tanh, each tapped → logits ``(n, classes)``."""
+def conv(h: jax.Array, kernel: jax.Array, bias: jax.Array, *, stride: int = 2) -> jax.Array:
+    """Channels-last ``SAME`` convolution: ``h (n, s, s, c_in)``, ``kernel (3, 3, c_in, c_out)`` → ``(n, ⌈s/stride⌉, ⌈s/stride⌉, c_out)``."""
+    out = jax.lax.conv_general_dilated(h, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return out + bias
 
-    def model(params, x, ops):
+
+def cnn(side: int):
+    """``model(params, x)``: ``x (n, side²)`` → stride-2 3×3 convs with tanh, each tapped → logits ``(n, classes)``."""
+
+    def model(params, x):
         h = x.reshape(x.shape[0], side, side, 1)
         *convs, head = params
         for index, layer in enumerate(convs):
-            h = ops.tap(jnp.tanh(ops.conv(h, layer["kernel"], layer["bias"], strides=2)), name=f"conv_{index}")
-        return ops.dense(h.reshape(h.shape[0], -1), head["kernel"], head["bias"])
+            h = tap(jnp.tanh(conv(h, layer["kernel"], layer["bias"])), name=f"conv_{index}")
+        return h.reshape(h.shape[0], -1) @ head["kernel"] + head["bias"]
 
     return model
 
