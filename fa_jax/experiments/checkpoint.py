@@ -14,17 +14,28 @@ the position in the data; nothing else needs saving to resume bit for bit.
   checkpoints are kept.
 * **Checked restores.** Before any array is read, the stored config and leaf
   specs are compared with the current run's; a different rule, model, seed
-  list or shape raises :class:`CheckpointMismatch` naming what differs.
+  list or shape raises :class:`CheckpointMismatch` naming what differs. The
+  rule enters by :func:`rule_identity`: ``rule.name`` and every option of
+  ``rule.config()``, callables by qualified name and arguments; an option that
+  cannot be named (a lambda, a closure over an array) is refused before
+  anything is saved.
 * **No pickles.** Arrays go to orbax's tensorstore format, typed PRNG keys as
   their ``key_data`` (restored with ``wrap_key_data`` and the key's impl),
   metadata as JSON.
-* Feedback is restored exactly as saved; nothing here can change B.
+* Feedback (a :class:`fa_jax.Feedback`: B, M, keys, DFA's projection, and
+  Kolen–Pollack's learned B) is restored exactly as saved; its static layout
+  (taps, batch dims, exact paths) is part of the state's tree structure and is
+  compared like it. Nothing here can change B.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
+import numbers
 import os
+import types
 from typing import Any
 
 import jax
@@ -38,6 +49,91 @@ FORMAT = 1
 
 class CheckpointMismatch(ValueError):
     """The checkpoint on disk was written by a different run (rule, model, shapes...)."""
+
+
+def _qualified(value: Any) -> str | None:
+    """``module.qualname`` of a function or class, ``None`` when it has none."""
+    module, qualname = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if qualname is None:
+        qualname = getattr(value, "__name__", None)
+    return None if not (isinstance(module, str) and isinstance(qualname, str)) else f"{module}.{qualname}"
+
+
+def name_option(value: Any, where: str) -> Any:
+    """A JSON value that names ``value`` (a rule option) by what it is, not where it lives in memory.
+
+    Scalars and strings are themselves; dtypes their name; sequences and string-keyed
+    dicts element by element; a dataclass (e.g. ``fa_jax.Tiled(rows=8)``) its class and
+    fields; ``functools.partial`` its function, args and keywords; a function its
+    qualified name, plus the values it closes over (``jax.nn.initializers.lecun_normal()``
+    is ``variance_scaling.<locals>.init`` over ``scale=1.0, mode='fan_in', …``).
+
+    Raises:
+      TypeError: ``value`` (or something inside it) cannot be named: a lambda, an
+        array, an object of another kind. The message names ``where``.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
+        return {"dtype": str(np.dtype(value))}
+    if isinstance(value, type) and isinstance(getattr(value, "dtype", None), np.dtype):  # jnp.float32, jnp.bfloat16
+        return {"dtype": str(value.dtype)}
+    if _checks.is_array(value):
+        raise TypeError(
+            f"{where}: an array ({_checks.describe(value)}) cannot be named in a checkpoint's run identity; pass "
+            "what it is built from (a seed, a shape, an initializer) instead"
+        )
+    if isinstance(value, (tuple, list)):
+        return [name_option(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: name_option(v, f"{where}[{k!r}]") for k, v in sorted(value.items())}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: name_option(getattr(value, f.name), f"{where}.{f.name}") for f in dataclasses.fields(value)}
+        return {"class": _qualified(type(value)), "fields": fields}
+    if isinstance(value, functools.partial):
+        return {
+            "partial": name_option(value.func, f"{where}.func"),
+            "args": [name_option(a, f"{where}.args[{i}]") for i, a in enumerate(value.args)],
+            "keywords": {k: name_option(v, f"{where}.keywords[{k!r}]") for k, v in sorted(value.keywords.items())},
+        }
+    name = _qualified(value) if callable(value) else None
+    if isinstance(value, types.FunctionType):
+        if "<lambda>" in name:
+            raise TypeError(
+                f"{where}: a lambda ({name}) cannot be named in a checkpoint's run identity; use a function "
+                "defined with def, a functools.partial of one, or a dataclass"
+            )
+        closure = value.__closure__ or ()
+        cells = {v: name_option(c.cell_contents, f"{where} (closed-over {v!r})")
+                 for v, c in zip(value.__code__.co_freevars, closure)}
+        return {"function": name, "closure": cells} if cells else {"function": name}
+    if isinstance(value, (types.BuiltinFunctionType, np.ufunc)) or (name is not None and isinstance(value, type)):
+        return {"function": name}
+    if name is not None and "<" not in name:
+        return {"function": name}  # a module-level callable object (jax.nn.relu, a jitted function)
+    raise TypeError(
+        f"{where}: cannot name a {type(value).__qualname__} in a checkpoint's run identity; expected "
+        "a number, a string, a dtype, a function defined with def, a functools.partial of one, or a dataclass"
+    )
+
+
+def rule_identity(rule: Any) -> dict:
+    """``{"name": rule.name, "config": {option: named value}}``: what a checkpoint records of the rule.
+
+    Every option of ``rule.config()`` is named by :func:`name_option`, so
+    ``FA(init=fa_jax.xavier())`` and ``FA()`` are different runs.
+
+    Raises:
+      TypeError: an option cannot be named (the message names the rule and the option).
+    """
+    return {
+        "name": rule.name,
+        "config": {k: name_option(v, f"rule {rule.name!r} option {k}") for k, v in sorted(rule.config().items())},
+    }
 
 
 def leaf_specs(state: Any) -> list[dict]:

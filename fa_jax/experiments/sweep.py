@@ -10,6 +10,12 @@ numbers, because the data order is ``fold_in(data_key, step)``.
 Seed ``s`` fixes everything random: ``key(s)`` splits into the init, feedback
 and data keys. Seed ``i`` of a sweep equals :func:`run_single` with seed ``i``.
 
+Every step asks the rule, never its type: the gradient is
+``fa_jax.value_and_grad(task.model, task.loss, rule)`` called with ``step=t``
+(brSF redraws its magnitudes from it), and after the optimizer step the
+feedback becomes ``rule.update_feedback(feedback, updates=u, params=W)``
+(Kolen–Pollack learns B there; every other rule returns it unchanged).
+
 The seed axis is laid out over a 1-d :class:`jax.sharding.Mesh` (axis
 ``"seed"``, all devices by default) with ``NamedSharding`` and split with
 ``jax.shard_map``. Inside a device the seeds run with one of two strategies:
@@ -25,7 +31,6 @@ one training step (see :func:`choose_strategy`).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from typing import Any, Callable, NamedTuple, Sequence
@@ -37,7 +42,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import fa_jax
-from fa_jax import _checks, _rules
+from fa_jax import _checks
 from fa_jax.experiments import divergence
 from fa_jax.experiments._task import Task
 
@@ -53,13 +58,14 @@ class TrainState(NamedTuple):
     Attributes:
       params: model parameters.
       opt_state: optax state (of ``params`` only; feedback is never optimized).
-      feedback: the rule's feedback (``None`` for BP and shallow).
+      feedback: the rule's :class:`fa_jax.Feedback` (empty for BP); changed only by
+        ``rule.update_feedback`` (Kolen–Pollack's learned B).
       key: the data key; batch ``t`` is drawn from ``fold_in``-derived keys of it.
       step: int32 scalar, steps done.
       metrics: ``(n_evals + 1,)`` metric after ``0, E, 2E, …`` steps (NaN = not reached).
       losses: ``(n_evals + 1,)`` mean training loss over each interval (index 0 is NaN).
       diverged_at: int32 scalar, ``-1``, or the step whose loss, gradients or
-        update first had a NaN/Inf; from then on params and opt_state stay frozen.
+        update first had a NaN/Inf; from then on params, opt_state and feedback stay frozen.
     """
 
     params: Any
@@ -96,8 +102,13 @@ def _n_evals(task: Task, steps: int) -> int:
     return steps // task.eval_every
 
 
-def init_state(task: Task, rule: _rules.Rule, data: Any, seed: jax.Array, *, steps: int) -> TrainState:
-    """The state of one run with ``seed`` (traceable: ``seed`` may be a traced int)."""
+def init_state(task: Task, rule: fa_jax.Rule, data: Any, seed: jax.Array, *, steps: int) -> TrainState:
+    """The state of one run with ``seed`` (traceable: ``seed`` may be a traced int).
+
+    The feedback is drawn for the model's program on the first training batch
+    (``fa_jax.init_feedback(rule, params, key=, model=, inputs=)``): the engine finds
+    the weights, the taps and their batch dims there (2 for a per-token LM loss).
+    """
     init_key, feedback_key, data_key = jax.random.split(jax.random.key(seed), 3)
     params = task.init_params(key=init_key)
     inputs, _ = task.batch(data, data_key, jnp.int32(0))
@@ -110,10 +121,13 @@ def init_state(task: Task, rule: _rules.Rule, data: Any, seed: jax.Array, *, ste
     )
 
 
-def _train_step(task: Task, rule: _rules.Rule) -> Callable:
-    """``step(params, opt_state, feedback, data, key, t) -> (params, opt_state, loss, finite)``: one update.
+def _train_step(task: Task, rule: fa_jax.Rule) -> Callable:
+    """``step(params, opt_state, feedback, data, key, t) -> (params, opt_state, feedback, loss, finite)``: one update.
 
-    ``finite`` says the loss, the gradients and the new params are free of NaN/Inf.
+    ``W ← W + u`` with the optimizer's ``u``, then ``feedback ← rule.update_feedback(feedback,
+    updates=u, params=W)`` (for Kolen–Pollack ``B ← B + u − λ(B − W)``, Akrout et al. 2019,
+    eq. 6). ``finite`` says the loss, the gradients, the new params and the new feedback
+    are free of NaN/Inf.
     """
     grad_fn = fa_jax.value_and_grad(task.model, task.loss, rule)
 
@@ -121,38 +135,38 @@ def _train_step(task: Task, rule: _rules.Rule) -> Callable:
         inputs, targets = task.batch(data, key, t)
         loss, grads = grad_fn(params, feedback, inputs, targets, step=t)  # brSF redraws M from (seed, step)
         updates, opt_state = task.optimizer.update(grads, opt_state, params)
+        feedback = rule.update_feedback(feedback, updates=updates, params=params)  # params before the update
         params = optax.apply_updates(params, updates)
-        return params, opt_state, loss, divergence.all_finite((loss, grads, params))
+        return params, opt_state, feedback, loss, divergence.all_finite((loss, grads, params, feedback))
 
     return step
 
 
-def _chunk(task: Task, rule: _rules.Rule) -> Callable:
+def _chunk(task: Task, rule: fa_jax.Rule) -> Callable:
     """``chunk(state, data, n_intervals) -> state`` for one seed: nested ``lax.scan``s."""
     step = _train_step(task, rule)
 
     def train_step(carry, _):
-        params, opt_state, state = carry
-        new_params, new_opt_state, loss, finite = step(params, opt_state, state.feedback, state.data, state.key, state.step)
-        # A seed with a NaN/Inf is frozen at its last finite state; the other seeds go on.
-        (params, opt_state), diverged_at = divergence.guard(
-            (params, opt_state), (new_params, new_opt_state), finite=finite, step=state.step, diverged_at=state.diverged_at
-        )
-        return (params, opt_state, state._replace(step=state.step + 1, diverged_at=diverged_at)), loss
+        learned, ctx = carry
+        *new, loss, finite = step(*learned, ctx.data, ctx.key, ctx.step)
+        # A seed with a NaN/Inf is frozen at its last finite state (params, optimizer and
+        # feedback: KP learns B from the same update); the other seeds go on.
+        learned, diverged_at = divergence.guard(learned, tuple(new), finite=finite, step=ctx.step, diverged_at=ctx.diverged_at)
+        return (learned, ctx._replace(step=ctx.step + 1, diverged_at=diverged_at)), loss
 
-    class _Ctx(NamedTuple):  # what a step reads besides params and opt_state
+    class _Ctx(NamedTuple):  # what a step reads besides params, opt_state and feedback
         data: Any
         key: jax.Array
-        feedback: Any
         step: jax.Array
         diverged_at: jax.Array
 
     def interval(state: TrainState, data):
-        ctx = _Ctx(data, state.key, state.feedback, state.step, state.diverged_at)
-        (params, opt_state, ctx), losses = jax.lax.scan(train_step, (state.params, state.opt_state, ctx), length=task.eval_every)
+        ctx = _Ctx(data, state.key, state.step, state.diverged_at)
+        learned = (state.params, state.opt_state, state.feedback)
+        ((params, opt_state, feedback), ctx), losses = jax.lax.scan(train_step, (learned, ctx), length=task.eval_every)
         slot = ctx.step // task.eval_every
         return state._replace(
-            params=params, opt_state=opt_state, step=ctx.step, diverged_at=ctx.diverged_at,
+            params=params, opt_state=opt_state, feedback=feedback, step=ctx.step, diverged_at=ctx.diverged_at,
             metrics=state.metrics.at[slot].set(task.evaluate(params, data)),
             losses=state.losses.at[slot].set(losses.mean()),
         )
@@ -163,9 +177,9 @@ def _chunk(task: Task, rule: _rules.Rule) -> Callable:
     return chunk
 
 
-def make_single(task: Task, rule: str | _rules.Rule, *, steps: int | None = None) -> Callable:
+def make_single(task: Task, rule: str | fa_jax.Rule, *, steps: int | None = None) -> Callable:
     """``run(data, seed) -> TrainState``: one jitted run (a ``lax.scan`` over all steps)."""
-    rule = task.rule(rule)
+    rule = fa_jax.get_rule(rule)
     steps = task.steps if steps is None else steps
     chunk = _chunk(task, rule)
 
@@ -176,12 +190,12 @@ def make_single(task: Task, rule: str | _rules.Rule, *, steps: int | None = None
     return run
 
 
-def run_single(task: Task, rule: str | _rules.Rule, seed: int, *, steps: int | None = None) -> TrainState:
+def run_single(task: Task, rule: str | fa_jax.Rule, seed: int, *, steps: int | None = None) -> TrainState:
     """One run with ``seed``: the reference a sweep must match."""
     return make_single(task, rule, steps=steps)(task.data, jnp.int32(seed))
 
 
-def step_flops(task: Task, rule: _rules.Rule) -> float:
+def step_flops(task: Task, rule: fa_jax.Rule) -> float:
     """XLA's FLOP estimate of one training step of one seed (0 when unavailable)."""
     try:
         state = jax.eval_shape(lambda d: init_state(task, rule, d, jnp.int32(0), steps=task.eval_every), task.data)
@@ -194,7 +208,7 @@ def step_flops(task: Task, rule: _rules.Rule) -> float:
         return 0.0
 
 
-def choose_strategy(task: Task, rule: _rules.Rule, mesh: Mesh) -> tuple[str, int]:
+def choose_strategy(task: Task, rule: fa_jax.Rule, mesh: Mesh) -> tuple[str, int]:
     """``(strategy, batch_size)``: ``vmap`` off CPU or for small steps; on CPU above
     :data:`CPU_VMAP_MAX_FLOPS`, ``lax.map`` over chunks of 4 seeds (a 4-wide vmap
     keeps batched matmuls efficient; 16-wide ones were slower than a loop)."""
@@ -210,7 +224,7 @@ def seed_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def make_trainer(
-    task: Task, rule: str | _rules.Rule, n_seeds: int, *, steps: int | None = None, strategy: str = "auto",
+    task: Task, rule: str | fa_jax.Rule, n_seeds: int, *, steps: int | None = None, strategy: str = "auto",
     batch_size: int = 1, mesh: Mesh | None = None,
 ) -> Trainer:
     """Jitted ``init``/``run_chunk`` for ``n_seeds`` seeds of ``task`` under ``rule``.
@@ -221,7 +235,7 @@ def make_trainer(
       mesh: 1-d mesh named ``"seed"`` (default: all devices). Seeds are padded
         to a multiple of its size; padding seeds continue the seed numbering.
     """
-    rule = task.rule(rule)
+    rule = fa_jax.get_rule(rule)
     steps = task.steps if steps is None else steps
     _n_evals(task, steps)  # validates steps
     mesh = seed_mesh() if mesh is None else mesh
@@ -267,7 +281,12 @@ def make_trainer(
 
 
 class SweepResult(NamedTuple):
-    """Per-seed curves of one rule: ``metrics``/``losses`` ``(n_seeds, n_evals + 1)``, ``steps (n_evals + 1,)``."""
+    """Per-seed curves of one rule: ``metrics``/``losses`` ``(n_seeds, n_evals + 1)``, ``steps (n_evals + 1,)``.
+
+    ``state`` is the final :class:`TrainState` of the asked seeds (leading axis
+    ``n_seeds``, padding seeds dropped): params, optimizer state and feedback
+    (e.g. Kolen–Pollack's learned B) after the last step.
+    """
 
     rule: str
     seeds: np.ndarray
@@ -276,6 +295,7 @@ class SweepResult(NamedTuple):
     losses: np.ndarray
     strategy: str
     diverged_at: np.ndarray | None = None  # (n_seeds,) step each seed diverged at, -1 if it did not
+    state: TrainState | None = None
 
     @property
     def final(self) -> np.ndarray:
@@ -288,16 +308,22 @@ class SweepResult(NamedTuple):
         return divergence.summarize(self.final, diverged_at, self.seeds)
 
 
-def sweep_config(task: Task, rule: _rules.Rule, seeds: np.ndarray, steps: int, chunks: int) -> dict:
-    """What a checkpoint must agree on to be resumed by this sweep (JSON-able)."""
-    fields = {
-        f.name: getattr(rule, f.name)
-        for f in dataclasses.fields(rule)
-        if isinstance(getattr(rule, f.name), (bool, int, float, str))
-    } if dataclasses.is_dataclass(rule) else {}
+def sweep_config(task: Task, rule: fa_jax.Rule, seeds: np.ndarray, steps: int, chunks: int) -> dict:
+    """What a checkpoint must agree on to be resumed by this sweep (JSON-able).
+
+    The rule enters as ``rule.name`` and ``rule.config()`` with every option named
+    (callables by qualified name and arguments, see :func:`checkpoint.rule_identity`).
+
+    Raises:
+      TypeError: a rule option that cannot be named (a lambda, a closure over arrays).
+    """
+    from fa_jax.experiments.checkpoint import rule_identity
+
+    identity = rule_identity(rule)
     return {
-        "task": task.name, "description": task.description, "rule": rule.name, "rule_options": fields,
-        "seeds": [int(s) for s in seeds], "steps": steps, "eval_every": task.eval_every, "chunks": chunks,
+        "task": task.name, "description": task.description, "rule": identity["name"],
+        "rule_options": identity["config"], "seeds": [int(s) for s in seeds], "steps": steps,
+        "eval_every": task.eval_every, "chunks": chunks,
     }
 
 
@@ -311,7 +337,7 @@ def _to_host(tree: Any) -> Any:
 
 
 def run_sweep(
-    task: Task, rule: str | _rules.Rule, seeds: int | Sequence[int] = 8, *, steps: int | None = None,
+    task: Task, rule: str | fa_jax.Rule, seeds: int | Sequence[int] = 8, *, steps: int | None = None,
     chunks: int = 1, strategy: str = "auto", batch_size: int = 1, mesh: Mesh | None = None,
     on_chunk: Callable[[int], None] | None = None, checkpoint_dir: str | None = None,
     checkpoint_every: int | None = None,
@@ -345,13 +371,14 @@ def run_sweep(
     every = chunk_steps if checkpoint_every is None else _checks.check_int(checkpoint_every, "checkpoint_every", minimum=1)
     if every % chunk_steps:
         raise ValueError(f"checkpoint_every={every} must be a multiple of the chunk size, {chunk_steps} steps")
+    rule = fa_jax.get_rule(rule)
+    config = None if checkpoint_dir is None else sweep_config(task, rule, seeds, steps, chunks)  # refuse unnamed options first
     trainer = make_trainer(task, rule, len(seeds), steps=steps, strategy=strategy, batch_size=batch_size, mesh=mesh)
     state = trainer.init(seeds)
     checkpointer, start = None, 0
     if checkpoint_dir is not None:
         from fa_jax.experiments.checkpoint import Checkpointer  # orbax is imported only when asked for
 
-        config = sweep_config(task, task.rule(rule), seeds, steps, chunks)
         checkpointer = Checkpointer(checkpoint_dir, every=every, config=config)
         restored = checkpointer.restore(like=state)
         if restored is not None:
@@ -367,7 +394,9 @@ def run_sweep(
             on_chunk(done)
     metrics, losses, diverged_at = _to_host((state.metrics, state.losses, state.diverged_at))
     n = len(seeds)
+    addressable = all(leaf.is_fully_addressable for leaf in jax.tree.leaves(state))
     return SweepResult(
-        task.rule(rule).name, seeds, np.arange(n_evals + 1) * task.eval_every,
+        rule.name, seeds, np.arange(n_evals + 1) * task.eval_every,
         np.asarray(metrics)[:n], np.asarray(losses)[:n], trainer.strategy, np.asarray(diverged_at)[:n],
+        jax.tree.map(lambda x: x[:n], state) if addressable else None,
     )
