@@ -1,7 +1,11 @@
-"""A tiny task for the reliability tests, and a child-process entry point that can die on cue.
+"""A tiny task for the reliability and runner tests, and a child-process entry point that can die on cue.
+
+:func:`recording_sgd` is plain SGD that also keeps every gradient it was given
+in its state, so a test can read a sweep's gradients back and compare them with
+the core's ``fa_jax.value_and_grad``.
 
 ``python tests/reliability_task.py MODE STEP -- run tiny ...`` runs the real
-command line (``fa_jax.cli.main``) on this task and SIGKILLs itself:
+command line (``fa_jax.experiments.cli.main``) on this task and SIGKILLs itself:
 
 * ``after STEP``: right after the first chunk that ends at or past ``STEP``
   (after its checkpoint, if that chunk saves one);
@@ -16,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +61,27 @@ def make_task(*, steps: int = 48, eval_every: int = 4, seeds: int = 3, optimizer
     )
 
 
+class Recorded(NamedTuple):
+    """State of :func:`recording_sgd`: steps done, and the gradient of each step ``(steps, *param shape)``."""
+
+    count: jax.Array
+    grads: Any
+
+
+def recording_sgd(learning_rate: float, steps: int) -> optax.GradientTransformation:
+    """``u = -learning_rate · g``, with ``g`` of step ``t`` stored at ``state.grads[t]`` (the first ``steps`` steps)."""
+
+    def init(params):
+        return Recorded(jnp.int32(0), jax.tree.map(lambda p: jnp.zeros((steps, *p.shape), p.dtype), params))
+
+    def update(grads, state, params=None):
+        del params
+        kept = jax.tree.map(lambda h, g: h.at[state.count].set(g, mode="drop"), state.grads, grads)  # past `steps`: kept as is
+        return jax.tree.map(lambda g: -learning_rate * g, grads), Recorded(state.count + 1, kept)
+
+    return optax.GradientTransformation(init, update)
+
+
 def _install_kill(mode: str, at: int) -> None:
     from fa_jax.experiments import checkpoint
 
@@ -82,8 +108,7 @@ if __name__ == "__main__":
     mode, at, separator, *argv = sys.argv[1:]
     assert separator == "--", "usage: reliability_task.py MODE STEP -- CLI ARGS"
     jax.config.update("jax_platforms", "cpu")
-    from fa_jax import cli
-    from fa_jax.experiments import TASKS
+    from fa_jax.experiments import TASKS, cli
 
     TASKS["tiny"] = "reliability_task"
     if mode != "none":

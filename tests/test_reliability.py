@@ -1,5 +1,6 @@
-"""Reliability: SIGKILL and resume bit for bit, safe checkpoint writes, checked restores,
-diverged seeds frozen and left out of means, identical results for the same command."""
+"""Reliability: SIGKILL and resume bit for bit (Kolen–Pollack's learned B included), safe checkpoint
+writes, checked restores (rule options by name), diverged seeds frozen and left out of means,
+identical results for the same command."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import fa_jax as fj
 import reliability_task
+from fa_jax._checks import is_key
 from fa_jax.experiments import divergence
 from fa_jax.experiments.checkpoint import Checkpointer, CheckpointMismatch
 from fa_jax.experiments.sweep import make_trainer, run_sweep
@@ -36,7 +39,7 @@ def _env(cache: str | None) -> dict:
 
 def _child(mode: str, at: int, out: str, checkpoint_dir: str, cache: str) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, CHILD, mode, str(at), "--", "run", "tiny", "--rules", "fa", "--seeds", "3",
+        sys.executable, CHILD, mode, str(at), "--", "run", "tiny", "--rules", "kp", "--seeds", "3",
         "--steps", str(STEPS), "--strategy", "vmap", "--no-plot", "--quiet", "--out", out,
         "--checkpoint-dir", checkpoint_dir, "--checkpoint-every", str(EVERY),
     ]
@@ -80,7 +83,7 @@ def test_sigkill_five_times_then_resume_is_bit_identical(tmp_path):
     for mode, at in plan:
         proc = _child(mode, at, str(tmp_path / "out"), ck, cache)
         assert proc.returncode == -signal.SIGKILL, (mode, at, proc.returncode, proc.stderr[-2000:])
-        steps, temporary = _steps_on_disk(os.path.join(ck, "fa"))
+        steps, temporary = _steps_on_disk(os.path.join(ck, "kp"))
         newest = steps[-1] if steps else 0  # a kill before the first save leaves nothing: start over
         assert newest >= latest, (mode, at, steps)  # resumed, never went back
         if mode == "saving":
@@ -92,18 +95,19 @@ def test_sigkill_five_times_then_resume_is_bit_identical(tmp_path):
 
     final = _child("none", 0, str(tmp_path / "out"), ck, cache)
     assert final.returncode == 0, final.stderr[-2000:]
-    assert _steps_on_disk(os.path.join(ck, "fa"))[1] == []  # the stale temporary directory was cleaned
+    assert _steps_on_disk(os.path.join(ck, "kp"))[1] == []  # the stale temporary directory was cleaned
 
     # Metrics, losses and the final state (params, optimizer, feedback, key...) bit for bit.
     assert _results(str(tmp_path / "out")) == _results(str(tmp_path / "ref"))
-    got, meta = _final_arrays(os.path.join(ck, "fa"))
-    want, _ = _final_arrays(str(tmp_path / "ref_ck" / "fa"))
+    got, meta = _final_arrays(os.path.join(ck, "kp"))
+    want, _ = _final_arrays(str(tmp_path / "ref_ck" / "kp"))
     assert meta["step"] == STEPS and got.keys() == want.keys()
     for name in want:
         assert got[name].dtype == want[name].dtype and got[name].tobytes() == want[name].tobytes(), name
     paths = [leaf["path"] for leaf in meta["leaves"]]
-    for part in ("params/", "opt_state/", "feedback/", "key", "step", "metrics", "losses", "diverged_at"):
+    for part in ("params/", "opt_state/", "feedback/weights/", "key", "step", "metrics", "losses", "diverged_at"):
         assert any(p.startswith(part) for p in paths), (part, paths)
+    assert meta["config"]["rule"] == "kp" and meta["config"]["rule_options"]["decay"] == 1e-3
     assert any(leaf["dtype"].startswith("key<") for leaf in meta["leaves"])  # the data key, typed
 
 
@@ -123,9 +127,10 @@ def test_same_command_twice_gives_identical_json(tmp_path):
     assert payload["rules"]["dfa"]["healthy_seeds"] == 2 and payload["rules"]["dfa"]["diverged"] == {}
 
 
-def test_one_diverging_seed_is_frozen_and_the_others_match():
+@pytest.mark.parametrize("rule", ["fa", "kp"])
+def test_one_diverging_seed_is_frozen_and_the_others_match(rule):
     task = reliability_task.make_task(optimizer="sgd", steps=24, eval_every=4)
-    trainer = make_trainer(task, "fa", 8, strategy="vmap")
+    trainer = make_trainer(task, rule, 8, strategy="vmap")
     start = trainer.init()
     baseline = trainer.run_chunk(start, 24)
     hyper = start.opt_state.hyperparams
@@ -138,9 +143,13 @@ def test_one_diverging_seed_is_frozen_and_the_others_match():
     others = np.arange(8) != 3
     for got, want in zip(jax.tree.leaves(diverged._replace(key=None)), jax.tree.leaves(baseline._replace(key=None))):
         np.testing.assert_array_equal(np.asarray(got)[others], np.asarray(want)[others])
-    # Seed 3 froze at its last finite state: no NaN/Inf reached its params or optimizer state.
-    for leaf in jax.tree.leaves((diverged.params, diverged.opt_state)):
+    # Seed 3 froze at its last finite state: no NaN/Inf reached its params, optimizer state or
+    # feedback (KP learns B from the same update that blew up W).
+    for leaf in jax.tree.leaves((diverged.params, diverged.opt_state, diverged.feedback)):
         assert np.all(np.isfinite(np.asarray(leaf)[3]))
+    if rule == "kp":  # B learned up to the divergence, then stayed
+        assert not np.array_equal(np.asarray(diverged.feedback.weights["0/kernel"][3]),
+                                  np.asarray(start.feedback.weights["0/kernel"][3]))
     assert not np.all(np.isfinite(np.asarray(diverged.losses)[3, 1:]))  # the loss shows it
 
     final = np.asarray(diverged.metrics)[:, -1]
@@ -241,13 +250,17 @@ def test_sweep_refuses_bad_seeds_steps_and_periods(tmp_path):
 
 
 def test_brsf_and_data_order_depend_only_on_seed_and_step():
-    from fa_jax._sign import BRSF
     from fa_jax.experiments._task import sample_rows
 
     # M_t = |init(fold_in(k, t))|: a pure function of (layer key, step).
-    rule, weight, key = BRSF(), jnp.ones((4, 3)), jax.random.key(3)
-    np.testing.assert_array_equal(rule.backward_matrix(weight, (key, 5)), rule.backward_matrix(weight, (key, 5)))
-    assert not np.array_equal(rule.backward_matrix(weight, (key, 5)), rule.backward_matrix(weight, (key, 6)))
+    rule, weight, key = fj.BRSF(), jnp.ones((4, 3)), jax.random.key(3)
+    spec = fj.WeightSpec("0/kernel", (4, 3), jnp.float32, ("in", "out"))
+
+    def matrix(step):
+        return rule.backward_matrix(weight, key, spec=spec, step=step)
+
+    np.testing.assert_array_equal(matrix(5), matrix(5))
+    assert not np.array_equal(matrix(5), matrix(6))
     data_key = jax.random.key(11)
     np.testing.assert_array_equal(sample_rows(48, 8, data_key, jnp.int32(9)), sample_rows(48, 8, data_key, jnp.int32(9)))
 
@@ -259,3 +272,68 @@ def test_brsf_and_data_order_depend_only_on_seed_and_step():
     np.testing.assert_array_equal(one.metrics, two.metrics[::-1])
     np.testing.assert_array_equal(one.losses, two.losses[::-1])
     assert np.all(one.diverged_at == -1)
+
+
+def test_learned_feedback_round_trips_exactly_through_a_sweep_checkpoint(tmp_path):
+    """A finished KP sweep resumed from its checkpoint restores the whole state bit for bit, learned B included."""
+    task = reliability_task.make_task(steps=8, eval_every=4)
+    first = run_sweep(task, "kp", 2, chunks=2, strategy="vmap", checkpoint_dir=str(tmp_path))
+    again = run_sweep(task, "kp", 2, chunks=2, strategy="vmap", checkpoint_dir=str(tmp_path))  # nothing left to train
+    assert jax.tree.structure(again.state) == jax.tree.structure(first.state)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(again.state), jax.tree.leaves(first.state)):
+        if is_key(want):
+            got, want = jax.random.key_data(got), jax.random.key_data(want)
+        assert np.asarray(got).tobytes() == np.asarray(want).tobytes(), jax.tree_util.keystr(path)
+    initial = make_trainer(task, "kp", 2, strategy="vmap").init().feedback
+    assert not np.array_equal(np.asarray(first.state.feedback.weights["0/kernel"]), np.asarray(initial.weights["0/kernel"]))
+    np.testing.assert_array_equal(again.metrics, first.metrics)
+
+
+def test_feedback_layouts_and_keys_round_trip_and_other_layouts_are_refused(tmp_path):
+    """DFA's projection with its static layout (taps, batch dims), regenerated FA's keys and the exact paths."""
+    task = reliability_task.make_task()
+    params = task.init_params(key=jax.random.key(0))
+    inputs = task.data["x_train"][:8]
+
+    def feedback(rule, **kw):
+        return fj.init_feedback(rule, params, key=jax.random.key(1), model=task.model, inputs=inputs, **kw)
+
+    state = {"dfa": feedback("dfa"), "fa": feedback(fj.FA(regenerate=True), exact="2/kernel")}
+    assert state["dfa"].layout.batch_dims == 1 and state["fa"].exact == ("2/kernel",)
+    Checkpointer(tmp_path, every=1, config={}).save(1, state)
+    restored = Checkpointer(tmp_path, every=1, config={}).restore(like=state)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    assert restored["dfa"].layout == state["dfa"].layout and restored["fa"].exact == ("2/kernel",)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        assert is_key(got) == is_key(want)
+        if is_key(want):
+            assert jax.random.key_impl(got) == jax.random.key_impl(want)
+            got, want = jax.random.key_data(got), jax.random.key_data(want)
+        assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
+    # Same leaves, other static layout (taps cut at every layer input, other exact paths): refused.
+    for other in ({"dfa": feedback(fj.DFA(taps="layer")), "fa": state["fa"]},
+                  {"dfa": state["dfa"], "fa": feedback(fj.FA(regenerate=True), exact="0/kernel")}):
+        with pytest.raises(CheckpointMismatch):
+            Checkpointer(tmp_path, every=1, config={}).restore(like=other)
+
+
+def test_resume_refuses_other_rule_options_and_unnamed_ones(tmp_path):
+    task = reliability_task.make_task(steps=4, eval_every=4)
+    run_sweep(task, "fa", 1, strategy="vmap", checkpoint_dir=str(tmp_path))
+    # Same rule name, another initializer for B: a different run, named in the message.
+    with pytest.raises(CheckpointMismatch, match="rule_options.*fan_in.*fan_avg"):
+        run_sweep(task, fj.FA(init=fj.xavier()), 1, strategy="vmap", checkpoint_dir=str(tmp_path))
+    with pytest.raises(CheckpointMismatch, match="rule_options"):
+        run_sweep(task, fj.FA(regenerate=True), 1, strategy="vmap", checkpoint_dir=str(tmp_path))
+    # An option that cannot be named is refused before anything is trained or saved.
+    unnamed = fj.FA(init=lambda key, shape, dtype=jnp.float32: jax.random.normal(key, shape, dtype))
+    with pytest.raises(TypeError, match="rule 'fa' option init: a lambda"):
+        run_sweep(task, unnamed, 1, strategy="vmap", checkpoint_dir=str(tmp_path / "other"))
+    assert not os.path.exists(tmp_path / "other")
+    # Named options are recorded by what they are: a dataclass by its fields, a partial by its arguments.
+    from fa_jax.experiments.checkpoint import rule_identity
+
+    tiled = rule_identity(fj.FA(init=fj.Tiled(rows=8), regenerate=True))["config"]["init"]
+    assert tiled == {"class": "fa_jax.initializers.Tiled",
+                     "fields": {"rows": 8, "distribution": "truncated_normal", "mode": "fan_in", "scale": 1.0}}
+    assert rule_identity(fj.KolenPollack(decay=0.25))["config"]["decay"] == 0.25
