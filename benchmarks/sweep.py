@@ -10,8 +10,9 @@ compute-bound MLP 784-256-256-10 with batch 64. Usage::
 
     python benchmarks/sweep.py                 # one host device per core (seed axis sharded), like the CLI
     python benchmarks/sweep.py --devices 1     # one CPU device
+    python benchmarks/sweep.py --rule kp       # any name in fa_jax.RULES
 
-Writes ``benchmarks/results/sweep_<platform>_<devices>dev.json``.
+Writes ``benchmarks/results/sweep_<platform>_<devices>dev.json`` (or ``--out PATH``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def main() -> None:
         "--devices", type=int, default=os.cpu_count() or 1,
         help="force this many host (CPU) devices; default one per core, as `python -m fa_jax` does",
     )
-    parser.add_argument("--rule", default="dfa")
+    parser.add_argument("--rule", default="dfa", help="a rule name registered in fa_jax.RULES")
+    parser.add_argument("--out", default=None, help="JSON path (default results/sweep_<platform>_<devices>dev.json)")
     args = parser.parse_args()
     if args.devices > 1:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
@@ -42,6 +44,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
+    import fa_jax
     from fa_jax.experiments import make_trainer, mnist
     from fa_jax.experiments.sweep import make_single
     from fa_jax.experiments.sweep import choose_strategy, seed_mesh, step_flops
@@ -54,7 +57,7 @@ def main() -> None:
     rows = []
     for name, hidden, batch in (("small 784-64-64-10 b32", (64, 64), 32), ("compute-bound 784-256-256-10 b64", (256, 256), 64)):
         task = mnist.make_task(hidden=hidden, batch_size=batch, steps=args.steps, eval_every=args.steps)
-        rule = task.rule(args.rule)
+        rule = fa_jax.get_rule(args.rule)
         auto = choose_strategy(task, rule, seed_mesh())
         single = make_single(task, rule, steps=args.steps)
         data = jax.device_put(task.data)
@@ -87,8 +90,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['model']:<34} {r['strategy']:<24} {r['loop_s']:8.3f} {r['sweep_s']:8.3f} {r['speedup']:7.2f}x")
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"sweep_{device.platform}_{len(jax.devices())}dev.json")
+    path = args.out or os.path.join(out, f"sweep_{device.platform}_{len(jax.devices())}dev.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     meta = {"seeds": args.seeds, "steps": args.steps, "rule": args.rule, "repeats": args.repeats,
             "devices": len(jax.devices()), "platform": device.platform, "cpu_count": os.cpu_count(),
             "machine": platform.machine(), "python": sys.version.split()[0], "jax": jax.__version__}
