@@ -52,6 +52,7 @@ def init_feedback(
     inputs: Any,
     exact: Any = (),
     dtype: Any = None,
+    model_has_aux: bool = False,
 ) -> Feedback:
     """The feedback ``rule`` needs to train ``model``, kept outside ``params``.
 
@@ -68,6 +69,7 @@ def init_feedback(
       inputs: an example batch.
       exact: parameters whose products keep ``Wᵀ`` (paths, or ``predicate(path)``).
       dtype: storage dtype of the drawn matrices (default: each weight's dtype).
+      model_has_aux: the model returns ``(outputs, aux)``; only ``outputs`` are projected from.
     """
     rule = get_rule(rule)
     _checks.check_callable(model, "model")
@@ -77,7 +79,8 @@ def init_feedback(
         _checks.check_key(key, "key")
     if dtype is not None:
         _checks.check_dtype(dtype, "dtype")
-    program = _program.analyse(model, params, inputs, exact=exact)
+    program = _program.analyse(model, params, inputs, exact=exact, model_has_aux=model_has_aux)
+    _program.enforce(program, rule)
     weights = {}
     for spec in program.specs.values():
         if dtype is not None:
@@ -129,6 +132,7 @@ def expected_weights(program: _program.Program, rule: Rule, dtypes: dict[str, An
 
 def check(program: _program.Program, rule: Rule, feedback: Any) -> Feedback:
     """``feedback`` fits ``program`` under ``rule``: every weight and tap it needs, with their shapes."""
+    _program.enforce(program, rule)
     if feedback is None:
         feedback = Feedback()
     if not isinstance(feedback, Feedback):

@@ -28,6 +28,17 @@ from fa_jax._engine import _classes
 from fa_jax._specs import WeightSpec
 
 
+def like(value: jax.Array, aval: Any) -> jax.Array:
+    """``value`` laid out as ``aval`` under an explicit-sharding mesh (a cotangent must keep its primal's type)."""
+    sharding = getattr(aval, "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types):
+        return value
+    if jax.typeof(value).sharding.spec == sharding.spec:
+        return value
+    return jax.sharding.reshard(value, sharding.spec)
+
+
 class Product(NamedTuple):
     """A static weight product: the primitive, its parameters and which operand is the weight."""
 
@@ -116,10 +127,10 @@ def feedback_product(product: Product, backward: Backward, x: jax.Array, w: jax.
                         )
                     matrices[base] = matrix
             matrix = _classes.build_view(backward.view, matrices, list(consts))
-            matrix = jax.lax.stop_gradient(matrix).astype(w_type.dtype)
+            matrix = like(jax.lax.stop_gradient(matrix).astype(w_type.dtype), w_type)
             (dx,) = jax.linear_transpose(lambda x_: product(x_, matrix), x_type)(g)
         (dw,) = jax.linear_transpose(lambda w_: product(x, w_), w_type)(g)
-        return dx.astype(x_type.dtype), dw.astype(w_type.dtype), None, None, None, None
+        return like(dx.astype(x_type.dtype), x_type), like(dw.astype(w_type.dtype), w_type), None, None, None, None
 
     op.defvjp(fwd, bwd)
     return op(x, w, leaves, weights, consts, step)

@@ -55,13 +55,15 @@ class Program:
     avals: list[Any]
     exact: frozenset
     out_tree: Any
-    outs: list[Any]  # output avals
+    outs: list[Any]  # avals of the outputs (without the model's aux)
     specs: dict[int, WeightSpec]  # parameters with a feedback-eligible product
     uses: dict[int, list[str]]
     sites: dict[str, dict]  # placement -> {site: (name, aval, stack)}, in walk order
     carry_classes: dict
     out_classes: dict
     n_params: int
+    model_has_aux: bool = False
+    refusals: list = dataclasses.field(default_factory=list)  # (parameter indices, message)
 
     def spec(self, base: Base) -> WeightSpec:
         return self.specs[base.param].layer(base.depth)
@@ -73,8 +75,12 @@ class Program:
         return [(site, *info) for site, info in self.sites[placement].items()]
 
 
-def analyse(model: Callable, params: Any, inputs: Any, *, exact: Any = ()) -> Program:
-    """Trace ``model(params, inputs)`` and classify its program (see the module doc)."""
+def analyse(model: Callable, params: Any, inputs: Any, *, exact: Any = (), model_has_aux: bool = False) -> Program:
+    """Trace ``model(params, inputs)`` and classify its program (see the module doc).
+
+    ``model_has_aux``: the model returns ``(outputs, aux)``; only ``outputs`` reach the
+    loss (``aux`` is, e.g., updated state), so only they are projected from.
+    """
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     paths = [param_path(p) for p, _ in flat]
     leaves = [leaf for _, leaf in flat]
@@ -83,19 +89,36 @@ def analyse(model: Callable, params: Any, inputs: Any, *, exact: Any = ()) -> Pr
     def fn(flat_params, inputs):
         return model(jax.tree_util.tree_unflatten(treedef, flat_params), inputs)
 
-    try:
-        closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(leaves, inputs)
-    except _walk.Refusal:
-        raise
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(leaves, inputs)
     avals = [jax.core.ShapedArray(tuple(x.shape), x.dtype) for x in leaves]
-    out_flat, out_tree = jax.tree_util.tree_flatten(out_shape)
+    out_tree = jax.tree_util.tree_structure(out_shape)
+    if model_has_aux:
+        if not (isinstance(out_shape, tuple) and len(out_shape) == 2):
+            raise ValueError(f"model: with model_has_aux=True the model must return (outputs, aux), given {out_tree}")
+        out_shape = out_shape[0]
+    out_flat = jax.tree_util.tree_leaves(out_shape)
     analysis = _walk.Analysis(paths, marked, avals)
     args = _args(avals, closed.jaxpr.invars[len(leaves) :], symbolic=True)
     analysis.run(closed.jaxpr, [_walk.Val(c, Cls.CONST) for c in closed.consts], args, ())
     specs = _weight_specs(analysis, paths, avals)
     sites = {"marked": _explicit_sites(analysis), "layer": _layer_sites(analysis, paths)}
     return Program(closed, paths, avals, marked, out_tree, out_flat, specs, analysis.uses, sites,
-                   analysis.carry_classes, analysis.out_classes, len(leaves))
+                   analysis.carry_classes, analysis.out_classes, len(leaves), model_has_aux, analysis.refusals)
+
+
+def enforce(program: Program, rule: Any) -> None:
+    """Raise the first refused use of a parameter that ``rule`` would route through feedback.
+
+    Under a rule that keeps ``Wᵀ`` for that parameter (BP, or inside a DFA block) such
+    a use computes exactly what was asked, so it is allowed.
+    """
+    key = jax.random.key(0)
+    for bases, message in program.refusals:
+        for index in bases:
+            aval = program.avals[index]
+            spec = program.specs.get(index) or WeightSpec(program.paths[index], tuple(aval.shape), aval.dtype, None)
+            if jax.eval_shape(lambda s=spec: rule.init_weight(s, key=key)) is not None:
+                raise _walk.Refusal(f"rule {rule.name!r}: {message}")
 
 
 def _args(params: list[Any], input_vars: Sequence[Any], *, symbolic: bool, inputs: Sequence[Any] = ()) -> list:
@@ -175,8 +198,8 @@ def tap_layout(program: Program, placement: str, batch_dims: int) -> TapLayout:
 def single_output(program: Program) -> Any:
     if len(program.outs) != 1:
         raise ValueError(
-            f"model: a tap rule projects the output error, so the model must return one array; it returned "
-            f"{program.out_tree.num_leaves} leaves ({program.out_tree})"
+            f"model: a tap rule projects the output error, so the model must return one array (or, with "
+            f"model_has_aux=True, (one array, aux)); it returned {program.out_tree}"
         )
     return program.outs[0]
 
@@ -185,13 +208,14 @@ def find_batch_dims(model: Callable, params: Any, inputs: Any, program: Program,
                     asked: int | None, mix: bool) -> int:
     """The leading dims the output and every tap share as batch (or sequence) axes.
 
-    Axis ``i`` counts when the output and every tap have the same size there and
-    either (a) tracing again with every input axis of that size doubled (as a
-    symbolic dimension would) moves axis ``i`` of the output and of every tap
-    together, or (b) the model cannot be traced at another size (a fixed
-    positional table). A leading shape that only coincides (a batch of 10 and 10
-    classes) moves apart and does not count. An explicit ``asked`` (the rule's
-    ``batch_dims``) is checked against the found value.
+    Output axis ``i`` (of size ``n``, the same in every tap) is a batch axis when the
+    model, traced again with its input axes of size ``n`` resized (doubled, else
+    shortened by one; all of them, as a symbolic dimension would be, else one at a
+    time), changes axis ``i`` of the output and of every tap together. A leading shape that only coincides (a batch of 10 and
+    10 classes) does not grow and does not count. When no input axis of that size can
+    be resized (a fixed positional table), the answer is unknown: ``asked`` (the
+    rule's ``batch_dims``) must then say it, and an explicit ``asked`` is checked
+    against what was found.
     """
     taps = program.taps(placement)
     if not taps:
@@ -199,49 +223,71 @@ def find_batch_dims(model: Callable, params: Any, inputs: Any, program: Program,
     output = single_output(program)
     base = _shapes(program, placement)
     out = base["output"]
-    verdict: dict[int, bool | None] = {}  # size -> moved with the output and every tap, or None: untraceable
-
-    def moves(axis: int) -> bool | None:
-        size = out[axis]
-        if size not in verdict:
-            verdict[size] = _moves_together(model, params, inputs, placement, exact, base, size)
-        result = verdict[size]
-        return None if result is None else axis in result
-
-    found = 0
+    cache: dict = {}
+    found, unknown = 0, None
     while found < len(out) and all(len(s) > found and s[found] == out[found] for s in base.values()):
-        moved = moves(found)
-        if moved is False:
+        verdict = _is_batch_axis(model, params, inputs, placement, exact, program.model_has_aux, base, found, cache)
+        if verdict is None:
+            unknown = found
+        if not verdict:
             break
         found += 1
     if asked is None:
+        if unknown is not None:
+            raise ValueError(
+                f"batch_dims: cannot tell whether axis {unknown} (size {out[unknown]}) of the output {out} is a batch "
+                f"axis: the model does not run with its input axes of that size resized. Pass batch_dims={unknown} "
+                f"(one projection per {'sample' if unknown == 1 else 'leading position'}) or batch_dims={unknown + 1} "
+                "(per position too, e.g. per token) to the rule"
+            )
         if found == 0:
             raise ValueError(
                 f"batch_dims: no leading axis of the model output {out} is a batch axis of every tap too; expected "
                 "taps shaped (*batch, *features) like the output (pass batch_dims= to the rule to say which)"
             )
         return found
+    if unknown is not None and asked > unknown:
+        found = asked  # the caller settled what the shapes could not
     return _taps.check_batch_dims(output, [(n, a, st) for _, n, a, st in taps], asked, found, mix=mix)
 
 
-def _moves_together(model, params, inputs, placement, exact, base, size) -> set[int] | None:
-    """Output axes that change together with every tap's when input axes of ``size`` double; ``None``: untraceable."""
-    def grown(leaf):
-        shape = tuple(n * 2 if n == size else n for n in leaf.shape)
-        return jax.ShapeDtypeStruct(shape, leaf.dtype)
+def _is_batch_axis(model, params, inputs, placement, exact, model_has_aux, base, axis, cache) -> bool | None:
+    """Does output axis ``axis`` grow with an input axis of its size, with every tap? ``None``: unknown."""
+    size = base["output"][axis]
+    leaves, treedef = jax.tree_util.tree_flatten(inputs)
+    candidates = [(i, a) for i, leaf in enumerate(leaves) for a, n in enumerate(getattr(leaf, "shape", ())) if n == size]
+    if not candidates:
+        return False
 
-    if not any(size in getattr(leaf, "shape", ()) for leaf in jax.tree.leaves(inputs)):
-        return set()
-    try:
-        other = _shapes(analyse(model, params, jax.tree.map(grown, inputs), exact=exact), placement)
-    except Exception:  # the model cannot take another size along these axes
-        return None
-    moved = set()
-    for axis, n in enumerate(base["output"]):
-        if all(name in other and len(other[name]) > axis and other[name][axis] != shape[axis]
-               for name, shape in base.items()):
-            moved.add(axis)
-    return moved
+    def resized(chosen, new_size):
+        structs = [
+            jax.ShapeDtypeStruct(tuple(new_size if (i, a) in chosen else n for a, n in enumerate(leaf.shape)), leaf.dtype)
+            for i, leaf in enumerate(leaves)
+        ]
+        try:
+            program = analyse(model, params, treedef.unflatten(structs), exact=exact, model_has_aux=model_has_aux)
+            return _shapes(program, placement)
+        except Exception:  # the model cannot run at that size along these axes
+            return None
+
+    def grows(chosen) -> bool | None:
+        chosen = tuple(chosen)
+        if chosen not in cache:
+            # Longer, else shorter (a positional table may allow fewer positions but not more).
+            cache[chosen] = resized(chosen, size * 2) or (resized(chosen, size - 1) if size > 1 else None)
+        other = cache[chosen]
+        if other is None:
+            return None
+        return all(name in other and len(other[name]) > axis and other[name][axis] != shape[axis]
+                   for name, shape in base.items())
+
+    joint = grows(candidates)
+    if joint is not None:
+        return joint
+    each = [grows([c]) for c in candidates]
+    if any(each):
+        return True
+    return None if None in each else False
 
 
 def _shapes(program: Program, placement: str) -> dict[str, tuple[int, ...]]:
@@ -278,4 +324,6 @@ def run(program: Program, rule: Any, params: Any, feedback: Any, inputs: Any, *,
     if not rule.cuts:
         return outputs
     values = [evaluation.taps[site] for site, *_ in taps]
-    return _taps.head(outputs, values, rule=rule, feedback=feedback.taps, layout=layout, targets=targets, step=step)
+    fed = outputs[0] if program.model_has_aux else outputs
+    fed = _taps.head(fed, values, rule=rule, feedback=feedback.taps, layout=layout, targets=targets, step=step)
+    return (fed, outputs[1]) if program.model_has_aux else fed

@@ -23,6 +23,7 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 from fa_jax import _checks
+from fa_jax._engine import _product
 from fa_jax._specs import OutputSpec, TapSpec
 
 tap_p = Primitive("fa_jax_tap")
@@ -121,7 +122,7 @@ def head(outputs: jax.Array, tap_values: list[jax.Array], *, rule: Any, feedback
     trains on its exact gradient.
     """
     del step
-    structs = [jax.ShapeDtypeStruct(v.shape, v.dtype) for v in tap_values]
+    structs = [jax.typeof(v) for v in tap_values]
 
     @jax.custom_vjp
     def op(outputs, tap_values, feedback, targets):
@@ -146,7 +147,7 @@ def head(outputs: jax.Array, tap_values: list[jax.Array], *, rule: Any, feedback
                     f"rule {rule.name!r}: the signal for tap {spec.name!r} has shape {tuple(signal.shape)}, "
                     f"expected the tap's {tuple(struct.shape)}"
                 )
-            cotangents.append(signal.astype(struct.dtype))
+            cotangents.append(_product.like(signal.astype(struct.dtype), struct))
         return error, cotangents, None, None
 
     op.defvjp(fwd, bwd)

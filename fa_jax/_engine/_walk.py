@@ -291,6 +291,7 @@ class Analysis(Walker):
         self.scan_lengths: dict[tuple, int] = {}
         self.carry_classes: dict[tuple, list[Cls]] = {}
         self.out_classes: dict[tuple, list[Cls]] = {}
+        self.refusals: list[tuple[frozenset, str]] = []
         self.recording = True
 
     def bind(self, eqn, invals):
@@ -312,16 +313,20 @@ class Analysis(Walker):
         return ", ".join(repr(self.paths[b]) for b in sorted(bases))
 
     def refuse(self, bases, primitive, what):
+        """Record a use the engine cannot route; :func:`enforce` raises it under a rule that routes these weights."""
         if bases and bases <= self.exact:
             self.use(bases, "exact (marked)")
             return
         unmarked = frozenset(bases) - self.exact
-        raise Refusal(
+        message = (
             f"parameter {self.names(unmarked)} {what} (primitive {primitive!r}); its gradient would silently be "
             f"backpropagation's. Write that use as a dot_general/conv (jnp.einsum, @, lax.conv) of the parameter "
             f"itself, or mark it exact (exact=[{self.names(unmarked)}]). fa_jax.plan(model, params, inputs, rule) "
             "lists how every parameter is treated"
         )
+        if self.recording:
+            self.refusals.append((unmarked, message))
+            self.use(unmarked, f"REFUSED: {what} ({primitive})")
 
     def check_multiplicative(self, bases, name):
         matrix = [b for b in bases if b not in self.exact and sum(n > 1 for n in self.avals[b].shape) >= 2]
@@ -389,10 +394,9 @@ class Analysis(Walker):
         if val.cls != Cls.WEIGHT:
             return Val(sliced, val.cls, val.bases, why=val.why)
         if not _classes.is_leaf_chain(val.view):
-            raise Refusal(
-                f"parameter {self.names(val.bases)} enters lax.scan (equation {ctx}) through other operations than "
-                "a dtype cast; scan over the stacked parameter itself so each layer keeps its own feedback"
-            )
+            self.refuse(val.bases, "scan", "enters lax.scan through other operations than a dtype cast, so its "
+                        "layers cannot keep their own feedback; scan over the stacked parameter itself")
+            return Val(sliced, Cls.DERIVED, val.bases, why="scan")
         (base,) = _classes.view_bases(val.view)
         inner = Base(base.param, base.depth + 1)
         return Val(sliced, Cls.WEIGHT, val.bases, _classes.rebase(val.view, inner))
