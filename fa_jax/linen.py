@@ -109,14 +109,17 @@ class _Marker:
 
     def check(self) -> None:
         """Raise when the requested taps did not all appear in this trace."""
-        if isinstance(self.taps, tuple):
-            expected = self.taps
-        else:
-            expected = tuple(self.met) or (f"{self.taps} modules matching blocks={self.blocks!r}",)
-        if isinstance(self.blocks, tuple) and all(isinstance(b, str) for b in self.blocks):
-            missing = [b for b in self.blocks if b not in self.seen]
-            if missing and self.seen:
-                raise ValueError(f"fa_jax.linen: blocks: {missing} name no module; modules met: {sorted(self.seen)[:20]}")
+        if self.seen:  # the interceptor ran: a name that matched nothing is the user's
+            named = self.taps if isinstance(self.taps, tuple) else ()
+            if isinstance(self.blocks, tuple) and all(isinstance(b, str) for b in self.blocks):
+                named += self.blocks
+            missing = [name for name in named if name not in self.seen]
+            if missing:
+                raise ValueError(f"fa_jax.linen: taps: {missing} name no module; modules met: {sorted(self.seen)[:20]}")
+            if not self.met:
+                raise ValueError(f"fa_jax.linen: taps={self.taps!r}: no module called matches blocks={self.blocks!r}; "
+                                 f"modules met: {sorted(self.seen)[:20]}")
+        expected = self.taps if isinstance(self.taps, tuple) else (tuple(self.met) or (f"the {self.taps} blocks",))
         _flax.check_marked(self.taps, expected, self.met, "fa_jax.linen", _TRAP)
 
 
