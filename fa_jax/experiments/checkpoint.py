@@ -44,7 +44,7 @@ import numpy as np
 
 from fa_jax import _checks
 
-FORMAT = 1
+FORMAT = 2  # 2: fa_jax.Feedback state and rule options named by rule_identity
 
 
 class CheckpointMismatch(ValueError):
