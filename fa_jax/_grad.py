@@ -23,14 +23,15 @@ Model = Callable[[Any, Any], Any]
 Loss = Callable[[Any, Any], Any]
 
 
-def forward(model: Model, rule: Rule | str) -> Callable:
+def forward(model: Model, rule: Rule | str, *, model_has_aux: bool = False) -> Callable:
     """``run(params, feedback, inputs, *, step=None, targets=None) -> outputs``, differentiable under ``rule``.
 
     The outputs are the model's; their gradient (``jax.grad`` of any loss of them)
     is the rule's update: feedback products, and for a cutting rule the taps fed
     by :meth:`Rule.tap_signals`. ``step`` and ``targets`` are read only by the rules
     that need them (brSF, DRTP), and only in the backward: a forward without them
-    still evaluates.
+    still evaluates. With ``model_has_aux`` the model returns ``(outputs, aux)``
+    (e.g. updated state) and only ``outputs`` are projected from.
     """
     rule = get_rule(rule)
     _checks.check_callable(model, "model")
@@ -41,10 +42,12 @@ def forward(model: Model, rule: Rule | str) -> Callable:
         has_weights = feedback is not None and bool(getattr(feedback, "weights", None))
         if not (rule.cuts or has_weights):
             # Nothing to route: the program itself (BP, or an empty feedback checked below).
-            program = _program.analyse(model, params, inputs, exact=getattr(feedback, "exact", ()))
+            program = _program.analyse(model, params, inputs, exact=getattr(feedback, "exact", ()),
+                                       model_has_aux=model_has_aux)
             _feedback.check(program, rule, feedback)
             return model(params, inputs)
-        program = _program.analyse(model, params, inputs, exact=feedback.exact if feedback is not None else ())
+        program = _program.analyse(model, params, inputs, exact=feedback.exact if feedback is not None else (),
+                                   model_has_aux=model_has_aux)
         feedback = _feedback.check(program, rule, feedback)
         return _program.run(program, rule, params, feedback, inputs, step=step, targets=targets)
 
@@ -92,6 +95,7 @@ def value_and_grad(model: Model, loss: Loss, rule: Rule | str, *, has_aux: bool 
 
         def objective(p):
             outputs = run(p, feedback, inputs, step=step, targets=targets)
+            _checks.check_targets(outputs, targets)
             if rule.projects_error:
                 check_error_informative(loss if not has_aux else (lambda o, t: loss(o, t)[0]), outputs, targets, rule)
             return with_aux(outputs, targets)

@@ -287,7 +287,9 @@ def _is_batch_axis(model, params, inputs, placement, exact, model_has_aux, base,
     each = [grows([c]) for c in candidates]
     if any(each):
         return True
-    return None if None in each else False
+    # A size-1 axis projects the same either way (one position); as a feature axis, a later
+    # call with more positions is refused by the layout check instead of being mixed.
+    return None if None in each and size > 1 else False
 
 
 def _shapes(program: Program, placement: str) -> dict[str, tuple[int, ...]]:
