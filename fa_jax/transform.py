@@ -15,7 +15,9 @@ or a wrapper around ``fa_jax.linen.adapt``) into the first element of a chain::
 The incoming ``updates`` are ignored (pass ``params`` or zeros as a
 placeholder); the step's loss is in ``state[0].loss``. Rules that redraw their
 feedback every step (brSF) need ``step=t`` among the extra args; it is passed
-on as ``grad_fn(..., step=t)``.
+on as ``grad_fn(..., step=t)``. A rule that learns its feedback (Kolen–Pollack)
+gets it after the chain, from the chain's final updates:
+``feedback = fa_jax.update_feedback(rule, feedback, updates, params)``.
 
 When to use which:
 
