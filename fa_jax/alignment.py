@@ -526,6 +526,7 @@ def value_and_grad_with_alignment(
     has_aux: bool = False,
     deltas: bool = True,
     weights: bool | None = None,
+    batch_dims: int | None = None,
 ) -> Callable:
     """:func:`fa_jax.value_and_grad` that also returns :class:`Alignment` as aux.
 
@@ -540,9 +541,11 @@ def value_and_grad_with_alignment(
     each tap receives (:func:`tap_signals`), for every rule.
 
     Args:
-      deltas: measure per-sample delta alignment at the taps (``rule.taps``'s placement;
-        the samples are the feedback's ``batch_dims``, else the found ones). ``None``
-        in the result when the model has no tap there.
+      deltas: measure per-sample delta alignment at the taps (``rule.taps``'s placement).
+        ``None`` in the result when the model has no tap there.
+      batch_dims: the leading axes of a tap that index samples. ``None``: a tap rule's
+        feedback's, else found as for a tap rule (the leading axes the output and every
+        tap share), else 1 (e.g. a batch of one sample, where nothing can be found).
       weights: measure weight alignment. ``None``: rules with per-weight feedback
         always (:func:`fa_weight_alignment`); rules projecting
         the error to the taps (DFA) when the model's dense kernels chain like an
@@ -556,6 +559,8 @@ def value_and_grad_with_alignment(
     _checks.check_bool(deltas, "deltas")
     if weights is not None:
         _checks.check_bool(weights, "weights")
+    if batch_dims is not None:
+        _checks.check_int(batch_dims, "batch_dims", minimum=0)
     core = value_and_grad(model, loss, rule, has_aux=has_aux)
     loss_with_aux = loss if has_aux else (lambda o, t: (loss(o, t), None))
 
@@ -577,8 +582,9 @@ def value_and_grad_with_alignment(
         bp = _probe_pass(program, taps, BP(), loss_with_aux, params, None, inputs, targets, None)
         delta = None
         if taps.names:
-            batch_dims = _batch_dims(model, params, inputs, program, rule, feedback)
-            delta = delta_alignment(mine.signals, bp.signals, batch_dims=batch_dims,
+            samples = batch_dims if batch_dims is not None else _batch_dims(model, params, inputs, program, rule,
+                                                                            feedback)
+            delta = delta_alignment(mine.signals, bp.signals, batch_dims=samples,
                                     stack=dict(zip(taps.names, taps.stacks)))
         alignment = Alignment(
             gradient=gradient_alignment(mine.grads, bp.grads),
@@ -592,7 +598,7 @@ def value_and_grad_with_alignment(
 
 
 def _batch_dims(model, params, inputs, program, rule: Rule, feedback) -> int:
-    """The sample axes of the taps: the feedback's (a tap rule's), the rule's, else found like a tap rule's."""
+    """The sample axes of the taps: the feedback's (a tap rule's), the rule's, else found like a tap rule's, else 1."""
     layout = getattr(feedback, "layout", None) if isinstance(feedback, Feedback) else None
     if layout is not None:
         return layout.batch_dims

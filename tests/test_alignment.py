@@ -325,6 +325,28 @@ def test_unmarked_model_is_probed_where_the_rule_cuts():
     assert set(metrics.weight) == {"1/kernel:in", "2/kernel:in"}  # the kernels chain like an MLP's
 
 
+def test_per_token_taps_count_every_token_as_a_sample():
+    """A ``(batch, seq, ·)`` model: the sample axes are found (2), so each token is one sample."""
+    rng = np.random.RandomState(14)
+    params = {"w1": jnp.asarray(rng.randn(5, 6), jnp.float32), "w2": jnp.asarray(rng.randn(6, 3), jnp.float32)}
+    x, t = jnp.asarray(rng.randn(3, 4, 5), jnp.float32), jnp.asarray(rng.randn(3, 4, 3), jnp.float32)
+
+    def tokens(p, x):
+        return fj.tap(jnp.tanh(x @ p["w1"]), name="h") @ p["w2"]
+
+    feedback = fj.init_feedback("fa", params, key=jax.random.key(0), model=tokens, inputs=x)
+    grad_fn = al.value_and_grad_with_alignment(tokens, mse, "fa")
+    (_, found), _ = jax.jit(grad_fn)(params, feedback, x, t)
+    (_, per_sequence), _ = al.value_and_grad_with_alignment(tokens, mse, "fa", batch_dims=1)(params, feedback, x, t)
+    a = f64(al.tap_signals(tokens, mse, "fa", params, feedback, x, t)["h"])
+    b = f64(al.tap_signals(tokens, mse, "bp", params, None, x, t)["h"])
+    for shape, got in [((12, 6), found), ((3, 24), per_sequence)]:
+        ra, rb = a.reshape(shape), b.reshape(shape)
+        per_sample = np.sum(ra * rb, 1) / (np.linalg.norm(ra, axis=1) * np.linalg.norm(rb, axis=1))
+        np.testing.assert_allclose(got.delta["h"].mean, per_sample.mean(), atol=2e-5)
+        np.testing.assert_allclose(got.delta["h"].std, per_sample.std(), atol=2e-5)
+
+
 def test_measure_false_costs_no_bp_reference_and_returns_none():
     params, x, t, model = case(8)
     feedback = fj.init_feedback("fa", params, key=jax.random.key(0), model=model, inputs=x)
