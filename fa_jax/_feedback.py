@@ -94,7 +94,7 @@ def init_feedback(
             model, params, inputs, program, rule.taps, exact=exact, asked=rule.batch_dims, mix=rule.mix_batch
         )
         layout = _program.tap_layout(program, rule.taps, batch_dims)
-        taps = rule.init_taps(layout, key=key)
+        taps = rule.init_taps(layout, key=key, dtype=dtype)
     marked = tuple(program.paths[i] for i in sorted(program.exact))
     return Feedback(weights, taps, layout, marked)
 

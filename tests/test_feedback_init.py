@@ -66,18 +66,19 @@ def test_widest_tap():
 
 def test_nokland_zero_hidden_lets_dfa_train_where_bp_cannot():
     sizes = (6, 8, 8, 8, 4)
-    params = fa_jax.nokland_zero_hidden(models.init_mlp(sizes, key=jax.random.key(0)))
+    x, y = data(sizes)
+    params = fa_jax.nokland_zero_hidden(models.init_mlp(sizes, key=jax.random.key(0)), model=MODEL, inputs=x)
     assert all(float(jnp.abs(layer["kernel"]).max()) == 0.0 for layer in params[:-1])
     assert float(jnp.abs(params[-1]["kernel"]).max()) > 0.0
-    x, y = data(sizes)
+    assert all(float(jnp.abs(layer["bias"]).max()) == 0.0 for layer in params)  # biases as they were (zeros)
     _, bp = jax.jit(fa_jax.value_and_grad(MODEL, mse, "bp"))(params, None, x, y)
     feedback = fa_jax.init_feedback("dfa", params, key=jax.random.key(1), model=MODEL, inputs=x)
     _, dfa = jax.jit(fa_jax.value_and_grad(MODEL, mse, "dfa"))(params, feedback, x, y)
     # BP: δ_1 = δ_2 W_2ᵀ ⊙ f' = 0 since W_2 = 0. DFA: δ_1 = e B_1 ⊙ f' ≠ 0.
     assert float(jnp.abs(bp[0]["kernel"]).max()) == 0.0
     assert float(jnp.abs(dfa[0]["kernel"]).max()) > 1e-4
-    with pytest.raises(ValueError, match="two kernels"):
-        fa_jax.nokland_zero_hidden(params[-1:])
+    with pytest.raises(ValueError, match="two weights"):
+        fa_jax.nokland_zero_hidden(params[-1:], model=MODEL, inputs=jnp.ones((2, 8)))
 
 
 def _feedback_and_grads(rule, params, x, y, key, dtype=None):
@@ -104,20 +105,23 @@ def test_regenerate_from_key_equals_stored(stored, regenerated):
         y = jax.nn.one_hot(jnp.arange(5) % 4, 4)
     fb_stored, g_stored = _feedback_and_grads(stored, params, x, y, jax.random.key(3))
     fb_regen, g_regen = _feedback_and_grads(regenerated, params, x, y, jax.random.key(3))
-    keys = [leaf for leaf in jax.tree.leaves(fb_regen) if fa_jax._ops.is_key(leaf)]
-    assert keys and not any(fa_jax._ops.is_key(leaf) for leaf in jax.tree.leaves(fb_stored))
+    keys = [leaf for leaf in jax.tree.leaves(fb_regen) if fa_jax._checks.is_key(leaf)]
+    assert keys and not any(fa_jax._checks.is_key(leaf) for leaf in jax.tree.leaves(fb_stored))
     for a, b in zip(jax.tree.leaves(g_stored), jax.tree.leaves(g_regen)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_rules_without_a_random_matrix_need_nothing_stored():
-    """uSF and brSF already keep only keys; Kolen–Pollack's B is learned and must be stored."""
+    """uSF keeps its scale s, brSF only keys; Kolen–Pollack's B is learned and must be stored."""
     params = models.init_mlp(SIZES, key=jax.random.key(0))
-    for name in ("usf", "brsf"):
-        feedback = fa_jax.init_feedback(name, params, key=jax.random.key(1))
-        assert all(fa_jax._ops.is_key(leaf) for leaf in jax.tree.leaves(feedback))
-    kp = fa_jax.init_feedback("kp", params, key=jax.random.key(1))
-    assert not any(fa_jax._ops.is_key(leaf) for leaf in jax.tree.leaves(kp))
+    x, _ = data()
+    usf = fa_jax.init_feedback("usf", params, key=jax.random.key(1), model=MODEL, inputs=x)
+    assert [leaf.shape for leaf in usf.weights.values()] == [(), (), ()]
+    np.testing.assert_allclose(float(usf.weights["1/kernel"]), np.sqrt(2 / (9 + 5)), rtol=1e-6)  # a (9, 5) kernel
+    brsf = fa_jax.init_feedback("brsf", params, key=jax.random.key(1), model=MODEL, inputs=x)
+    assert all(fa_jax._checks.is_key(leaf) for leaf in jax.tree.leaves(brsf))
+    kp = fa_jax.init_feedback("kp", params, key=jax.random.key(1), model=MODEL, inputs=x)
+    assert not any(fa_jax._checks.is_key(leaf) for leaf in jax.tree.leaves(kp))
 
 
 BF16_RULES = [fa_jax.FA(), fa_jax.FRSF(), fa_jax.KolenPollack(), fa_jax.DFA(shared_prefix=True), fa_jax.DRTP()]
@@ -144,7 +148,7 @@ def test_bf16_feedback_with_float32_model(rule):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     if rule.name == "kp":  # the learned B stays bf16 through its update
         updates = jax.tree.map(lambda g: -0.1 * g, g16)
-        assert all(m.dtype == jnp.bfloat16 for m in jax.tree.leaves(fa_jax.kolen_pollack_update(fb16, updates, params, decay=0.01)))
+        assert all(m.dtype == jnp.bfloat16 for m in jax.tree.leaves(fa_jax.update_feedback(rule, fb16, updates, params)))
 
 
 @pytest.mark.parametrize("fan_in", [1, 4, 5, 8, 13])

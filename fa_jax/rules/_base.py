@@ -91,14 +91,15 @@ class Rule:
 
     # --- taps ----------------------------------------------------------------------------
 
-    def init_taps(self, layout: TapLayout, *, key: jax.Array | None) -> Any:
+    def init_taps(self, layout: TapLayout, *, key: jax.Array | None, dtype: Any = None) -> Any:
         """Feedback for the taps found in the program (``None`` when the rule needs none).
 
         Args:
           layout: the taps (names, feature shapes, stacks), the output and the batch dims.
           key: the feedback key; tap ``name`` draws from ``layer_key(key, name)``.
+          dtype: storage dtype of what is drawn (``None``: float32).
         """
-        del layout, key
+        del layout, key, dtype
         return None
 
     def tap_signals(

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
 from fa_jax import _checks
 from fa_jax.rules import _projection
@@ -64,9 +65,11 @@ class DFA(Rule):
         _checks.check_bool(self.shared_prefix, "DFA.shared_prefix")
         _check_taps(self)
 
-    def init_taps(self, layout, *, key):
+    def init_taps(self, layout, *, key, dtype=None):
         require_key(self, key)
-        return key if self.regenerate else _projection.draw(layout, key, self.init, shared_prefix=self.shared_prefix)
+        if self.regenerate:
+            return key
+        return _projection.draw(layout, key, self.init, shared_prefix=self.shared_prefix, dtype=dtype or jnp.float32)
 
     def tap_signals(self, feedback, layout, *, error, outputs, targets, taps):
         return _projection.project(error, feedback, layout, self.init, shared_prefix=self.shared_prefix, taps=taps)

@@ -50,9 +50,11 @@ class DRTP(Rule):
         _checks.check_bool(self.shared_prefix, "DRTP.shared_prefix")
         _check_taps(self)
 
-    def init_taps(self, layout, *, key):
+    def init_taps(self, layout, *, key, dtype=None):
         require_key(self, key)
-        return key if self.regenerate else _projection.draw(layout, key, self.init, shared_prefix=self.shared_prefix)
+        if self.regenerate:
+            return key
+        return _projection.draw(layout, key, self.init, shared_prefix=self.shared_prefix, dtype=dtype or jnp.float32)
 
     def teaching_signal(self, outputs: jax.Array, targets: Any, batch_dims: int) -> jax.Array:
         """``y* / N`` shaped like ``outputs``: one-hot of integer labels, or the targets as given."""
