@@ -179,7 +179,7 @@ def test_tiled_regeneration_equals_stored_and_keeps_scale(distribution):
         _, g_regen = _feedback_and_grads(fa_jax.FA(init=init, regenerate=True), params, inputs, targets, jax.random.key(3))
         for a, c in zip(jax.tree.leaves(g_stored), jax.tree.leaves(g_regen)):
             np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
-    assert fb_stored.kernels[1]["kernel"].shape == (9, 5)
+    assert fb_stored.weights["1/kernel"].shape == (9, 5)
     with pytest.raises(ValueError, match="Tiled.rows"):
         fa_jax.Tiled(rows=0)
     with pytest.raises(ValueError, match="dense kernels"):
