@@ -234,12 +234,13 @@ def fa_weight_alignment(
     return {path: cosine(b, w) for path, (b, w) in _backward_matrices(rule, program, params, feedback, step).items()}
 
 
-def dense_kernels(model: Callable, params: Any, inputs: Any) -> list[jax.Array]:
+def dense_kernels(model: Callable, params: Any, inputs: Any, *, exact: Any = ()) -> list[jax.Array]:
     """The 2-d weights of ``model``'s dense products in the order the program first uses them (an MLP's layers).
 
-    Exact (``exact=``) weights are left out, as are convolution kernels and stacked weights.
+    Weights marked ``exact`` (paths or a predicate, as for :func:`fa_jax.init_feedback`), convolution
+    kernels and stacked (scanned) weights are left out.
     """
-    program = _program.analyse(model, params, inputs)
+    program = _program.analyse(model, params, inputs, exact=exact)
     return _dense_kernels(program, params)
 
 
