@@ -99,18 +99,15 @@ def check_batch_dims(output: Any, taps: Sequence[tuple[str, Any, tuple[int, ...]
     return asked
 
 
-def flat_rows(value_shape: tuple[int, ...], batch_dims: int, stack: int = 0) -> int:
-    """Rows of a ``(*stack, *batch, *features)`` value seen as ``(batch, features)`` per layer."""
-    return math.prod(value_shape[stack : stack + batch_dims])
+def to_tap(block: jax.Array, spec: TapSpec, value: Any) -> jax.Array:
+    """``(*batch, layers·size)`` columns of one tap → the tap's own ``(*stack, *batch, *features)`` layout.
 
-
-def to_tap(signal: jax.Array, spec: TapSpec, value: jax.ShapeDtypeStruct, batch_dims: int) -> jax.Array:
-    """``(N, layers·size)`` columns of one tap → the tap's own ``(*stack, *batch, *features)`` layout."""
-    rows = signal.shape[0]
-    depth = len(spec.stack)
-    per_layer = signal.reshape(rows, spec.layers, spec.size)
-    per_layer = jnp.moveaxis(per_layer, 1, 0)  # (layers, N, size)
-    batch = tuple(value.shape[depth : depth + batch_dims])
+    Only trailing (feature) axes are split and the layer axis moved to the front, so a batch
+    axis laid out over an explicit-sharding mesh is never merged or split.
+    """
+    batch = block.shape[:-1]
+    per_layer = block.reshape(*batch, spec.layers, *spec.shape)
+    per_layer = jnp.moveaxis(per_layer, len(batch), 0)  # (layers, *batch, *features)
     return per_layer.reshape(*spec.stack, *batch, *spec.shape).astype(value.dtype)
 
 

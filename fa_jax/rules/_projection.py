@@ -8,7 +8,6 @@ layout, the first ``d_l`` columns of one ``(output_features, widest tap)`` matri
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -58,15 +57,15 @@ def project(source: jax.Array, feedback: Any, layout: TapLayout, init: Callable,
     Returns:
       One signal per tap with the tap's shape and dtype (Nøkland 2016, eq. 3).
     """
-    rows = math.prod(source.shape[: layout.batch_dims])
-    flat = source.reshape(rows, layout.output.size)
+    batch = source.shape[: layout.batch_dims]
+    flat = source.reshape(*batch, layout.output.size)  # only the output's feature axes merge
     projection = jax.lax.stop_gradient(matrix(feedback, layout, init, shared_prefix=shared_prefix, dtype=source.dtype))
-    signal = flat @ projection.astype(source.dtype)
+    signal = flat @ projection.astype(source.dtype)  # (*batch, columns)
     signals, start = [], 0
     for spec, value in zip(layout.taps, taps):
         if shared_prefix:
-            block = jnp.tile(signal[:, : spec.size], (1, spec.layers))
+            block = jnp.tile(signal[..., : spec.size], (1,) * len(batch) + (spec.layers,))
         else:
-            block, start = signal[:, start : start + spec.columns], start + spec.columns
-        signals.append(to_tap(block, spec, value, layout.batch_dims))
+            block, start = signal[..., start : start + spec.columns], start + spec.columns
+        signals.append(to_tap(block, spec, value))
     return signals
