@@ -14,6 +14,8 @@ from fa_jax._plan import Plan, plan
 from fa_jax._specs import TapSpec, WeightSpec, layer_key
 from fa_jax.initializers import Tiled, kaiming, launay2019, nokland_zero_hidden, tinydfa_uniform, widest_tap, xavier
 from fa_jax.rules import BP, BRSF, DFA, DRTP, FA, FRSF, RULES, USF, KolenPollack, Rule, Shallow, get_rule, register
+# Diagnostics and the optax transform (matplotlib helpers stay in fa_jax.plotting, imported on demand).
+from fa_jax import alignment, stability, transform
 
 __version__ = "0.2.0"
 
@@ -23,5 +25,5 @@ __all__ = [
     "value_and_grad", "forward", "apply", "init_feedback", "update_feedback", "Feedback", "tap", "plan", "Plan",
     "WeightSpec", "TapSpec", "layer_key",
     "tinydfa_uniform", "launay2019", "xavier", "kaiming", "Tiled", "widest_tap", "nokland_zero_hidden",
-    "models",
+    "models", "alignment", "stability", "transform",
 ]

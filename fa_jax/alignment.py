@@ -28,9 +28,9 @@ returns these metrics as aux; the BP reference costs one extra forward and
 backward, and only in calls made with ``measure=True``.
 
 Every rule is asked, never typed: the signals at the taps are the cotangents
-arriving at zero probes placed on the tapped values (before a tap rule's cut),
-under :func:`fa_jax.forward`; the feedback matrices come from
-:meth:`Rule.backward_matrix` and :meth:`Rule.tap_signals`.
+arriving at zero probes the engine adds to the tapped values (before a tap
+rule's cut); the feedback matrices come from :meth:`Rule.backward_matrix` and
+:meth:`Rule.tap_signals`.
 """
 
 from __future__ import annotations
@@ -40,16 +40,12 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
-from jax.extend import core as jcore
 from jaxtyping import Array, Float
 
-from fa_jax import _checks
+from fa_jax import _checks, _feedback
 from fa_jax._engine import _program
-from fa_jax._engine._taps import tap_p
-from fa_jax._engine._walk import Site
 from fa_jax._feedback import Feedback, by_path
-from fa_jax._grad import check_error_informative, forward, value_and_grad
+from fa_jax._grad import check_error_informative, value_and_grad
 from fa_jax.rules import BP, Rule, get_rule
 
 __all__ = [
@@ -328,99 +324,6 @@ def _chains(kernels: list[jax.Array], feedback: Feedback) -> bool:
 # --- the signal each tap receives ------------------------------------------------------------
 
 
-def _inside(site: Any, here: tuple) -> bool:
-    return site.ctx[: len(here)] == here
-
-
-def _evaluate(jaxpr: Any, consts: list, args: list, ctx: tuple, probes: dict) -> list:
-    """Evaluate ``jaxpr`` with ``probes[site]`` added to the value at every probed site.
-
-    A site is the engine's ``(ctx, var)`` (``ctx``: the equation indices from the top
-    jaxpr). A marked tap's probe is added to the tap's *input*, so the tap (where a
-    tap rule cuts) sees ``h + probe``; any other site (the activation entering a weight
-    product) becomes ``h + probe`` where it is written, and the engine cuts that sum.
-    The cotangent of a probe is therefore what the rule sends to the tap.
-    Bodies holding a probe are rebuilt (``lax.scan`` slicing its stacked probes); the rest is bound as is.
-    """
-    env: dict = {}
-
-    def read(atom):
-        return atom.val if isinstance(atom, jcore.Literal) else env[atom]
-
-    def write(var, value, probed=False):
-        if isinstance(var, jcore.DropVar):
-            return
-        probe = None if probed else probes.get(Site(ctx, var))
-        env[var] = value if probe is None else value + probe.astype(value.dtype)
-
-    for var, value in zip(jaxpr.constvars, consts):
-        write(var, value)
-    for var, value in zip(jaxpr.invars, args):
-        write(var, value)
-    for index, eqn in enumerate(jaxpr.eqns):
-        here = ctx + (index,)
-        invals = [read(v) for v in eqn.invars]
-        inner = {s: p for s, p in probes.items() if _inside(s, here)}
-        probed = False
-        with eqn.ctx.manager:
-            if eqn.primitive is tap_p and Site(ctx, eqn.outvars[0]) in probes:
-                probe = probes[Site(ctx, eqn.outvars[0])]
-                outs, probed = [tap_p.bind(invals[0] + probe.astype(invals[0].dtype), **eqn.params)], True
-            elif not inner:
-                out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-                outs = list(out) if eqn.primitive.multiple_results else [out]
-            else:
-                outs = _rebuild(eqn, invals, here, inner)
-        for var, value in zip(eqn.outvars, outs):
-            write(var, value, probed)
-    return [read(v) for v in jaxpr.outvars]
-
-
-def _rebuild(eqn: Any, invals: list, here: tuple, inner: dict) -> list:
-    """An equation whose body holds probed sites, evaluated with the probes (scan slices its stacked ones)."""
-    name, p = eqn.primitive.name, eqn.params
-    if name in ("jit", "pjit", "closed_call", "core_call"):
-        sub = p.get("jaxpr") or p.get("call_jaxpr")
-        consts = list(getattr(sub, "consts", ()))
-        return _evaluate(getattr(sub, "jaxpr", sub), consts, invals, here, inner)
-    if name == "scan":
-        body, nc, nk = p["jaxpr"], p["num_consts"], p["num_carry"]
-        consts, carry, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
-        sites = list(inner)
-
-        def step(carry_values, x):
-            xs_values, probe_slices = x
-            outs = _evaluate(body.jaxpr, list(body.consts), consts + list(carry_values) + list(xs_values), here,
-                             dict(zip(sites, probe_slices)))
-            return outs[:nk], outs[nk:]
-
-        carry_out, ys = lax.scan(step, carry, (xs, [inner[s] for s in sites]), length=p["length"],
-                                 reverse=p["reverse"], unroll=p["unroll"])
-        return list(carry_out) + list(ys)
-    if name in ("remat2", "checkpoint"):
-        sites = list(inner)
-
-        def fn(values, probe_values):
-            return _evaluate(p["jaxpr"], [], list(values), here, dict(zip(sites, probe_values)))
-
-        return jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(invals, [inner[s] for s in sites])
-    if name == "cond":
-        sites = list(inner)
-
-        def branch(b, closed):
-            def fn(probe_values, *operands):
-                local = {s: v for s, v in zip(sites, probe_values) if _inside(s, here + (b,))}
-                return _evaluate(closed.jaxpr, list(closed.consts), list(operands), here + (b,), local)
-            return fn
-
-        branches = [branch(b, closed) for b, closed in enumerate(p["branches"])]
-        return list(lax.switch(invals[0], branches, [inner[s] for s in sites], *invals[1:]))
-    raise ValueError(
-        f"tap_signals: a tap lies inside a {name!r} equation (at {here}), where its signal cannot be probed; "
-        "tap the value outside it"
-    )
-
-
 class _Taps(NamedTuple):
     names: list[str]
     sites: list[Any]
@@ -441,18 +344,6 @@ def _taps(program: _program.Program, placement: str) -> _Taps:
     return _Taps(names, sites, shapes, dtypes, stacks)
 
 
-def _probed_model(program: _program.Program, sites: list[Any]) -> Callable:
-    """``probed(params, (inputs, probes))``: the model's program with ``probes[k]`` added at tap ``k``."""
-
-    def probed(params, inputs_and_probes):
-        inputs, probes = inputs_and_probes
-        args = jax.tree_util.tree_leaves(params) + jax.tree_util.tree_leaves(inputs)
-        outs = _evaluate(program.closed.jaxpr, list(program.closed.consts), args, (), dict(zip(sites, probes)))
-        return jax.tree_util.tree_unflatten(program.out_tree, outs)
-
-    return probed
-
-
 class _Pass(NamedTuple):
     value: jax.Array
     aux: Any
@@ -461,13 +352,18 @@ class _Pass(NamedTuple):
 
 
 def _probe_pass(program, taps: _Taps, rule: Rule, loss_with_aux: Callable, params, feedback, inputs, targets,
-                step) -> _Pass:
-    """One forward and backward under ``rule``: the loss, the rule's update and the signal at every tap."""
-    run = forward(_probed_model(program, taps.sites), rule)
+                step, placement: str) -> _Pass:
+    """One forward and backward under ``rule``: the loss, the rule's update and the signal at every tap.
+
+    The signal at a tap is the cotangent of a zero probe the engine adds to the tapped
+    value before any cut (``_program.run(..., probes=)``).
+    """
+    feedback = _feedback.check(program, rule, feedback)
     zeros = [jnp.zeros(shape, dtype) for shape, dtype in zip(taps.shapes, taps.dtypes)]
 
     def outputs_of(p, probes):
-        return run(p, feedback, (inputs, probes), step=step, targets=targets)
+        return _program.run(program, rule, p, feedback, inputs, step=step, targets=targets, probes=probes,
+                            placement=placement)
 
     outputs, pullback = jax.vjp(outputs_of, params, zeros)
     _checks.check_targets(outputs, targets)
@@ -513,7 +409,7 @@ def tap_signals(
     _check_step(rule, step, "tap_signals")
     program, taps = _prepare(model, params, inputs, feedback, rule)
     return _probe_pass(program, taps, rule, lambda o, t: (loss(o, t), None), params, feedback, inputs, targets,
-                       step).signals
+                       step, rule.taps).signals
 
 
 # --- gradient function with alignment as aux --------------------------------------------
@@ -579,8 +475,8 @@ def value_and_grad_with_alignment(
         program, taps = _prepare(model, params, inputs, feedback, rule)
         if not deltas:
             taps = _Taps([], [], [], [], [])
-        mine = _probe_pass(program, taps, rule, loss_with_aux, params, feedback, inputs, targets, step)
-        bp = _probe_pass(program, taps, BP(), loss_with_aux, params, None, inputs, targets, None)
+        mine = _probe_pass(program, taps, rule, loss_with_aux, params, feedback, inputs, targets, step, rule.taps)
+        bp = _probe_pass(program, taps, BP(), loss_with_aux, params, None, inputs, targets, None, rule.taps)
         delta = None
         if taps.names:
             samples = batch_dims if batch_dims is not None else _batch_dims(model, params, inputs, program, rule,

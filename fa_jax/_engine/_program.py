@@ -307,8 +307,14 @@ def _no_taps(placement: str) -> str:
 # --------------------------------------------------------------------------- running it
 
 
-def run(program: Program, rule: Any, params: Any, feedback: Any, inputs: Any, *, step: Any, targets: Any) -> Any:
-    """The model's outputs, differentiable under ``rule``: feedback products, cut taps and the head."""
+def run(program: Program, rule: Any, params: Any, feedback: Any, inputs: Any, *, step: Any, targets: Any,
+        probes: Sequence[jax.Array] | None = None, placement: str | None = None) -> Any:
+    """The model's outputs, differentiable under ``rule``: feedback products, cut taps and the head.
+
+    ``probes``: one array per tap of ``program.taps(placement or rule.taps)``, shaped
+    ``(*stack, *batch, *features)`` like the tap and added to it before any cut, so the
+    cotangent of a zero probe is the signal the rule sends to that tap (``fa_jax.alignment``).
+    """
     flat_params = jax.tree_util.tree_leaves(params)
     leaves, weights = {}, {}
     weight_leaves = feedback.weight_leaves(program.paths) if feedback is not None else [None] * len(flat_params)
@@ -319,7 +325,10 @@ def run(program: Program, rule: Any, params: Any, feedback: Any, inputs: Any, *,
     layout = feedback.layout if (feedback is not None and rule.cuts) else None
     taps = program.taps(rule.taps) if rule.cuts else []
     sites = {site: k for k, (site, *_) in enumerate(taps)}
-    evaluation = _walk.Evaluation(program, rule, leaves, weights, step, sites)
+    probed = {}
+    if probes is not None:
+        probed = {site: p for (site, *_), p in zip(program.taps(placement or rule.taps), probes)}
+    evaluation = _walk.Evaluation(program, rule, leaves, weights, step, sites, probed)
     args = _args(flat_params, (), symbolic=False, inputs=jax.tree_util.tree_leaves(inputs))
     outs = evaluation.run(program.closed.jaxpr, [_walk.Val(c, Cls.CONST) for c in program.closed.consts], args, ())
     outputs = jax.tree_util.tree_unflatten(program.out_tree, [o.value for o in outs])

@@ -503,18 +503,27 @@ class Evaluation(Walker):
 
     symbolic = False
 
-    def __init__(self, program: Any, rule: Any, leaves: dict, weights: dict, step: Any, tap_sites: dict):
+    def __init__(self, program: Any, rule: Any, leaves: dict, weights: dict, step: Any, tap_sites: dict,
+                 probes: dict | None = None):
         super().__init__(program.paths, program.exact)
         self.program, self.rule, self.step = program, rule, step
         self.leaves, self.weights = leaves, weights  # Base -> feedback leaf, Base -> W
         self.tap_sites = tap_sites  # Site -> tap index (only under a cutting rule)
+        self.probes = dict(probes or {})  # Site -> an array added there, before any cut (its cotangent: the tap's signal)
         self.taps: dict[Site, Any] = {}
 
     def at_site(self, site, val):
+        probe = self.probes.get(site)
+        if probe is not None:
+            val = dataclasses.replace(val, value=val.value + probe.astype(val.value.dtype))
         if site in self.tap_sites:
             self.taps[site] = val.value
             return dataclasses.replace(val, value=_taps.cut(val.value))
         return val
+
+    def inner_probes(self, ctx: tuple) -> dict:
+        """The probes of sites inside the equation at ``ctx`` (scan bodies slice theirs per iteration)."""
+        return {site: p for site, p in self.probes.items() if site.ctx[: len(ctx)] == ctx}
 
     def weight_product(self, product, x, w, site, out_aval):
         bases = tuple(_classes.view_bases(w.view))
@@ -549,10 +558,12 @@ class Evaluation(Walker):
                 (base,) = _classes.view_bases(v.view)
                 stacked.append((v, base, Base(base.param, base.depth + 1)))
         extras = [(self.leaves.get(outer), self.weights.get(outer)) for _, outer, _ in stacked]
+        probes = self.inner_probes(ctx)
         found: list[Site] = []
 
         def step(carry_values, x_values):
-            xs_values, extra_values = x_values
+            xs_values, extra_values, probe_values = x_values
+            self.probes.update(zip(probes, probe_values))
             for (_, _, inner), (leaf, weight) in zip(stacked, extra_values):
                 self.leaves[inner], self.weights[inner] = leaf, weight
             carry_in = [Val(value, c) for value, c in zip(carry_values, classes)]
@@ -572,9 +583,10 @@ class Evaluation(Walker):
             return [o.value for o in outs[:nk]], ([o.value for o in outs[nk:]], list(inner_taps.values()))
 
         carry_out, (ys, tapped) = lax.scan(
-            step, [v.value for v in carry], ([v.value for v in xs], extras),
+            step, [v.value for v in carry], ([v.value for v in xs], extras, list(probes.values())),
             length=p["length"], reverse=p["reverse"], unroll=p["unroll"],
         )
+        self.probes.update(probes)  # the stacked probes again, for what follows the scan
         self.taps.update(zip(found, tapped))
         return self._classed(ctx, list(carry_out) + list(ys))
 
@@ -611,6 +623,8 @@ class Evaluation(Walker):
         nc, nb = p["cond_nconsts"], p["body_nconsts"]
         cond_consts, body_consts, carry = invals[:nc], invals[nc : nc + nb], invals[nc + nb :]
         classes = self.program.out_classes[ctx]
+        if self.inner_probes(ctx):
+            raise ValueError(f"a probed tap lies inside a lax.while_loop (equation {ctx}); tap the value outside it")
 
         def cond_fn(values):
             vals = [Val(value, c) for value, c in zip(values, classes)]
