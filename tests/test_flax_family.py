@@ -30,6 +30,8 @@ import fa_jax.nnx as fnnx
 from fa_jax._feedback import by_path
 
 sg = jax.lax.stop_gradient
+# Test programs are small: compiling them is what costs, and an unoptimised XLA backend halves that.
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def through(x, w, b, op=jnp.matmul):
@@ -251,7 +253,7 @@ def grads_of(model, x, t):
     return by_path(_grads(model, x, t))
 
 
-@jax.jit(static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=FAST)
 def _twin_grads(name, params, x, t, B):
     return jax.grad(lambda p: mse(CASES[name][2](p, x, B), t))(params)
 
@@ -270,7 +272,7 @@ def assert_close(got, want, rtol=1e-5, atol=1e-6):
 def test_fa_through_every_weight_product(name):
     model, plain, x, t = build(name, "fa")
     params = by_path(nnx.state(plain, nnx.Param))
-    twin = jax.jit(CASES[name][2])(params, x, params)
+    twin = jax.jit(CASES[name][2], compiler_options=FAST)(params, x, params)
     np.testing.assert_allclose(twin, _forward(plain, x), rtol=1e-5, atol=1e-6)  # the twin is the model
     feedback = model.fa_feedback.get_value()
     # Every parameter that multiplies an activation or the input has B (the tied table included).
@@ -319,7 +321,7 @@ def test_dfa_cuts_every_layer_and_agrees_with_the_core(name):
     assert_close(dfa, by_path(core(params, feedback, x, t)[1]))
     if name == "scan":
         pure_graphdef, pure_params, state = fnnx.split(model)
-        pure = jax.jit(fnnx.value_and_grad(pure_graphdef, mse))(pure_params, state, x, t)[1]
+        pure = jax.jit(fnnx.value_and_grad(pure_graphdef, mse), compiler_options=FAST)(pure_params, state, x, t)[1]
         assert_close(dfa, by_path(pure))
 
 

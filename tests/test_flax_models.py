@@ -6,20 +6,20 @@ output; after it (final LayerNorm, head) the gradient is exactly backprop's.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-import fa_jax as fj
 import fa_jax.linen as flinen
 import fa_jax.nnx as fnnx
 from fa_jax._feedback import by_path
-from flax_models import CNN, Block, LinenBlock, LinenCNN, LinenTransformer, Transformer
+from flax_models import Block, LinenBlock, LinenTransformer, Transformer
 
 VOCAB, SEQ, DIM = 16, 6, 8
 RNG = np.random.default_rng(0)
+# These programs are small; compiling them is what costs, and an unoptimised XLA backend halves that.
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 TOKENS = RNG.integers(0, VOCAB, (3, SEQ)).astype(np.int32)
 TARGETS = RNG.integers(0, VOCAB, (3, SEQ)).astype(np.int32)
 
@@ -29,7 +29,11 @@ def xent(logits, labels):
 
 
 def small():
-    return Transformer(vocab=VOCAB, seq=SEQ, dim=DIM, heads=2, depth=2, rngs=nnx.Rngs(0))
+    """The Transformer with NumPy-drawn values: its shapes come from nnx.eval_shape, no initializer compiles."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(vocab=VOCAB, seq=SEQ, dim=DIM, heads=2, depth=1,
+                                                                   rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(1)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: (0.3 * rng.standard_normal(a.shape)).astype(a.dtype), state))
 
 
 @nnx.jit
@@ -37,10 +41,7 @@ def nnx_grads(model):
     return nnx.value_and_grad(lambda m: xent(m(TOKENS), TARGETS))(model)
 
 
-EXPECTED = {
-    "macro": ["blocks/0", "blocks/1"],
-    "micro": ["blocks/0/attn", "blocks/0", "blocks/1/attn", "blocks/1"],
-}
+EXPECTED = {"macro": ["blocks/0"], "micro": ["blocks/0/attn", "blocks/0"]}
 
 
 @pytest.mark.parametrize("taps", ["macro", "micro"])
@@ -57,57 +58,19 @@ def test_nnx_transformer_module_taps(taps):
         np.testing.assert_allclose(got[path], bp[path], rtol=1e-5, atol=1e-7, err_msg=path)
     for path in ("blocks/0/mlp/up/kernel", "embed/embedding", "position"):
         assert np.abs(got[path] - bp[path]).max() > 1e-5, path
-    if taps == "micro":  # the pure path cuts at the same marks
-        graphdef, params, state = fnnx.split(model)
-        _, pure = jax.jit(fnnx.value_and_grad(graphdef, xent))(params, state, TOKENS, TARGETS)
-        for path, value in by_path(pure).items():
-            np.testing.assert_allclose(value, got[path], rtol=1e-5, atol=1e-7, err_msg=path)
 
 
-def test_nnx_transformer_trains_under_dfa_macro():
-    model = fnnx.convert(small(), fj.DFA(), key=jax.random.key(1), inputs=TOKENS, taps="macro", blocks=["blocks/0",
-                                                                                                         "blocks/1"])
-    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-    before = jax.tree.map(np.asarray, fnnx.feedback_of(model))
-
-    @nnx.jit
-    def step(m, opt):
-        loss, grads = nnx.value_and_grad(lambda m: xent(m(TOKENS), TARGETS))(m)
-        fnnx.optimizer_update(opt, m, grads)
-        return loss
-
-    losses = [float(step(model, optimizer)) for _ in range(15)]
-    assert losses[-1] < 0.7 * losses[0], losses
-    for a, b in zip(jax.tree.leaves(fnnx.feedback_of(model)), jax.tree.leaves(before)):
-        np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.parametrize("taps", ["macro", "micro"])
-def test_linen_transformer_module_taps(taps):
-    model = LinenTransformer(vocab=VOCAB, seq=SEQ, dim=DIM, heads=2, depth=2)
-    variables = model.init(jax.random.key(0), TOKENS)
-    adapted = flinen.adapt(model, "dfa", taps=taps, blocks=LinenBlock)
+def test_linen_transformer_micro_taps():
+    model = LinenTransformer(vocab=VOCAB, seq=SEQ, dim=DIM, heads=2, depth=1)
+    variables = jax.jit(model.init)(jax.random.key(0), TOKENS)
+    adapted = flinen.adapt(model, "dfa", taps="micro", blocks=LinenBlock)  # macro: tests/test_linen.py
     feedback = adapted.init_feedback(variables, TOKENS, key=jax.random.key(1))
     names = [t.name for t in feedback.layout.taps]
-    if taps == "macro":
-        assert names == ["LinenBlock_0", "LinenBlock_1"]
-    else:
-        attention = "MultiHeadDotProductAttention_0"
-        assert names == [f"LinenBlock_0/{attention}", "LinenBlock_0", f"LinenBlock_1/{attention}", "LinenBlock_1"]
-    grad = jax.jit(jax.grad(lambda p, f: xent(adapted.apply({"params": p}, f, TOKENS), TARGETS)))
+    assert names == ["LinenBlock_0/MultiHeadDotProductAttention_0", "LinenBlock_0"]
+    grad = jax.jit(jax.grad(lambda p, f: xent(adapted.apply({"params": p}, f, TOKENS), TARGETS)), compiler_options=FAST)
     got = by_path(grad(variables["params"], feedback))
-    bp = by_path(jax.jit(jax.grad(lambda p: xent(model.apply({"params": p}, TOKENS), TARGETS)))(variables["params"]))
+    bp = jax.jit(jax.grad(lambda p: xent(model.apply({"params": p}, TOKENS), TARGETS)), compiler_options=FAST)
+    bp = by_path(bp(variables["params"]))
     for path in ("Dense_0/kernel", "LayerNorm_0/scale"):
         np.testing.assert_allclose(got[path], bp[path], rtol=1e-5, atol=1e-7, err_msg=path)
     assert np.abs(got["LinenBlock_0/Dense_0/kernel"] - bp["LinenBlock_0/Dense_0/kernel"]).max() > 1e-5
-
-
-def test_cnn_layer_taps_nnx_and_linen():
-    x = RNG.standard_normal((4, 8, 8, 1)).astype(np.float32)
-    model = fnnx.convert(CNN(width=2, rngs=nnx.Rngs(0)), "dfa", key=jax.random.key(1), inputs=x)
-    assert [t.name for t in model.fa_feedback.get_value().layout.taps] == ["conv2/kernel:in", "head/kernel:in"]
-    linen = LinenCNN(width=2)
-    variables = linen.init(jax.random.key(0), x)
-    feedback = flinen.adapt(linen, "dfa").init_feedback(variables, x, key=jax.random.key(1))
-    assert [t.name for t in feedback.layout.taps] == ["Conv_1/kernel:in", "Dense_0/kernel:in"]
-    assert feedback.layout.taps[0].shape == (4, 4, 2)  # a feature map, after the batch dim

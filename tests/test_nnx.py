@@ -5,6 +5,7 @@ adapter drew (renamed from ``layers/<i>/kernel`` to the core MLP's ``<i>/kernel`
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,9 @@ import fa_jax.nnx as fnnx
 from closed_forms import CLOSED_FORMS
 
 SIZES = (5, 7, 6, 3)
+# Test programs are small: compiling them is what costs, and an unoptimised XLA backend halves that.
+FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+jit = functools.partial(jax.jit, compiler_options=FAST)
 
 
 class MLP(nnx.Module):
@@ -80,7 +84,7 @@ def stateful_grads(model, x, t, *, jit, step=None):
 RULES = [name for name in sorted(fj.RULES) if name in CLOSED_FORMS]
 
 
-@pytest.mark.parametrize("rule, jit", [(r, True) for r in RULES] + [(r, False) for r in ("fa", "dfa", "usf")])
+@pytest.mark.parametrize("rule, jit", [(r, True) for r in RULES] + [("dfa", False)])
 def test_stateful_matches_closed_form(rule, jit):
     x, t = data()
     model = converted(rule)
@@ -91,15 +95,14 @@ def test_stateful_matches_closed_form(rule, jit):
     assert_layers_close(grads, want)
 
 
-@pytest.mark.parametrize("rule, jit", [("fa", True), ("dfa", True), ("usf", True), ("drtp", True), ("brsf", True),
-                                       ("dfa", False)])
+@pytest.mark.parametrize("rule, jit", [("dfa", True), ("drtp", True), ("brsf", True), ("fa", False)])
 def test_pure_path_matches_closed_form(rule, jit):
     x, t = data(seed=1)
     model = converted(rule, seed=1)
     graphdef, params, state = fnnx.split(model)
     grad_fn = fnnx.value_and_grad(graphdef, mse)
     step = 5 if fj.get_rule(rule).needs_step else None
-    run = jax.jit(lambda p, s: grad_fn(p, s, x, t, step=step)) if jit else (lambda p, s: grad_fn(p, s, x, t, step=step))
+    run = globals()["jit"](lambda p, s: grad_fn(p, s, x, t, step=step)) if jit else (lambda p, s: grad_fn(p, s, x, t, step=step))
     loss, grads = run(params, state)
     assert isinstance(grads, nnx.State)
     want_loss, want = closed_form(rule, model, x, t, step)
@@ -168,7 +171,7 @@ def test_kolen_pollack_shrinks_b_minus_w_by_its_decay_per_step():
         np.testing.assert_allclose(new_b[path] - w1[path], (1 - decay) * (old_b[path] - w0[path]), rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("rule", ["fa", "dfa", "usf"])
+@pytest.mark.parametrize("rule", ["fa", "dfa"])
 def test_fixed_feedback_unchanged_by_adamw_with_weight_decay(rule):
     x, t = data()
     model = converted(rule)
@@ -218,11 +221,11 @@ def test_jacrev_of_the_pure_dfa_update_matches_finite_differences():
         grad_fn = fnnx.value_and_grad(graphdef, mse)
         flat, unravel = jax.flatten_util.ravel_pytree(params)
 
-        @jax.jit
         def update(vector):
             return jax.flatten_util.ravel_pytree(grad_fn(unravel(vector), state, x, t)[1])[0]
 
-        jacobian = jax.jacrev(update)(flat)
+        jacobian = jit(jax.jacrev(update))(flat)
+        update = jit(update)
         eps = 1e-6
         numeric = np.stack(
             [(update(flat.at[i].add(eps)) - update(flat.at[i].add(-eps))) / (2 * eps) for i in range(flat.size)], axis=1
@@ -239,7 +242,7 @@ def test_pure_path_vmaps_over_models():
     grad_fn = fnnx.value_and_grad(graphdef, mse)
     params = jax.tree.map(lambda *a: jnp.stack(a), *[s[1] for s in splits])
     state = jax.tree.map(lambda *a: jnp.stack(a), *[s[2] for s in splits])
-    losses, grads = jax.jit(jax.vmap(lambda p, s: grad_fn(p, s, x, t)))(params, state)
+    losses, grads = jit(jax.vmap(lambda p, s: grad_fn(p, s, x, t)))(params, state)
     for i, (_, p, s) in enumerate(splits):
         loss, want = grad_fn(p, s, x, t)
         np.testing.assert_allclose(losses[i], loss, rtol=1e-6)
@@ -262,7 +265,7 @@ class Stateful(nnx.Module):
         return self.b(self.drop(h, deterministic=not train, rngs=rngs))
 
 
-@pytest.mark.parametrize("rule", ["fa", "dfa"])
+@pytest.mark.parametrize("rule", ["dfa"])
 def test_state_updates_and_call_arguments_pass_through(rule):
     x, t = data()
     model = fnnx.convert(Stateful(nnx.Rngs(0)), rule, key=jax.random.key(1), inputs=x, train=True)
@@ -274,16 +277,17 @@ def test_state_updates_and_call_arguments_pass_through(rule):
         return nnx.value_and_grad(lambda m, r: mse(m(x, train=True, rngs=r, mode="tanh"), t))(m, rngs)
 
     loss, _ = loss_of(model, call_rngs)
-    want = mse(reference(x, train=True, rngs=reference_rngs), t)
+    want = mse(nnx.jit(lambda m, r: m(x, train=True, rngs=r))(reference, reference_rngs), t)
     np.testing.assert_allclose(loss, want, rtol=1e-6)  # same dropout mask, same statistics
     np.testing.assert_allclose(model.bn.mean[...], reference.bn.mean[...], rtol=1e-6)
     assert int(call_rngs.dropout.count[...]) == int(reference_rngs.dropout.count[...]) == 1
     # The model's own stream advances when no rngs are passed; eval mode leaves statistics alone.
     count = int(model.drop.rngs.count[...])
-    model(x)
+    call = nnx.jit(lambda m, train: m(x, train=train), static_argnums=1)
+    call(model, True)
     assert int(model.drop.rngs.count[...]) == count + 1
     mean = np.asarray(model.bn.mean[...])
-    model(x, train=False)
+    call(model, False)
     np.testing.assert_array_equal(model.bn.mean[...], mean)
 
 
@@ -331,3 +335,16 @@ def test_errors():
     with pytest.raises(ValueError):
         fnnx.convert(fresh, "dfa", key=jax.random.key(0), inputs=x, taps=["layers/0"], blocks=None, exact=["nope"])
     assert type(fresh) is MLP and not hasattr(fresh.layers[0], "fa_tap")  # a failed convert leaves the model alone
+
+
+def test_exact_weights_keep_their_transpose():
+    x, t = data()
+    model = converted("fa", exact=["layers/2/kernel"])
+    feedback = model.fa_feedback.get_value()
+    assert set(feedback.weights) == {"layers/0/kernel", "layers/1/kernel"} and feedback.exact == ("layers/2/kernel",)
+    _, grads = stateful_grads(model, x, t, jit=True)
+    params = layers_of(nnx.state(model, nnx.Param))
+    chain = {"0/kernel": feedback.weights["layers/0/kernel"], "1/kernel": feedback.weights["layers/1/kernel"],
+             "2/kernel": params[2]["kernel"]}  # the exact layer: its own W in the backward
+    want = CLOSED_FORMS["fa"](fj.FA(), params, dataclasses.replace(feedback, weights=chain), x, t, "tanh", None)[1]
+    assert_layers_close(grads, want)
