@@ -65,7 +65,7 @@ def tree_bytes(tree) -> int:
     """Bytes of every array in ``tree`` (a typed key counts as its raw key data)."""
     total = 0
     for leaf in jax.tree.leaves(tree):
-        data = jax.random.key_data(leaf) if fj._ops.is_key(leaf) else leaf
+        data = jax.random.key_data(leaf) if fj._checks.is_key(leaf) else leaf
         total += data.size * data.dtype.itemsize
     return total
 
