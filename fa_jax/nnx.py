@@ -67,7 +67,7 @@ from fa_jax import _checks, _flax
 from fa_jax.rules import Rule, get_rule
 
 __all__ = ["Feedback", "convert", "call", "split", "value_and_grad", "feedback_of", "update_feedback",
-           "optimizer_update"]
+           "optimizer_update", "rule_of"]
 
 
 class Feedback(nnx.Variable):
