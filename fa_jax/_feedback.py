@@ -141,7 +141,7 @@ def check(program: _program.Program, rule: Rule, feedback: Any) -> Feedback:
             f"model=..., inputs=...), given {_checks.describe(feedback)}"
         )
     given = feedback.weights
-    dtypes = {p: getattr(leaf, "dtype", None) for p, leaf in given.items() if not _checks.is_key(leaf)}
+    dtypes = {p: leaf.dtype for p, leaf in given.items() if _checks.is_array(leaf) and not _checks.is_key(leaf)}
     want = expected_weights(program, rule, dtypes)
     missing = [p for p in want if p not in given]
     extra = [p for p in given if p not in want]
@@ -153,11 +153,9 @@ def check(program: _program.Program, rule: Rule, feedback: Any) -> Feedback:
             + f"; draw it with {made} for this model and these params"
         )
     for path, struct in want.items():
-        leaf = given[path]
-        if _checks.is_key(struct) != _checks.is_key(leaf) or tuple(leaf.shape) != tuple(struct.shape):
+        if not _same_kind(struct, given[path]):
             raise ValueError(
-                f"feedback for {path!r}: rule {rule.name!r} expected {_checks.describe(struct)}, given "
-                f"{_checks.describe(leaf)}"
+                f"feedback for {path!r}: rule {rule.name!r} expected {_describe(struct)}, given {_describe(given[path])}"
             )
     if rule.cuts:
         if feedback.layout is None:
@@ -167,6 +165,21 @@ def check(program: _program.Program, rule: Rule, feedback: Any) -> Feedback:
             )
         check_layout(program, rule, feedback.layout)
     return feedback
+
+
+def _same_kind(want: Any, leaf: Any) -> bool:
+    """The same tree of arrays, each of the same shape and the same kind (key or not); dtypes may differ."""
+    if jax.tree.structure(want) != jax.tree.structure(leaf):
+        return False
+    return all(
+        _checks.is_array(b) and _checks.is_key(a) == _checks.is_key(b) and tuple(a.shape) == tuple(b.shape)
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(leaf))
+    )
+
+
+def _describe(tree: Any) -> str:
+    leaves = jax.tree.leaves(tree)
+    return _checks.describe(tree) if _checks.is_array(tree) else f"{jax.tree.structure(tree)} of {[_checks.describe(l) for l in leaves]}"
 
 
 def check_layout(program: _program.Program, rule: Rule, layout: TapLayout) -> None:

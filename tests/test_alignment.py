@@ -93,6 +93,8 @@ def closed_form(rule_name, params, feedback, x, t):
         return numpy_signals(params, x, t, direct=tap_blocks(feedback), source="target")
     if rule_name == "shallow":
         return numpy_signals(params, x, t, frozen=True)
+    if rule_name == "scaled_sign":  # the test-only rule (tests/scaled_sign.py): B = α sign(W)
+        return numpy_signals(params, x, t, chain=[fj.get_rule(rule_name).scale * np.sign(w) for w in kernels])
     raise AssertionError(f"no closed form written for rule {rule_name!r}")
 
 

@@ -64,7 +64,8 @@ class Rule:
     # --- weight products ----------------------------------------------------------------
 
     def init_weight(self, spec: WeightSpec, *, key: jax.Array) -> Any:
-        """The feedback leaf stored for one weight (``None``: its products keep ``Wᵀ``).
+        """The feedback stored for one weight: a pytree of arrays (``()`` when nothing needs
+        storing), or ``None``, which keeps ``Wᵀ`` in its products.
 
         Args:
           spec: the weight, with the roles of its axes in its product.
