@@ -11,6 +11,13 @@ from fa_jax._engine import _program
 from fa_jax.rules import Rule, get_rule
 
 
+def _describe(leaf: Any) -> str:
+    if _checks.is_array(leaf):
+        return _checks.describe(leaf)
+    leaves = jax.tree.leaves(leaf)
+    return "nothing stored" if not leaves else ", ".join(_checks.describe(l) for l in leaves)
+
+
 class ParamPlan(NamedTuple):
     path: str
     shape: tuple[int, ...]
@@ -65,14 +72,21 @@ def plan(model: Callable, params: Any, inputs: Any, rule: Rule | str = "fa", *, 
     program = _program.analyse(model, params, inputs, exact=exact)
     rows = []
     key = jax.random.key(0)
+    refusals = {}
+    for bases, what, _ in _program.refused(program, rule):
+        for index in bases:
+            refusals.setdefault(index, what)
+    kept = "Wᵀ within its block (cut at taps)" if rule.cuts else "Wᵀ, exact"
     for i, (path, aval) in enumerate(zip(program.paths, program.avals)):
         uses = list(program.uses.get(i, []))
         if i in program.specs:
             spec = program.specs[i]
             leaf = jax.eval_shape(lambda s=spec: rule.init_weight(s, key=key))
-            stack = f", {len(spec.stack) and spec.stack[0]} layers" if spec.stack else ""
-            how = f"feedback ({spec.kind}{stack}): {_checks.describe(leaf)}" if leaf is not None else "Wᵀ, exact"
+            layers = f", {' x '.join(map(str, spec.stack))} layers" if spec.stack else ""
+            how = f"feedback ({spec.kind}{layers}): {_describe(leaf)}" if leaf is not None else kept
             uses = [how] + [u for u in uses if not u.startswith("feedback")]
+        if i in refusals:
+            uses = ["REFUSED: " + refusals[i]] + uses
         rows.append(ParamPlan(path, tuple(aval.shape), str(aval.dtype), "; ".join(uses) or "unused"))
     taps, batch_dims = (), None
     if rule.cuts:

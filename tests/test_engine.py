@@ -461,3 +461,20 @@ def test_explicit_sharding_mesh_on_four_cpu_devices():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["fa", "ok", "dfa", "ok", "usf", "ok", "drtp", "ok"]
+
+
+def test_a_stacked_scale_is_elementwise_and_refusals_show_in_the_plan():
+    """A (layers, d) normalisation scale sliced by lax.scan is a vector per layer, not a hidden product."""
+    params = {"scale": jnp.ones((3, 4)), "w": jax.random.normal(jax.random.key(0), (3, 4, 4)) * 0.3}
+
+    def model(p, x):
+        return jax.lax.scan(lambda h, layer: (jnp.tanh((h * layer["scale"]) @ layer["w"]), None), x, p)[0]
+
+    x = jnp.ones((2, 4))
+    rows = {row.path: row.treatment for row in fj.plan(model, params, x, "fa").params}
+    assert rows == {"scale": "exact, elementwise (mul)", "w": "feedback (dense, 3 layers): float32[3, 4, 4]"}
+    fj.init_feedback("fa", params, key=jax.random.key(0), model=model, inputs=x)  # not refused
+    hand = lambda p, x: (x[:, :, None] * p["w"][None]).sum(1)  # noqa: E731
+    w = {"w": jnp.ones((4, 3))}
+    assert fj.plan(hand, w, x, "fa").params[0].treatment.startswith("REFUSED: multiplies an activation")
+    assert not fj.plan(hand, w, x, "bp").params[0].treatment.startswith("REFUSED")  # BP keeps Wᵀ anyway

@@ -63,7 +63,7 @@ class Program:
     out_classes: dict
     n_params: int
     model_has_aux: bool = False
-    refusals: list = dataclasses.field(default_factory=list)  # (parameter indices, message)
+    refusals: list = dataclasses.field(default_factory=list)  # (parameter indices, what, message)
 
     def spec(self, base: Base) -> WeightSpec:
         return self.specs[base.param].layer(base.depth)
@@ -106,19 +106,27 @@ def analyse(model: Callable, params: Any, inputs: Any, *, exact: Any = (), model
                    analysis.carry_classes, analysis.out_classes, len(leaves), model_has_aux, analysis.refusals)
 
 
-def enforce(program: Program, rule: Any) -> None:
-    """Raise the first refused use of a parameter that ``rule`` would route through feedback.
+def refused(program: Program, rule: Any) -> list[tuple[frozenset, str, str]]:
+    """The refused uses of parameters that ``rule`` would route through feedback.
 
-    Under a rule that keeps ``Wᵀ`` for that parameter (BP, or inside a DFA block) such
-    a use computes exactly what was asked, so it is allowed.
+    Under a rule that keeps ``Wᵀ`` for those parameters (BP, or inside a DFA block)
+    such a use computes exactly what was asked, so it is allowed.
     """
-    key = jax.random.key(0)
-    for bases, message in program.refusals:
-        for index in bases:
+    key, found = jax.random.key(0), []
+    for refusal in program.refusals:
+        for index in refusal[0]:
             aval = program.avals[index]
             spec = program.specs.get(index) or WeightSpec(program.paths[index], tuple(aval.shape), aval.dtype, None)
             if jax.eval_shape(lambda s=spec: rule.init_weight(s, key=key)) is not None:
-                raise _walk.Refusal(f"rule {rule.name!r}: {message}")
+                found.append(refusal)
+                break
+    return found
+
+
+def enforce(program: Program, rule: Any) -> None:
+    """Raise the first use of a parameter that ``rule`` would route but the engine cannot (:func:`refused`)."""
+    for _, _, message in refused(program, rule)[:1]:
+        raise _walk.Refusal(f"rule {rule.name!r}: {message}")
 
 
 def _args(params: list[Any], input_vars: Sequence[Any], *, symbolic: bool, inputs: Sequence[Any] = ()) -> list:

@@ -198,11 +198,11 @@ class Walker:
         if not (name in _ELEMENTWISE or name in _PLACEMENT or lookup):
             self.refuse(bases, name, "meets an activation in a primitive that fa_jax cannot route through a rule")
         if name in _MULTIPLICATIVE:
-            self.check_multiplicative(bases, name)
+            self.check_multiplicative(params_in, name)
         kind = "elementwise" if name in _ELEMENTWISE else ("lookup" if lookup else "placement")
         self.use(bases, f"exact, {kind} ({name})")
 
-    def check_multiplicative(self, bases: frozenset, name: str) -> None:
+    def check_multiplicative(self, params_in: list[Val], name: str) -> None:
         """A matrix-shaped parameter multiplying an activation elementwise is likely a product written by hand."""
 
     def use(self, bases: frozenset, how: str) -> None:
@@ -291,7 +291,7 @@ class Analysis(Walker):
         self.scan_lengths: dict[tuple, int] = {}
         self.carry_classes: dict[tuple, list[Cls]] = {}
         self.out_classes: dict[tuple, list[Cls]] = {}
-        self.refusals: list[tuple[frozenset, str]] = []
+        self.refusals: list[tuple[frozenset, str, str]] = []  # (parameters, what, the error's message)
         self.recording = True
 
     def bind(self, eqn, invals):
@@ -325,11 +325,16 @@ class Analysis(Walker):
             "lists how every parameter is treated"
         )
         if self.recording:
-            self.refusals.append((unmarked, message))
-            self.use(unmarked, f"REFUSED: {what} ({primitive})")
+            self.refusals.append((unmarked, f"{what} ({primitive})", message))
 
-    def check_multiplicative(self, bases, name):
-        matrix = [b for b in bases if b not in self.exact and sum(n > 1 for n in self.avals[b].shape) >= 2]
+    def check_multiplicative(self, params_in, name):
+        # One layer of each parameter: a stacked (layers, d) scale sliced by lax.scan is a vector.
+        layer_shapes = {}
+        for val in params_in:
+            bases = _classes.view_bases(val.view) if val.cls == Cls.WEIGHT else [Base(b) for b in val.bases]
+            for base in bases:
+                layer_shapes[base.param] = self.avals[base.param].shape[base.depth :]
+        matrix = [p for p, shape in layer_shapes.items() if p not in self.exact and sum(n > 1 for n in shape) >= 2]
         if matrix:
             self.refuse(frozenset(matrix), name,
                         "multiplies an activation elementwise over two or more axes (a product written by hand, "
