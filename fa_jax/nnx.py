@@ -380,6 +380,9 @@ def update_feedback(rule: Rule | str, state: nnx.State, updates: Any, params: An
     flat = list(nnx.to_flat_state(state))
     found = [(path, variable) for path, variable in flat if path == ("fa_feedback",)]
     if not found:
+        none = fa_jax.Feedback()
+        if fa_jax.update_feedback(rule, none, _pure(updates), _pure(params)) is none:
+            return state  # an unconverted model (BP): the rule has no feedback to change
         raise ValueError("state: expected the non-Param state of a converted model (from fa_jax.nnx.split), "
                          "given one without its fa_feedback")
     before = found[0][1].get_value()

@@ -149,6 +149,12 @@ def nnx_model(rule, params, x):
     return fa_jax.nnx.convert(NNXMLP(params), rule, key=jax.random.key(2), inputs=x)
 
 
+def nnx_feedback(model):
+    """The converted model's feedback in the closed form's layout (BP converts nothing: no feedback)."""
+    feedback = model.fa_feedback.get_value() if hasattr(model, "fa_feedback") else fj.Feedback()
+    return in_closed_form_layout(feedback, NNX_NAMES)
+
+
 class NNXStateful:
     jits = (False, True)
 
@@ -160,13 +166,12 @@ class NNXStateful:
             return nnx.value_and_grad(lambda m: mse(fa_jax.nnx.call(m, x, step=STEP, targets=t), t))(m)
 
         loss, grads = (nnx.jit(loss_and_grads) if jit else loss_and_grads)(model)
-        feedback = in_closed_form_layout(model.fa_feedback.get_value(), NNX_NAMES)
-        return loss, nnx_grads_as_layers(grads), feedback
+        return loss, nnx_grads_as_layers(grads), nnx_feedback(model)
 
     @staticmethod
     def train(rule, params, x, t, steps):
         model = nnx_model(rule, params, x)
-        before = model.fa_feedback.get_value()
+        before = nnx_feedback(model)
         optimizer = nnx.Optimizer(model, tx(), wrt=nnx.Param)
 
         @nnx.jit
@@ -177,8 +182,7 @@ class NNXStateful:
         for i in range(steps):
             step(model, optimizer, i)
         after = [{"kernel": layer.kernel.get_value(), "bias": layer.bias.get_value()} for layer in model.layers]
-        return (in_closed_form_layout(before, NNX_NAMES), in_closed_form_layout(model.fa_feedback.get_value(), NNX_NAMES),
-                params, after)
+        return before, nnx_feedback(model), params, after
 
 
 class NNXPure:
@@ -189,14 +193,13 @@ class NNXPure:
         graphdef, p, state = fa_jax.nnx.split(nnx_model(rule, params, x))
         grad_fn = fa_jax.nnx.value_and_grad(graphdef, mse)
         loss, grads = (jax.jit(grad_fn) if jit else grad_fn)(p, state, x, t, step=STEP)
-        feedback = nnx.merge(graphdef, p, state).fa_feedback.get_value()
-        return loss, nnx_grads_as_layers(grads), in_closed_form_layout(feedback, NNX_NAMES)
+        return loss, nnx_grads_as_layers(grads), nnx_feedback(nnx.merge(graphdef, p, state))
 
     @staticmethod
     def train(rule, params, x, t, steps):
         graphdef, p, state = fa_jax.nnx.split(nnx_model(rule, params, x))
         grad_fn, opt = fa_jax.nnx.value_and_grad(graphdef, mse), tx()
-        before = nnx.merge(graphdef, p, state).fa_feedback.get_value()
+        before = nnx_feedback(nnx.merge(graphdef, p, state))
 
         @jax.jit
         def step(p, s, state, i):
@@ -209,8 +212,7 @@ class NNXPure:
             p, s, state = step(p, s, state, i)
         model = nnx.merge(graphdef, p, state)
         after = [{"kernel": layer.kernel.get_value(), "bias": layer.bias.get_value()} for layer in model.layers]
-        return (in_closed_form_layout(before, NNX_NAMES), in_closed_form_layout(model.fa_feedback.get_value(), NNX_NAMES),
-                params, after)
+        return before, nnx_feedback(model), params, after
 
 
 class LinenMLP(nn.Module):

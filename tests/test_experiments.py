@@ -193,7 +193,6 @@ def test_planetoid_npz_loader(tmp_path):
     assert np.isfinite(run_sweep(task, "dfa", 1).metrics).all()
 
 
-@pytest.mark.xfail(reason="engine bug: batch-dims-square-adjacency", strict=True)
 def test_graph_task_with_identity_features(tmp_path):
     """A featureless graph (X = I, as many features as nodes): DFA's batch dims are the node axis."""
     task = get_task("graph", data=_write_planetoid(tmp_path / "eye.npz", np.eye(4, dtype=np.float32)), hidden=4,

@@ -218,8 +218,8 @@ def find_batch_dims(model: Callable, params: Any, inputs: Any, program: Program,
 
     Output axis ``i`` (of size ``n``, the same in every tap) is a batch axis when the
     model, traced again with its input axes of size ``n`` resized (doubled, else
-    shortened by one; all of them, as a symbolic dimension would be, else one at a
-    time), changes axis ``i`` of the output and of every tap together. A leading shape that only coincides (a batch of 10 and
+    shortened by one; all of them, as a symbolic dimension would be, else all but one,
+    else one at a time), changes axis ``i`` of the output and of every tap together. A leading shape that only coincides (a batch of 10 and
     10 classes) does not grow and does not count. When no input axis of that size can
     be resized (a fixed positional table), the answer is unknown: ``asked`` (the
     rule's ``batch_dims``) must then say it, and an explicit ``asked`` is checked
@@ -292,7 +292,9 @@ def _is_batch_axis(model, params, inputs, placement, exact, model_has_aux, base,
     joint = grows(candidates)
     if joint is not None:
         return joint
-    each = [grows([c]) for c in candidates]
+    # Some axes of this size may be features (X = I in a graph): leave each one out, then try each alone.
+    others = [grows([c for c in candidates if c != left]) for left in candidates] if len(candidates) > 2 else []
+    each = others + [grows([c]) for c in candidates]
     if any(each):
         return True
     # A size-1 axis projects the same either way (one position); as a feature axis, a later
