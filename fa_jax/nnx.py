@@ -255,7 +255,7 @@ def convert(
 
     Args:
       model: an ``nnx.Module``; its root ``__call__(inputs, **call_kwargs)`` is what trains.
-      rule: a rule or its name (``"bp"`` returns the model unchanged).
+      rule: a rule or its name (``"bp"`` too: the converted model then trains with BP's gradients).
       key: typed PRNG key for the feedback (every rule that draws); keyword-only. Weight
         ``path`` draws from ``layer_key(key, path)`` (``"layers/0/kernel"``), tap ``name``
         from ``layer_key(key, name)``: the same numbers as the core for the same params.
@@ -274,8 +274,6 @@ def convert(
     taps, blocks, attention = _flax.check_placement(taps, blocks, attention, "convert")
     if _is_converted(model):
         raise ValueError("model: already converted; build a fresh model to convert it for another rule")
-    if rule.name == fa_jax.BP.name and not rule.cuts:
-        return model  # backprop: the model as it is
     if inputs is None:
         raise ValueError(
             f"inputs: convert(model, {rule.name!r}, ...) needs inputs=, an example first argument of the model, "

@@ -306,10 +306,16 @@ def test_stateful_pure_and_core_agree():
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
 
 
-def test_bp_returns_the_model_unchanged():
-    model = MLP(rngs=nnx.Rngs(0))
-    assert fnnx.convert(model, "bp") is model and type(model) is MLP
-    assert fnnx.rule_of(model).name == "bp"
+def test_bp_converts_like_every_rule_and_gives_bp_gradients():
+    x, t = data()
+    plain = MLP(rngs=nnx.Rngs(0))
+    model = fnnx.convert(MLP(rngs=nnx.Rngs(0)), "bp", inputs=x)
+    assert fnnx.rule_of(model).name == "bp" and model.fa_feedback.get_value().weights == {}
+    assert fnnx.rule_of(plain).name == "bp"  # an unconverted model trains with BP
+    got = nnx.grad(lambda m: mse(m(x), t))(model)
+    want = nnx.grad(lambda m: mse(m(x), t))(plain)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_errors():
