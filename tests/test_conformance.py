@@ -15,6 +15,7 @@ Every feedback is brought to the closed form's layout (``"<layer>/kernel"``) by 
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -313,9 +314,8 @@ def test_gradients_are_the_rules_closed_form(rule, entry, jit):
         params, x, t, feedback = feedback
     want_loss, want = CLOSED_FORMS[rule.name](rule, params, feedback, x, t, "tanh", STEP if entry != "runner" else 0)
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
-    for got, ref in zip(grads, want):
-        np.testing.assert_allclose(np.asarray(got["kernel"]), ref["kernel"], rtol=5e-5, atol=2e-6)
-        np.testing.assert_allclose(np.asarray(got["bias"]), ref["bias"], rtol=5e-5, atol=2e-6)
+    got = [{"kernel": np.asarray(g["kernel"], np.float64), "bias": np.asarray(g["bias"], np.float64)} for g in grads]
+    chex.assert_trees_all_close(got, want, rtol=5e-5, atol=2e-6)
 
 
 def learns(rule, params, x) -> bool:
