@@ -62,7 +62,10 @@ def test_every_rule_matches_its_closed_form(seed, name, jit):
      # B and M drawn in 4-row tiles inside the backward (kernels of 6, 9 and 7 rows: ragged last tiles)
      fj.FA(init=fj.Tiled(rows=4), regenerate=True), fj.FRSF(init=fj.Tiled(rows=4), regenerate=True),
      fj.BRSF(init=fj.Tiled(rows=4))],
-    ids=repr,
+    ids=lambda rule: rule.name + "".join(  # stable across processes (xdist): no function addresses
+        f"-{k}={getattr(v, '__name__', type(v).__name__ if callable(v) else v)}" for k, v in rule.config().items()
+        if v != type(rule).__dataclass_fields__[k].default
+    ),
 )
 def test_rule_options_match_their_closed_form(rule):
     params = init_mlp([6, 9, 7, 4], key=jax.random.key(1))
