@@ -45,8 +45,9 @@ def rule_step(model, rule):
     def step(params, feedback, x, y, t):
         loss, grads = grad_fn(params, feedback, x, y, step=t)
         updates = jax.tree.map(lambda g: -LEARNING_RATE * g, grads)
-        feedback = fj.update_feedback(rule, feedback, updates, params)
-        return jax.tree.map(jnp.add, params, updates), feedback, loss
+        learned = fj.update_feedback(rule, feedback, updates, params)
+        # Fixed feedback comes back as the same object: not returning it spares copying every B out.
+        return jax.tree.map(jnp.add, params, updates), (None if learned is feedback else learned), loss
 
     return step
 
