@@ -67,6 +67,21 @@ def tx():
     return optax.adamw(1e-2, weight_decay=0.1)
 
 
+def scan_training(grad_fn, rule, params, feedback, x, t, steps):
+    """``steps`` of adamw under ``rule`` in one ``lax.scan``: the params and the feedback after them."""
+    opt = tx()
+
+    @jax.jit
+    def step(carry, i):
+        p, s, fb = carry
+        _, grads = grad_fn(p, fb, x, t, step=i)
+        updates, s = opt.update(grads, s, p)
+        return (optax.apply_updates(p, updates), s, fj.update_feedback(rule, fb, updates, p)), None
+
+    (after, _, fb_after), _ = jax.lax.scan(step, (params, opt.init(params), feedback), jnp.arange(steps))
+    return after, fb_after
+
+
 class Core:
     jits = (False, True)
 
@@ -80,16 +95,7 @@ class Core:
     @staticmethod
     def train(rule, params, x, t, steps):
         feedback = fj.init_feedback(rule, params, key=jax.random.key(2), model=mlp(), inputs=x)
-        grad_fn, opt = fj.value_and_grad(mlp(), mse, rule), tx()
-
-        @jax.jit
-        def step(carry, i):
-            p, s, fb = carry
-            _, grads = grad_fn(p, fb, x, t, step=i)
-            updates, s = opt.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s, fj.update_feedback(rule, fb, updates, p)), None
-
-        (after, _, fb_after), _ = jax.lax.scan(step, (params, opt.init(params), feedback), jnp.arange(steps))
+        after, fb_after = scan_training(fj.value_and_grad(mlp(), mse, rule), rule, params, feedback, x, t, steps)
         return feedback, fb_after, params, after
 
 
@@ -248,16 +254,7 @@ class Linen:
         adapted = fa_jax.linen.adapt(LinenMLP(), rule)
         p = linen_params(params)
         feedback = adapted.init_feedback({"params": p}, x, key=jax.random.key(2))
-        grad_fn, opt = adapted.value_and_grad(mse), tx()
-
-        @jax.jit
-        def step(carry, i):
-            p, s, fb = carry
-            _, grads = grad_fn(p, fb, x, t, step=i)
-            updates, s = opt.update(grads, s, p)
-            return (optax.apply_updates(p, updates), s, fj.update_feedback(rule, fb, updates, p)), None
-
-        (after, _, fb_after), _ = jax.lax.scan(step, (p, opt.init(p), feedback), jnp.arange(steps))
+        after, fb_after = scan_training(adapted.value_and_grad(mse), rule, p, feedback, x, t, steps)
         return (in_closed_form_layout(feedback, LINEN_NAMES), in_closed_form_layout(fb_after, LINEN_NAMES), params,
                 [after[n] for n in LINEN_NAMES])
 

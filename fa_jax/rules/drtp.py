@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from fa_jax import _checks
-from fa_jax.rules import _projection
-from fa_jax.rules._base import Rule, register
-from fa_jax.rules._draw import require_key
-from fa_jax.rules.dfa import DFA_DEFAULT_INIT, _check_taps
+from fa_jax.rules._base import register
+from fa_jax.rules._projection import Projection
 
 
 @register
 @dataclasses.dataclass(frozen=True)
-class DRTP(Rule):
+class DRTP(Projection):
     """Direct random target projection: every tap receives ``δh_l = (y*/N) B_l`` (Frenkel et al. 2021, eq. 6).
 
     A fixed random projection of the one-hot *target* ``y*``, not of the error, so the
@@ -26,35 +24,14 @@ class DRTP(Rule):
     as its forward is done. The signal is divided by ``N``, the number of samples (or
     tokens) in the batch, as a mean loss divides the error: duplicating a batch leaves
     the update unchanged. The block after the last tap trains on its exact gradient.
-
-    Attributes:
-      init, regenerate, taps, batch_dims, mix_batch, shared_prefix: as for :class:`fa_jax.DFA`.
+    Options: as for :class:`fa_jax.DFA`.
 
     Targets are integer labels of the output's batch shape (one-hot encoded here) or an
     array with the output's shape (used as given, e.g. already one-hot).
     """
 
-    init: Callable = DFA_DEFAULT_INIT
-    regenerate: bool = False
-    taps: str = "auto"
-    batch_dims: int | None = None
-    mix_batch: bool = False
-    shared_prefix: bool = False
     name = "drtp"
-    cuts = True
     needs_targets = True
-
-    def __post_init__(self):
-        _checks.check_callable(self.init, "DRTP.init")
-        _checks.check_bool(self.regenerate, "DRTP.regenerate")
-        _checks.check_bool(self.shared_prefix, "DRTP.shared_prefix")
-        _check_taps(self)
-
-    def init_taps(self, layout, *, key, dtype=None):
-        require_key(self, key)
-        if self.regenerate:
-            return key
-        return _projection.draw(layout, key, self.init, shared_prefix=self.shared_prefix, dtype=dtype or jnp.float32)
 
     def teaching_signal(self, outputs: jax.Array, targets: Any, batch_dims: int) -> jax.Array:
         """``y* / N`` shaped like ``outputs``: one-hot of integer labels, or the targets as given."""
@@ -77,5 +54,4 @@ class DRTP(Rule):
         return jax.lax.stop_gradient(signal) / samples
 
     def tap_signals(self, feedback, layout, *, error, outputs, targets, taps):
-        source = self.teaching_signal(outputs, targets, layout.batch_dims)
-        return _projection.project(source, feedback, layout, self.init, shared_prefix=self.shared_prefix, taps=taps)
+        return self.project(self.teaching_signal(outputs, targets, layout.batch_dims), feedback, layout, taps)
