@@ -101,7 +101,16 @@ def check_step_value(step: Any, name: str = "step") -> None:
         if not isinstance(step, jax.core.Tracer) and int(step) < 0:
             raise ValueError(f"{name}: expected a step >= 0, given {int(step)}")
         return
-    check_steps(step, name)
+    # A step becomes an int32 scalar (fold_in data); a larger one would overflow inside JAX.
+    check_int(step, name, minimum=0, limit=2**31)
+
+
+def check_batch(tree: Any, name: str) -> None:
+    """No array in ``tree`` may have a zero-size leading (batch) axis: a mean over no samples is NaN."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if is_array(leaf) and leaf.ndim and leaf.shape[0] == 0:
+            where = f"{name}/{path_str(path)}" if path else name
+            raise ValueError(f"{where}: expected at least one sample, given an empty batch {describe(leaf)}")
 
 
 def check_floating_tree(tree: Any, name: str) -> None:

@@ -58,6 +58,7 @@ def _check_call(params: Any, inputs: Any, targets: Any) -> None:
     _checks.check_floating_tree(params, "params")
     _checks.check_array_tree(inputs, "inputs")
     _checks.check_array_tree(targets, "targets")
+    _checks.check_batch(inputs, "inputs")
 
 
 def value_and_grad(model: Model, loss: Loss, rule: Rule | str, *, has_aux: bool = False) -> Callable:

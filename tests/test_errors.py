@@ -138,6 +138,10 @@ def test_step_and_targets_are_asked_for(setup):
         fj.value_and_grad(MODEL, mse, "brsf")(params, brsf, x, t)
     with pytest.raises(TypeError, match=r"step: expected an integer scalar, given float32\[\]"):
         fj.value_and_grad(MODEL, mse, "brsf")(params, brsf, x, t, step=jnp.float32(1))
+    with pytest.raises(ValueError, match=r"step: expected an integer < 2147483648, given 1099511627776"):
+        fj.value_and_grad(MODEL, mse, "brsf")(params, brsf, x, t, step=2**40)
+    with pytest.raises(ValueError, match=r"inputs: expected at least one sample, given an empty batch float32\[0, 4\]"):
+        fj.value_and_grad(MODEL, mse, "bp")(params, None, jnp.ones((0, 4)), jnp.ones((0, 3)))
     drtp = fj.init_feedback("drtp", params, key=jax.random.key(2), model=MODEL, inputs=x)
     run = fj.forward(MODEL, "drtp")
     np.testing.assert_allclose(run(params, drtp, x), MODEL(params, x))  # a forward needs no targets
