@@ -42,7 +42,7 @@ def assert_tree_close(got, want, tol=2e-5):
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("seed", range(2))
 def test_every_rule_matches_its_closed_form(seed, name, jit):
     activation, params, x, t = random_case(seed)
     rule, model = fj.get_rule(name), mlp(activation)

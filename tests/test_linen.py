@@ -62,10 +62,9 @@ def mlp_case():
     return variables, x, t
 
 
-RULES = [name for name in sorted(fj.RULES) if name in CLOSED_FORMS]
-
-
-@pytest.mark.parametrize("rule, jit", [(r, True) for r in RULES] + [("dfa", False)])
+# Every registered rule through adapted.value_and_grad, eager and jitted: tests/test_conformance.py.
+# Here the differentiable adapted.apply, with a step (brSF) and targets (DRTP) passed at call time.
+@pytest.mark.parametrize("rule, jit", [("fa", True), ("brsf", True), ("drtp", True), ("dfa", False)])
 def test_apply_matches_closed_form(rule, jit, mlp_case):
     variables, x, t = mlp_case
     adapted = flinen.adapt(MLP(), rule)

@@ -81,33 +81,8 @@ def stateful_grads(model, x, t, *, jit, step=None):
     return (nnx.jit(grad) if jit else grad)(model)
 
 
-RULES = [name for name in sorted(fj.RULES) if name in CLOSED_FORMS]
-
-
-@pytest.mark.parametrize("rule, jit", [(r, True) for r in RULES] + [("dfa", False)])
-def test_stateful_matches_closed_form(rule, jit):
-    x, t = data()
-    model = converted(rule)
-    step = 3 if fj.get_rule(rule).needs_step else None
-    loss, grads = stateful_grads(model, x, t, jit=jit, step=step)
-    want_loss, want = closed_form(rule, model, x, t, step)
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-    assert_layers_close(grads, want)
-
-
-@pytest.mark.parametrize("rule, jit", [("dfa", True), ("drtp", True), ("brsf", True), ("fa", False)])
-def test_pure_path_matches_closed_form(rule, jit):
-    x, t = data(seed=1)
-    model = converted(rule, seed=1)
-    graphdef, params, state = fnnx.split(model)
-    grad_fn = fnnx.value_and_grad(graphdef, mse)
-    step = 5 if fj.get_rule(rule).needs_step else None
-    run = globals()["jit"](lambda p, s: grad_fn(p, s, x, t, step=step)) if jit else (lambda p, s: grad_fn(p, s, x, t, step=step))
-    loss, grads = run(params, state)
-    assert isinstance(grads, nnx.State)
-    want_loss, want = closed_form(rule, model, x, t, step)
-    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-    assert_layers_close(grads, want)
+# Every registered rule against its closed form, stateful and pure, eager and jitted:
+# tests/test_conformance.py (entry points "nnx" and "nnx_pure").
 
 
 def test_fa_with_w_as_b_is_bp_exactly_and_random_b_is_not():
