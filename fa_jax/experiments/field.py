@@ -17,7 +17,9 @@ import optax
 
 from fa_jax import apply
 from fa_jax.experiments import data as datasets
-from fa_jax.experiments._task import Task, row_batches
+from fa_jax.experiments._task import (
+    Task, check_count, check_positive_float, check_runner_defaults, check_sizes, row_batches,
+)
 from fa_jax.models import init_mlp, mlp
 
 
@@ -38,7 +40,19 @@ def make_task(
     *, image: str = "camera", size: int = 64, frequencies: int = 64, sigma: float = 8.0, hidden: Sequence[int] = (128, 128),
     batch_size: int = 256, learning_rate: float = 1e-3, steps: int = 600, eval_every: int = 100, seeds: int = 4,
 ) -> Task:
-    """The field task: ``camera`` at 64×64, 128 Fourier features, ReLU MLP 128-128-128-1, Adam 1e-3, 256 pixels a batch."""
+    """The field task: ``camera`` at 64×64, 128 Fourier features, ReLU MLP 128-128-128-1, Adam 1e-3, 256 pixels a batch.
+
+    Raises:
+      TypeError, ValueError: a bad option, named.
+    """
+    if not isinstance(image, str):
+        raise TypeError(f"image: expected the name of a scikit-image bundled image, given {image!r}")
+    size, frequencies = check_count(size, "size"), check_count(frequencies, "frequencies")
+    sigma = check_positive_float(sigma, "sigma")
+    hidden = check_sizes(hidden, "hidden")
+    batch_size = check_count(batch_size, "batch_size")
+    learning_rate = check_positive_float(learning_rate, "learning_rate")
+    steps, eval_every, seeds = check_runner_defaults(steps=steps, eval_every=eval_every, seeds=seeds)
     pixels = datasets.load_image(image, size=size).reshape(-1, 1)
     arrays = {"x": jnp.asarray(fourier_features(size, frequencies, sigma)), "y": jnp.asarray(pixels)}
     sizes = (2 * frequencies, *hidden, 1)
@@ -56,4 +70,6 @@ def make_task(
         baselines={"mean-grey": float(-10 * np.log10(pixels.var()))},
         description=f"scikit-image {image!r} {size}x{size}, Fourier features {2 * frequencies} (σ={sigma}), "
         f"ReLU MLP {'-'.join(map(str, sizes))}, Adam {learning_rate}, batch {batch_size} pixels",
+        options={"image": image, "size": size, "frequencies": frequencies, "sigma": sigma, "hidden": list(hidden),
+                 "batch_size": batch_size, "learning_rate": learning_rate},
     )

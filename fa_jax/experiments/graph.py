@@ -14,7 +14,7 @@ import optax
 
 from fa_jax import apply, tap
 from fa_jax.experiments import data as datasets
-from fa_jax.experiments._task import Task
+from fa_jax.experiments._task import Task, check_count, check_positive_float, check_runner_defaults, data_path
 from fa_jax.models import init_mlp
 
 
@@ -38,13 +38,27 @@ def gcn(params, inputs):
 
 def make_task(*, data: str | None = None, hidden: int = 64, learning_rate: float = 1e-2, steps: int = 200,
               eval_every: int = 20, seeds: int = 8, train_per_class: int = 20) -> Task:
-    """The graph task: GCN ``d-64-classes`` with tanh, Adam 1e-2, full batch."""
+    """The graph task: GCN ``d-64-classes`` with tanh, Adam 1e-2, full batch.
+
+    ``data``: a Planetoid-style ``.npz`` (see :func:`fa_jax.experiments.data.load_planetoid`;
+    nodes labelled ``-1`` are never trained on nor scored); default the generated CSBM.
+
+    Raises:
+      TypeError, ValueError: a bad option, named.
+      fa_jax.experiments.data.DataError: ``data`` is not a usable graph (one line).
+    """
+    hidden = check_count(hidden, "hidden")
+    learning_rate = check_positive_float(learning_rate, "learning_rate")
+    train_per_class = check_count(train_per_class, "train_per_class")
+    steps, eval_every, seeds = check_runner_defaults(steps=steps, eval_every=eval_every, seeds=seeds)
+    data = data_path(data)
     if data is not None:
         graph = datasets.load_planetoid(data, train_per_class=train_per_class)
     else:
         graph = datasets.make_csbm(train_per_class=train_per_class)
     if not graph.test_mask.any():
-        raise ValueError(f"{graph.name}: every node is labelled for training; lower train_per_class={train_per_class}")
+        raise datasets.DataError(f"{data or graph.name}: labels: every labelled node is used for training, none is left "
+                                 f"to score; label more nodes or lower train_per_class={train_per_class} (a get_task option)")
     arrays = {
         "adjacency": jnp.asarray(normalized_adjacency(graph.adjacency)), "x": jnp.asarray(graph.features),
         "y": jnp.asarray(graph.labels), "train": jnp.asarray(graph.train_mask, jnp.float32),
@@ -73,5 +87,8 @@ def make_task(*, data: str | None = None, hidden: int = 64, learning_rate: float
         init_params=lambda *, key: init_mlp(sizes, key=key), model=gcn, loss=masked_loss, batch=batch,
         evaluate=evaluate, optimizer=optax.adam(learning_rate), steps=steps, eval_every=eval_every, seeds=seeds,
         description=f"{graph.name} ({n} nodes, {int(graph.adjacency.sum()) // 2} edges, {graph.num_classes} classes, "
-        f"{int(graph.train_mask.sum())} labelled), GCN {'-'.join(map(str, sizes))}, Adam {learning_rate}, full batch",
+        f"{int(graph.train_mask.sum())} training / {int(graph.test_mask.sum())} test nodes"
+        + (f", {int((graph.labels < 0).sum())} unlabelled" if (graph.labels < 0).any() else "")
+        + f"), GCN {'-'.join(map(str, sizes))}, Adam {learning_rate}, full batch",
+        options={"data": data, "hidden": hidden, "learning_rate": learning_rate, "train_per_class": train_per_class},
     )

@@ -19,7 +19,7 @@ import optax
 
 from fa_jax import apply, tap
 from fa_jax.experiments import data as datasets
-from fa_jax.experiments._task import Task, cross_entropy
+from fa_jax.experiments._task import Task, check_count, check_positive_float, check_runner_defaults, cross_entropy
 
 
 def init_transformer(vocab: int, d: int, layers: int, seq: int, *, key: jax.Array) -> dict:
@@ -85,7 +85,19 @@ def make_task(
     *, d: int = 32, layers: int = 2, heads: int = 2, seq: int = 32, batch_size: int = 16, learning_rate: float = 3e-3,
     max_chars: int | None = 200_000, valid_windows: int = 64, steps: int = 400, eval_every: int = 100, seeds: int = 4,
 ) -> Task:
-    """The LM task: d=32, 2 blocks, 2 heads, context 32, batch 16, Adam 3e-3, 400 steps."""
+    """The LM task: d=32, 2 blocks, 2 heads, context 32, batch 16, Adam 3e-3, 400 steps.
+
+    Raises:
+      TypeError, ValueError: a bad option, named.
+    """
+    d, layers, heads, seq = (check_count(v, k) for k, v in (("d", d), ("layers", layers), ("heads", heads), ("seq", seq)))
+    if d % heads:
+        raise ValueError(f"heads: {heads} heads must divide d={d}")
+    batch_size, valid_windows = check_count(batch_size, "batch_size"), check_count(valid_windows, "valid_windows")
+    learning_rate = check_positive_float(learning_rate, "learning_rate")
+    if max_chars is not None:
+        max_chars = check_count(max_chars, "max_chars", minimum=2 * (seq + 1) * 10)
+    steps, eval_every, seeds = check_runner_defaults(steps=steps, eval_every=eval_every, seeds=seeds)
     text = datasets.load_text(max_chars=max_chars)
     starts = np.linspace(0, len(text.valid) - seq - 1, valid_windows).astype(np.int32)
     arrays = {
@@ -113,4 +125,6 @@ def make_task(
         description=f"CPython stdlib sources ({len(text.train):,} train / {len(text.valid):,} valid chars, "
         f"{len(text.files)} files), Transformer d={d} x{layers} blocks, {heads} heads, context {seq}, "
         f"Adam {learning_rate}, batch {batch_size}",
+        options={"d": d, "layers": layers, "heads": heads, "seq": seq, "batch_size": batch_size,
+                 "learning_rate": learning_rate, "max_chars": max_chars, "valid_windows": valid_windows},
     )

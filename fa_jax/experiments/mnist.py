@@ -15,17 +15,23 @@ import optax
 
 from fa_jax import apply, tap
 from fa_jax.experiments import data as datasets
-from fa_jax.experiments._task import Task, accuracy, cross_entropy, row_batches
+from fa_jax.experiments._task import (
+    Task, accuracy, check_count, check_positive_float, check_runner_defaults, check_sizes, cross_entropy, data_path,
+    row_batches,
+)
 from fa_jax.models import init_mlp, mlp
 
 DATASETS = ("mnist_5k", "digits", "mnist1d")
 MODELS = ("mlp", "cnn")
 
 
-def load(dataset: str = "mnist_5k", path: str | None = None) -> datasets.Classification:
-    """The classification data: ``path`` (full MNIST) wins over ``dataset``."""
+def load(dataset: str | None = None, path: str | None = None) -> datasets.Classification:
+    """The classification data: ``path`` (full MNIST), or ``dataset`` (default ``mnist_5k``); not both."""
     if path is not None:
+        if dataset is not None:
+            raise ValueError(f"dataset={dataset!r} and data={path!r} both name the data; give one")
         return datasets.load_mnist(path)
+    dataset = "mnist_5k" if dataset is None else dataset
     if dataset == "mnist_5k":
         return datasets.load_mnist()
     if dataset == "digits":
@@ -67,10 +73,26 @@ def cnn(side: int):
 
 
 def make_task(
-    *, dataset: str = "mnist_5k", data: str | None = None, model: str = "mlp", hidden: Sequence[int] = (128, 128),
+    *, dataset: str | None = None, data: str | None = None, model: str = "mlp", hidden: Sequence[int] = (128, 128),
     batch_size: int = 64, learning_rate: float = 1e-3, steps: int = 1000, eval_every: int = 100, seeds: int = 8,
 ) -> Task:
-    """The digit task. MLP ``d-128-128-10`` with tanh (taps after each hidden layer), Adam 1e-3, batch 64."""
+    """The digit task. MLP ``d-128-128-10`` with tanh (taps after each hidden layer), Adam 1e-3, batch 64.
+
+    ``dataset`` (default ``mnist_5k``) or ``data`` (a path, see :func:`fa_jax.experiments.data.load_mnist`).
+
+    Raises:
+      TypeError, ValueError: a bad option, named (e.g. ``learning_rate: expected a finite number > 0``).
+      fa_jax.experiments.data.DataError: ``data`` is not a usable 10-class data set (one line).
+    """
+    hidden = check_sizes(hidden, "hidden")
+    batch_size = check_count(batch_size, "batch_size")
+    learning_rate = check_positive_float(learning_rate, "learning_rate")
+    steps, eval_every, seeds = check_runner_defaults(steps=steps, eval_every=eval_every, seeds=seeds)
+    if dataset is not None and dataset not in DATASETS:
+        raise ValueError(f"dataset: unknown dataset {dataset!r}; expected one of {DATASETS}")
+    if model not in MODELS:
+        raise ValueError(f"model: unknown model {model!r}; expected one of {MODELS}")
+    data = data_path(data)
     split = load(dataset, data)
     arrays = {k: jnp.asarray(v) for k, v in split._asdict().items() if k.startswith(("x_", "y_"))}
     d_in = split.x_train.shape[1]
@@ -95,5 +117,8 @@ def make_task(
         name="mnist", metric="test_accuracy", higher_is_better=True, data=arrays, init_params=init, model=net,
         loss=cross_entropy, batch=row_batches("x_train", "y_train", n_train, batch_size), evaluate=evaluate, optimizer=optax.adam(learning_rate),
         steps=steps, eval_every=eval_every, seeds=seeds,
-        description=f"{split.name} ({n_train} train / {split.x_test.shape[0]} test), {model} {shape}, Adam {learning_rate}, batch {batch_size}",
+        description=f"{split.name} ({n_train} train / {split.x_test.shape[0]} test, {split.scale}), {model} {shape}, "
+        f"Adam {learning_rate}, batch {batch_size}",
+        options={"dataset": None if data is not None else (dataset or "mnist_5k"), "data": data, "model": model,
+                 "hidden": list(hidden), "batch_size": batch_size, "learning_rate": learning_rate},
     )
