@@ -12,6 +12,9 @@ command line (``fa_jax.experiments.cli.main``) on this task and SIGKILLs itself:
 * ``saving STEP``: in the middle of writing the first checkpoint at or past
   ``STEP``: every file is written to orbax's temporary directory, the rename
   that commits it has not happened;
+* ``pause STEP``: after the first chunk that ends at or past ``STEP`` (and its
+  checkpoint), write ``<checkpoint dir>.paused`` and sleep until a signal comes
+  (the lock stays held: a second run, or a SIGINT, can be tried against it);
 * ``none 0``: never.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -35,7 +39,8 @@ SIZES = (6, 8, 8, 3)
 N_TRAIN, BATCH = 48, 8
 
 
-def make_task(*, steps: int = 48, eval_every: int = 4, seeds: int = 3, optimizer: str = "adam", **_) -> Task:
+def make_task(*, steps: int = 48, eval_every: int = 4, seeds: int = 3, optimizer: str = "adam",
+              learning_rate: float | None = None, **_) -> Task:
     """6-8-8-3 tanh MLP on a fixed random linear-teacher problem (64 points)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, SIZES[0])).astype(np.float32)
@@ -52,12 +57,16 @@ def make_task(*, steps: int = 48, eval_every: int = 4, seeds: int = 3, optimizer
         return accuracy(apply(net, params, data["x_test"]), data["y_test"])
 
     # inject_hyperparams keeps the learning rate in the optimizer state, so a test can set it per seed.
-    opt = optax.adam(1e-2) if optimizer == "adam" else optax.inject_hyperparams(optax.sgd)(learning_rate=0.05)
+    if optimizer == "adam":
+        opt = optax.adam(1e-2 if learning_rate is None else learning_rate)
+    else:
+        opt = optax.inject_hyperparams(optax.sgd)(learning_rate=0.05 if learning_rate is None else learning_rate)
     return Task(
         name="tiny", metric="test_accuracy", higher_is_better=True, data=data,
         init_params=lambda *, key: init_mlp(SIZES, key=key), model=net, loss=cross_entropy, batch=batch,
         evaluate=evaluate, optimizer=opt, steps=steps, eval_every=eval_every, seeds=seeds,
         description=f"tiny {'-'.join(map(str, SIZES))} tanh MLP, {optimizer}",
+        options={"optimizer": optimizer, "learning_rate": learning_rate},
     )
 
 
@@ -91,6 +100,12 @@ def _install_kill(mode: str, at: int) -> None:
     original = checkpoint.Checkpointer.maybe_save
 
     def maybe_save(self, step, state, *, final=False):
+        if mode == "pause" and step >= at:
+            saved = original(self, step, state, final=final)
+            with open(os.path.dirname(self.directory) + ".paused", "w") as f:
+                f.write(str(step))
+            time.sleep(300)  # a SIGINT raises KeyboardInterrupt here
+            return saved
         if mode == "saving" and step >= at and (final or step % self.every == 0):
             from orbax.checkpoint._src.path import atomicity
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -87,6 +88,7 @@ class Trainer(NamedTuple):
       n_seeds: seeds asked for (the state may hold padding seeds after them).
       strategy: ``"vmap"`` or ``"map"`` as used inside each device.
       mesh: the device mesh of the seed axis.
+      batch_size: seeds per ``lax.map`` batch under ``"map"`` (unused by ``"vmap"``).
     """
 
     init: Callable
@@ -94,10 +96,16 @@ class Trainer(NamedTuple):
     n_seeds: int
     strategy: str
     mesh: Mesh
+    batch_size: int = 1
+
+
+#: Steps, and the step counter, are int32 inside the jitted loop.
+STEP_LIMIT = 2**31
 
 
 def _n_evals(task: Task, steps: int) -> int:
-    if steps % task.eval_every:
+    eval_every = _checks.check_int(task.eval_every, f"task {task.name!r} eval_every", minimum=1, limit=STEP_LIMIT)
+    if steps % eval_every:
         raise ValueError(f"steps={steps} must be a multiple of eval_every={task.eval_every} for task {task.name!r}")
     return steps // task.eval_every
 
@@ -180,7 +188,8 @@ def _chunk(task: Task, rule: fa_jax.Rule) -> Callable:
 def make_single(task: Task, rule: str | fa_jax.Rule, *, steps: int | None = None) -> Callable:
     """``run(data, seed) -> TrainState``: one jitted run (a ``lax.scan`` over all steps)."""
     rule = fa_jax.get_rule(rule)
-    steps = task.steps if steps is None else steps
+    steps = _check_steps(task.steps if steps is None else steps)
+    _n_evals(task, steps)
     chunk = _chunk(task, rule)
 
     @jax.jit
@@ -191,8 +200,13 @@ def make_single(task: Task, rule: str | fa_jax.Rule, *, steps: int | None = None
 
 
 def run_single(task: Task, rule: str | fa_jax.Rule, seed: int, *, steps: int | None = None) -> TrainState:
-    """One run with ``seed``: the reference a sweep must match."""
-    return make_single(task, rule, steps=steps)(task.data, jnp.int32(seed))
+    """One run with ``seed`` (an integer in ``[0, 2**32)``): the reference a sweep must match.
+
+    Raises:
+      TypeError, ValueError: ``seed`` is not such an integer (``1.5`` is not rounded, ``-1`` not wrapped).
+    """
+    seed = _checks.check_seed(seed, "seed")
+    return make_single(task, rule, steps=steps)(task.data, jnp.uint32(seed))
 
 
 def step_flops(task: Task, rule: fa_jax.Rule) -> float:
@@ -236,13 +250,17 @@ def make_trainer(
         to a multiple of its size; padding seeds continue the seed numbering.
     """
     rule = fa_jax.get_rule(rule)
-    steps = task.steps if steps is None else steps
+    n_seeds = _checks.check_int(n_seeds, "n_seeds", minimum=1, limit=_checks.SEED_LIMIT + 1)
+    steps = _check_steps(task.steps if steps is None else steps)
     _n_evals(task, steps)  # validates steps
+    batch_size = _checks.check_int(batch_size, "batch_size", minimum=1)
+    if strategy not in ("auto", "vmap", "map"):
+        raise ValueError(f"strategy: unknown strategy {strategy!r}; expected 'auto', 'vmap' or 'map'")
     mesh = seed_mesh() if mesh is None else mesh
+    if not isinstance(mesh, Mesh) or mesh.axis_names != ("seed",):
+        raise TypeError(f"mesh: expected a 1-d jax.sharding.Mesh with axis 'seed' (seed_mesh()), given {mesh!r}")
     if strategy == "auto":
         strategy, batch_size = choose_strategy(task, rule, mesh)
-    if strategy not in ("vmap", "map"):
-        raise ValueError(f"unknown strategy {strategy!r}; expected 'auto', 'vmap' or 'map'")
     chunk = _chunk(task, rule)
     seeds_spec = NamedSharding(mesh, P("seed"))
     replicated = NamedSharding(mesh, P())
@@ -267,17 +285,24 @@ def make_trainer(
     padded = math.ceil(n_seeds / mesh.size) * mesh.size
 
     def init(seeds=None):
-        seeds = np.arange(n_seeds) if seeds is None else np.asarray(seeds)
-        if len(seeds) < padded:
-            seeds = np.concatenate([seeds, seeds.max() + 1 + np.arange(padded - len(seeds))])
-        return init_all(jax.device_put(jnp.asarray(seeds, jnp.int32), seeds_spec), data)
+        if seeds is None:
+            seeds = np.arange(n_seeds, dtype=np.int64)
+        else:
+            seeds = np.asarray([_checks.check_seed(s, f"seeds[{i}]") for i, s in enumerate(seeds)], np.int64)
+            if len(seeds) != n_seeds:
+                raise ValueError(f"seeds: expected {n_seeds} seeds, given {len(seeds)}")
+        if len(seeds) < padded:  # padding seeds continue the numbering (mod 2**32); their results are dropped
+            seeds = np.concatenate([seeds, (seeds.max() + 1 + np.arange(padded - len(seeds))) % _checks.SEED_LIMIT])
+        # uint32: every seed in [0, 2**32) reaches jax.random.key as itself (int32 wrapped those >= 2**31).
+        return init_all(jax.device_put(jnp.asarray(seeds, jnp.uint32), seeds_spec), data)
 
     def run_chunk(state: TrainState, n_steps: int) -> TrainState:
+        n_steps = _checks.check_int(n_steps, "n_steps", minimum=0, limit=STEP_LIMIT)
         if n_steps % task.eval_every:
             raise ValueError(f"n_steps={n_steps} must be a multiple of eval_every={task.eval_every}")
         return run_all(state, data, n_steps // task.eval_every)
 
-    return Trainer(init, run_chunk, n_seeds, strategy, mesh)
+    return Trainer(init, run_chunk, n_seeds, strategy, mesh, batch_size)
 
 
 class SweepResult(NamedTuple):
@@ -308,23 +333,97 @@ class SweepResult(NamedTuple):
         return divergence.summarize(self.final, diverged_at, self.seeds)
 
 
-def sweep_config(task: Task, rule: fa_jax.Rule, seeds: np.ndarray, steps: int, chunks: int) -> dict:
+def _check_steps(steps: Any, name: str = "steps") -> int:
+    return _checks.check_int(steps, name, minimum=1, limit=STEP_LIMIT)
+
+
+def sweep_config(task: Task, rule: fa_jax.Rule, seeds: np.ndarray, steps: int, chunks: int, *,
+                 devices: int = 1, strategy: str | None = None, batch_size: int | None = None) -> dict:
     """What a checkpoint must agree on to be resumed by this sweep (JSON-able).
 
     The rule enters as ``rule.name`` and ``rule.config()`` with every option named
-    (callables by qualified name and arguments, see :func:`checkpoint.rule_identity`).
+    (callables by qualified name and arguments, see :func:`checkpoint.rule_identity`);
+    the task as its name, its options (``task.options``, named the same way) and the
+    SHA-256 of the data it holds (:func:`checkpoint.data_fingerprint`: the numbers, not
+    the path); then the seeds, steps, eval interval, chunks, device count and the
+    per-device strategy, which fix the programs (and so the last bits of every float).
 
     Raises:
-      TypeError: a rule option that cannot be named (a lambda, a closure over arrays).
+      TypeError: a rule or task option that cannot be named (a lambda, a closure over arrays).
     """
-    from fa_jax.experiments.checkpoint import rule_identity
+    from fa_jax.experiments.checkpoint import rule_identity, task_identity
 
     identity = rule_identity(rule)
     return {
-        "task": task.name, "description": task.description, "rule": identity["name"],
+        "task": task_identity(task), "description": task.description, "rule": identity["name"],
         "rule_options": identity["config"], "seeds": [int(s) for s in seeds], "steps": steps,
-        "eval_every": task.eval_every, "chunks": chunks,
+        "eval_every": task.eval_every, "chunks": chunks, "devices": devices, "strategy": strategy,
+        "map_batch_size": batch_size if strategy == "map" else None,
     }
+
+
+def _leaf_bytes(leaf: Any) -> int:
+    return int(np.prod(leaf.shape, dtype=np.int64)) * int(leaf.dtype.itemsize)
+
+
+def state_bytes_per_seed(task: Task, rule: fa_jax.Rule, steps: int) -> int:
+    """Bytes of one seed's :class:`TrainState` (params, optimizer, feedback, metrics...), from shapes alone."""
+    shapes = jax.eval_shape(lambda d: init_state(task, rule, d, jnp.uint32(0), steps=steps), task.data)
+    return sum(_leaf_bytes(leaf) for leaf in jax.tree.leaves(shapes))
+
+
+def available_bytes(mesh: Mesh) -> int | None:
+    """Memory a sweep may use on one device of ``mesh``: the host's available RAM for CPU devices
+    (they share it), the device's free memory otherwise; ``None`` when unknown."""
+    device = mesh.devices.flat[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+#: A training step holds the state it reads, the state it writes and its temporaries.
+MEMORY_FACTOR = 3
+#: :func:`prepare_sweep` checks memory (one trace of the state's shapes) above these many seeds or evals.
+MEMORY_CHECK_SEEDS, MEMORY_CHECK_EVALS = 64, 1024
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def check_memory(task: Task, rule: fa_jax.Rule, n_seeds: int, steps: int, mesh: Mesh) -> None:
+    """Refuse a sweep whose state cannot fit: ``MEMORY_FACTOR`` × state bytes per seed × seeds per
+    memory pool (all seeds for CPU devices, which share the host's RAM; a device's share otherwise).
+
+    Raises:
+      ValueError: naming ``seeds`` (and ``steps``, whose metric arrays are in the state), the
+        bytes needed and the bytes available.
+    """
+    available = available_bytes(mesh)
+    if available is None:
+        return
+    per_seed = state_bytes_per_seed(task, rule, steps)
+    padded = math.ceil(n_seeds / mesh.size) * mesh.size
+    on_one = padded if mesh.devices.flat[0].platform == "cpu" else padded // mesh.size
+    need = MEMORY_FACTOR * (per_seed * on_one + sum(_leaf_bytes(x) for x in jax.tree.leaves(task.data)))
+    if need > available:
+        raise ValueError(
+            f"seeds={n_seeds}, steps={steps}: the sweep needs about {_gib(need)} ({_gib(per_seed)} of state per seed, "
+            f"x{MEMORY_FACTOR} while training), more than the {_gib(available)} available; use fewer seeds"
+        )
 
 
 def _to_host(tree: Any) -> Any:
@@ -336,67 +435,169 @@ def _to_host(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def run_sweep(
+class Sweep:
+    """A sweep ready to train: the trainer built, the state initialised or restored from a checkpoint.
+
+    Made by :func:`prepare_sweep`; :meth:`run` trains the remaining chunks and returns
+    the :class:`SweepResult`. While it holds a checkpointer, the checkpoint directory is
+    locked; :meth:`close` (or leaving a ``with`` block) releases it.
+
+    Attributes:
+      rule: the rule object; ``seeds``: ``(n,)`` int64 seed values; ``steps``, ``chunks``.
+      start: steps already done (restored from a checkpoint; 0 for a fresh sweep).
+      trainer: the :class:`Trainer`; ``state``: the current :class:`TrainState`.
+      checkpointer: the :class:`checkpoint.Checkpointer` or ``None``.
+      config: the run identity a checkpoint records (``None`` without checkpoints).
+    """
+
+    def __init__(self, task, rule, seeds, steps, chunks, trainer, state, start, checkpointer, config):
+        self.task, self.rule, self.seeds, self.steps, self.chunks = task, rule, seeds, steps, chunks
+        self.trainer, self.state, self.start, self.checkpointer, self.config = trainer, state, start, checkpointer, config
+
+    @property
+    def chunk_steps(self) -> int:
+        return self.steps // self.chunks
+
+    def run(self, on_chunk: Callable[[int], None] | None = None) -> SweepResult:
+        """Train from :attr:`start` to ``steps``, saving checkpoints; ``on_chunk(steps_done)`` after each chunk."""
+        state, chunk_steps = self.state, self.chunk_steps
+        if on_chunk is not None and self.start:
+            on_chunk(self.start)
+        for index in range(self.start // chunk_steps, self.chunks):
+            state = self.trainer.run_chunk(state, chunk_steps)
+            done = (index + 1) * chunk_steps
+            self.state, self.start = state, done
+            if on_chunk is not None:
+                on_chunk(done)
+            if self.checkpointer is not None:
+                self.checkpointer.maybe_save(done, state, final=index == self.chunks - 1)
+        metrics, losses, diverged_at = _to_host((state.metrics, state.losses, state.diverged_at))
+        n = len(self.seeds)
+        addressable = all(leaf.is_fully_addressable for leaf in jax.tree.leaves(state))
+        return SweepResult(
+            self.rule.name, self.seeds, np.arange(_n_evals(self.task, self.steps) + 1) * self.task.eval_every,
+            np.asarray(metrics)[:n], np.asarray(losses)[:n], self.trainer.strategy, np.asarray(diverged_at)[:n],
+            jax.tree.map(lambda x: x[:n], state) if addressable else None,
+        )
+
+    def close(self) -> None:
+        """Release the checkpoint directory's lock."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+
+    def __enter__(self) -> "Sweep":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _seed_values(seeds: Any) -> tuple[int, np.ndarray | None]:
+    """``(count, values)``: a count stays a count (no ``arange`` before the memory check), a sequence is checked."""
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, (bool, np.bool_)):
+        return _checks.check_int(seeds, "seeds", minimum=1, limit=_checks.SEED_LIMIT + 1), None
+    if isinstance(seeds, (str, bytes, bool, np.bool_)) or not hasattr(seeds, "__iter__"):
+        raise TypeError(f"seeds: expected a count or a sequence of integer seeds, given {seeds!r}")
+    values = np.asarray([_checks.check_seed(s, f"seeds[{i}]") for i, s in enumerate(seeds)], np.int64)
+    if values.size == 0 or len(set(values.tolist())) != values.size:
+        raise ValueError(f"seeds: expected distinct seeds, at least one, given {values.tolist()}")
+    return len(values), values
+
+
+def prepare_sweep(
     task: Task, rule: str | fa_jax.Rule, seeds: int | Sequence[int] = 8, *, steps: int | None = None,
     chunks: int = 1, strategy: str = "auto", batch_size: int = 1, mesh: Mesh | None = None,
-    on_chunk: Callable[[int], None] | None = None, checkpoint_dir: str | None = None,
-    checkpoint_every: int | None = None,
-) -> SweepResult:
-    """Train ``task`` under ``rule`` for every seed in one jitted program per chunk.
+    checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+    restart_if_corrupt: bool = False, report: Callable[[str], None] | None = None,
+) -> Sweep:
+    """Check every argument, build the trainer, and initialise or restore the state; train nothing.
 
-    Args:
-      seeds: a count (seeds ``0..n-1``) or explicit seed values.
-      chunks: number of ``run_chunk`` calls (same numbers for any value; default one).
-      on_chunk: called with the steps done after each chunk (progress bars).
-      checkpoint_dir: save the whole state there (see ``checkpoint.Checkpointer``)
-        and, when it already holds a checkpoint of this same sweep, resume from
-        it: the result is bit-identical to an uninterrupted run.
-      checkpoint_every: save period in steps, a multiple of ``steps // chunks``
-        (default: after every chunk). The last step is always saved.
+    Everything a user can get wrong is refused here, before any training: bad
+    seeds, steps, chunks or periods, a sweep too big for memory, a rule or task
+    option that cannot be named, a checkpoint directory held by another process,
+    one written by another run (:class:`checkpoint.CheckpointMismatch`), or one
+    whose checkpoints all fail verification (:class:`checkpoint.CheckpointCorrupt`).
+    Arguments as in :func:`run_sweep`.
     """
-    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
-        seeds = np.arange(_checks.check_int(seeds, "seeds", minimum=1))
-    elif isinstance(seeds, (str, bytes, bool)) or not hasattr(seeds, "__iter__"):
-        raise TypeError(f"seeds: expected a count or a sequence of integer seeds, given {seeds!r}")
-    else:
-        seeds = np.asarray([_checks.check_seed(s, f"seeds[{i}]") for i, s in enumerate(seeds)], np.int64)
-        if seeds.size == 0 or len(set(seeds.tolist())) != seeds.size:
-            raise ValueError(f"seeds: expected distinct seeds, at least one, given {seeds.tolist()}")
-    steps = task.steps if steps is None else _checks.check_int(steps, "steps", minimum=1)
+    n_seeds, values = _seed_values(seeds)
+    steps = task.steps if steps is None else steps
+    steps = _check_steps(steps)
     chunks = _checks.check_int(chunks, "chunks", minimum=1)
     n_evals = _n_evals(task, steps)
     if n_evals % chunks:
         raise ValueError(f"chunks={chunks} must divide the {n_evals} eval intervals")
     chunk_steps = steps // chunks
+    if checkpoint_dir is None and checkpoint_every is not None:
+        raise ValueError(f"checkpoint_every={checkpoint_every!r} was given without checkpoint_dir: nothing would be saved")
     every = chunk_steps if checkpoint_every is None else _checks.check_int(checkpoint_every, "checkpoint_every", minimum=1)
     if every % chunk_steps:
         raise ValueError(f"checkpoint_every={every} must be a multiple of the chunk size, {chunk_steps} steps")
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
+        raise TypeError(f"checkpoint_dir: expected a path, given {checkpoint_dir!r}")
     rule = fa_jax.get_rule(rule)
-    config = None if checkpoint_dir is None else sweep_config(task, rule, seeds, steps, chunks)  # refuse unnamed options first
-    trainer = make_trainer(task, rule, len(seeds), steps=steps, strategy=strategy, batch_size=batch_size, mesh=mesh)
-    state = trainer.init(seeds)
-    checkpointer, start = None, 0
     if checkpoint_dir is not None:
-        from fa_jax.experiments.checkpoint import Checkpointer  # orbax is imported only when asked for
+        from fa_jax.experiments.checkpoint import rule_identity
 
-        checkpointer = Checkpointer(checkpoint_dir, every=every, config=config)
+        rule_identity(rule)  # refuse unnamed options before anything is traced, trained or saved
+    mesh = seed_mesh() if mesh is None else mesh
+    if n_seeds > MEMORY_CHECK_SEEDS or n_evals > MEMORY_CHECK_EVALS:  # where seeds or steps can outgrow memory
+        check_memory(task, rule, n_seeds, steps, mesh)
+    seeds = np.arange(n_seeds, dtype=np.int64) if values is None else values
+    trainer = make_trainer(task, rule, n_seeds, steps=steps, strategy=strategy, batch_size=batch_size, mesh=mesh)
+    start, checkpointer, config = 0, None, None
+    if checkpoint_dir is None:
+        return Sweep(task, rule, seeds, steps, chunks, trainer, trainer.init(seeds), start, checkpointer, config)
+    from fa_jax.experiments.checkpoint import Checkpointer  # orbax is imported only when asked for
+
+    config = sweep_config(task, rule, seeds, steps, chunks, devices=mesh.size, strategy=trainer.strategy,
+                          batch_size=trainer.batch_size)
+    checkpointer = Checkpointer(checkpoint_dir, every=every, config=config, restart_if_corrupt=restart_if_corrupt,
+                                report=report)
+    try:
+        checkpointer.check()  # another run's or no usable checkpoint: refused before anything compiles
+        state = trainer.init(seeds)
         restored = checkpointer.restore(like=state)
-        if restored is not None:
-            state, start = restored, int(np.asarray(jax.device_get(restored.step)).reshape(-1)[0])
-            if on_chunk is not None:
-                on_chunk(start)
-    for index in range(start // chunk_steps, chunks):
-        state = trainer.run_chunk(state, chunk_steps)
-        done = (index + 1) * chunk_steps
-        if checkpointer is not None:
-            checkpointer.maybe_save(done, state, final=index == chunks - 1)
-        if on_chunk is not None:
-            on_chunk(done)
-    metrics, losses, diverged_at = _to_host((state.metrics, state.losses, state.diverged_at))
-    n = len(seeds)
-    addressable = all(leaf.is_fully_addressable for leaf in jax.tree.leaves(state))
-    return SweepResult(
-        rule.name, seeds, np.arange(n_evals + 1) * task.eval_every,
-        np.asarray(metrics)[:n], np.asarray(losses)[:n], trainer.strategy, np.asarray(diverged_at)[:n],
-        jax.tree.map(lambda x: x[:n], state) if addressable else None,
-    )
+    except BaseException:
+        checkpointer.close()
+        raise
+    if restored is not None:
+        state, start = restored, int(np.asarray(jax.device_get(restored.step)).reshape(-1)[0])
+    return Sweep(task, rule, seeds, steps, chunks, trainer, state, start, checkpointer, config)
+
+
+def run_sweep(
+    task: Task, rule: str | fa_jax.Rule, seeds: int | Sequence[int] = 8, *, steps: int | None = None,
+    chunks: int = 1, strategy: str = "auto", batch_size: int = 1, mesh: Mesh | None = None,
+    on_chunk: Callable[[int], None] | None = None, checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None, restart_if_corrupt: bool = False,
+    report: Callable[[str], None] | None = None,
+) -> SweepResult:
+    """Train ``task`` under ``rule`` for every seed in one jitted program per chunk.
+
+    Args:
+      seeds: a count (seeds ``0..n-1``) or explicit seed values, integers in ``[0, 2**32)``.
+      steps: training steps, ``1 <= steps < 2**31``, a multiple of ``task.eval_every``.
+      chunks: number of ``run_chunk`` calls (same numbers for any value; default one).
+      strategy, batch_size, mesh: see :func:`make_trainer`.
+      on_chunk: called with the steps done after each chunk (progress bars).
+      checkpoint_dir: save the whole state there (see ``checkpoint.Checkpointer``)
+        and, when it already holds a checkpoint of this same sweep, resume from
+        the newest one that verifies: the result is bit-identical to an
+        uninterrupted run. The directory is locked while the sweep runs.
+      checkpoint_every: save period in steps, a multiple of ``steps // chunks``
+        (default: after every chunk; only with ``checkpoint_dir``). The last step is always saved.
+      restart_if_corrupt: when every checkpoint in ``checkpoint_dir`` fails
+        verification, set them aside and start afresh instead of refusing.
+      report: receives one line per skipped checkpoint or stale lock (default: a warning).
+
+    Raises:
+      TypeError, ValueError: a bad argument, named; a sweep too big for memory.
+      checkpoint.CheckpointError: the directory is locked, holds another run, or
+        holds no checkpoint that verifies.
+    """
+    with prepare_sweep(
+        task, rule, seeds, steps=steps, chunks=chunks, strategy=strategy, batch_size=batch_size, mesh=mesh,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, restart_if_corrupt=restart_if_corrupt,
+        report=report,
+    ) as sweep:
+        return sweep.run(on_chunk)
