@@ -1,6 +1,6 @@
-"""Reliability: SIGKILL and resume bit for bit (Kolen–Pollack's learned B included), safe checkpoint
-writes, checked restores (rule options by name), diverged seeds frozen and left out of means,
-identical results for the same command."""
+"""Reliability: SIGKILL and resume bit for bit (Kolen–Pollack's learned B included, the dead run's locks
+taken over), safe checkpoint writes, checked restores (rule options by name), diverged seeds frozen and
+left out of means, identical results for the same command."""
 
 from __future__ import annotations
 
@@ -93,6 +93,9 @@ def test_sigkill_five_times_then_resume_is_bit_identical(tmp_path):
 
     final = _child("none", 0, str(tmp_path / "out"), ck, cache)
     assert final.returncode == 0, final.stderr[-2000:]
+    # The killed process's locks (the directory's and the rule's) were free and taken over, saying whose they were.
+    stale = [line for line in final.stderr.splitlines() if "took over the stale lock" in line]
+    assert len(stale) == 2 and all(line.startswith("fa-jax: warning: ") and "pid " in line for line in stale), final.stderr
     assert _steps_on_disk(os.path.join(ck, "kp"))[1] == []  # the stale temporary directory was cleaned
 
     # Metrics, losses and the final state (params, optimizer, feedback, key...) bit for bit.

@@ -2,8 +2,22 @@
 
 Trains every rule (any name registered in ``fa_jax.RULES``) for every seed (one jitted sweep per rule), shows a progress
 bar, prints mean ± std of the task's metric per rule, and writes
-``results.json``, ``results.csv`` and ``curves.png`` to ``--out``.
-Bad input ends with a one-line ``fa-jax: error: ...`` and exit status 2.
+``results.json``, ``results.csv``, ``timings.json`` and ``curves.png`` to ``--out``.
+
+The contract:
+
+* Every user error (a bad flag, a size beyond int32 or memory, an output or
+  checkpoint path that is a file or not writable, unusable ``--data``, a locked,
+  foreign or corrupt checkpoint directory) is found *before* any training, and
+  ends with one line ``fa-jax: error: ...`` and exit status 2.
+* Ctrl-C ends with ``interrupted at step N; re-run the same command to resume``
+  and exit status 130.
+* Exit status 1 when some rule finished with no healthy seed (every seed
+  diverged); the results are still written.
+* ``results.json`` is strict JSON (non-finite numbers are ``null``; diverged
+  seeds are listed) and depends only on what was run: normalised options, the
+  data's SHA-256, the device count; never on how the command was spelled or
+  where its outputs went. Wall-clock times go to ``timings.json``.
 """
 
 from __future__ import annotations
@@ -11,13 +25,17 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
+import shlex
 import sys
 import time
 
-from fa_jax import RULES
+from fa_jax import RULES, get_rule
 
 DEFAULT_RULES = "bp,fa,dfa,shallow"
+OUTPUTS = ("results.json", "results.csv", "timings.json", "curves.png")
+EXIT_DIVERGED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 
 class _UsageError(Exception):
@@ -37,6 +55,21 @@ def _parse_rules(text: str) -> list[str]:
     return list(dict.fromkeys(rules))
 
 
+def _count(limit: int, what: str):
+    """argparse type: a whole number in ``[1, limit]`` (``1e12`` and ``2.5`` are refused, not converted)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip(), 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, given {text!r}") from None
+        if not 1 <= value <= limit:
+            raise argparse.ArgumentTypeError(f"expected an integer from 1 to {limit:,} ({what}), given {value:,}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fa_jax.experiments import TASKS
 
@@ -47,20 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--rules", default=DEFAULT_RULES, help=f"comma list of rules among {', '.join(sorted(RULES))} (default {DEFAULT_RULES})"
     )
-    run.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the task's, 8)")
-    run.add_argument("--steps", type=int, default=None, help="training steps per run (default: the task's)")
+    run.add_argument("--seeds", type=_count(2**32, "seeds are the integers 0..N-1 below 2**32"), default=None,
+                     help="number of seeds (default: the task's, 8)")
+    run.add_argument("--steps", type=_count(2**31 - 1, "the step counter is int32"), default=None,
+                     help="training steps per run (default: the task's)")
     run.add_argument("--out", default=None, help="output directory (default results/TASK)")
     run.add_argument("--data", default=None, help="user data file or directory (mnist: IDX dir or .npz; graph: Planetoid .npz)")
     run.add_argument("--dataset", default=None, help="mnist only: mnist_5k (default), digits or mnist1d")
     run.add_argument("--model", default=None, help="mnist only: mlp (default) or cnn")
     run.add_argument("--strategy", default="auto", choices=("auto", "vmap", "map"), help="how seeds share a device")
+    run.add_argument("--devices", type=_count(1 << 16, "devices"), default=None,
+                     help="devices to shard the seeds over (default: all; on CPU one host device per core). "
+                     "Recorded in results.json and in checkpoints; results agree across counts to float tolerance")
     run.add_argument("--no-plot", action="store_true", help="skip curves.png")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
         "--checkpoint-dir", default=None,
         help="save the sweep state under DIR/RULE; re-running the same command resumes (bit-identical results)",
     )
-    run.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint period in steps (default: every eval)")
+    run.add_argument("--checkpoint-every", type=_count(2**31 - 1, "steps"), default=None,
+                     help="checkpoint period in steps, a multiple of the eval interval (default: every eval)")
+    run.add_argument("--restart-if-corrupt", action="store_true",
+                     help="when no checkpoint in --checkpoint-dir verifies, set them aside and start afresh (default: refuse)")
     sub.add_parser("list", help="list the tasks")
     return parser
 
@@ -76,15 +117,118 @@ def _format(mean: float, std: float, metric: str) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def run(args) -> int:
-    from fa_jax.experiments import TASKS, get_task, run_sweep
+def _directory_target(path: str, flag: str) -> str:
+    """``path`` made absolute, if it is (or can become) a writable directory; else one usage error line."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _UsageError(f"{flag} {path!r} is a file, not a directory")
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise _UsageError(f"{flag} {path!r}: {probe!r} is a file, so no directory can be made under it")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise _UsageError(f"{flag} {path!r}: {probe!r} is not writable")
+    return path
+
+
+def _probe_writable(directory: str, flag: str) -> None:
+    probe = os.path.join(directory, f".fa_jax_write_test_{os.getpid()}")
+    try:
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise _UsageError(f"{flag} {directory!r} is not writable ({err.strerror or err})") from None
+
+
+def configure_host_devices(count: int | None) -> None:
+    """Expose ``count`` XLA host devices (default one per CPU core), unless ``XLA_FLAGS`` already sets a count.
+
+    XLA:CPU runs one program on about one core; with a host device per core the
+    sweep shards its seeds over all of them (2 cores: 1.94× a loop of single runs
+    instead of 1.38×, ``benchmarks/sweep.py``). Seed *i* gives the same numbers
+    either way to float tolerance (batched matmuls of another width may round the
+    last bit differently), and results.json records the count. It only takes effect
+    before JAX starts its CPU backend, and changes nothing for GPU or TPU runs.
+    """
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        count = count or os.cpu_count() or 1
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
+use_every_cpu_core = configure_host_devices  # the name of earlier versions
+
+
+def _devices(requested: int | None) -> list:
+    import jax
+
+    available = jax.devices()
+    if requested is None:
+        return available
+    if requested > len(available):
+        where = ("XLA_FLAGS fixes the host device count" if "xla_force_host_platform_device_count"
+                 in os.environ.get("XLA_FLAGS", "") else "this process started JAX with that many")
+        raise _UsageError(f"--devices {requested}: only {len(available)} {available[0].platform} device(s) available ({where})")
+    return available[:requested]
+
+
+def _strict(value):
+    """JSON-safe copy: NaN and ±Inf become ``None`` (strict parsers reject bare ``NaN``)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+class _Progress:
+    """Where the run is, for the Ctrl-C message."""
+
+    def __init__(self):
+        self.rule, self.step, self.sweep, self.phase = None, 0, None, "checking"  # then "training", "writing"
+
+
+def _warn(message: str) -> None:
+    print(f"fa-jax: warning: {message}", file=sys.stderr)
+
+
+def run(args, progress: _Progress | None = None) -> int:
+    from fa_jax.experiments import TASKS, get_task
+    from fa_jax.experiments import sweep as sweeps
+    from fa_jax.experiments.checkpoint import DirectoryLock, data_fingerprint, name_option
     from fa_jax.experiments.divergence import describe as describe_summary
 
+    progress = _Progress() if progress is None else progress
     if args.task not in TASKS:
         raise _UsageError(f"unknown task {args.task!r}; expected one of {sorted(TASKS)}")
     rules = _parse_rules(args.rules)
+    if args.checkpoint_dir is None:
+        for flag, given in (("--checkpoint-every", args.checkpoint_every is not None),
+                            ("--restart-if-corrupt", args.restart_if_corrupt)):
+            if given:
+                raise _UsageError(f"{flag} needs --checkpoint-dir (without it nothing is saved)")
+    if args.data is not None and args.dataset is not None:
+        raise _UsageError(f"--data {args.data!r} and --dataset {args.dataset!r} both name the data; give one")
+    out = _directory_target(args.out or os.path.join("results", args.task), "--out")
+    for name in OUTPUTS:
+        target = os.path.join(out, name)
+        if os.path.exists(target) and not os.path.isfile(target):
+            raise _UsageError(f"--out {out!r}: {name} exists there and is not a file")
+        if os.path.isfile(target) and not os.access(target, os.W_OK):
+            raise _UsageError(f"--out {out!r}: {name} exists there and is not writable")
+    checkpoint_root = None if args.checkpoint_dir is None else _directory_target(args.checkpoint_dir, "--checkpoint-dir")
     if args.data is not None and not os.path.exists(args.data):
         raise _UsageError(f"--data {args.data!r} does not exist")
+    from fa_jax.experiments.sweep import seed_mesh
+
+    mesh = seed_mesh(_devices(args.devices))
     options = {k: v for k, v in (("data", args.data), ("dataset", args.dataset), ("model", args.model)) if v is not None}
     try:
         task = get_task(args.task, **options)
@@ -92,34 +236,68 @@ def run(args) -> int:
         raise _UsageError(f"task {args.task!r} does not take {sorted(options)}: {err}") from None
     steps = task.steps if args.steps is None else args.steps
     seeds = task.seeds if args.seeds is None else args.seeds
-    if steps < 1 or seeds < 1:
-        raise _UsageError("--steps and --seeds must be positive")
     task = task._replace(eval_every=_eval_every(steps, task.eval_every))
     n_evals = steps // task.eval_every
-    out = args.out or os.path.join("results", task.name)
-    os.makedirs(out, exist_ok=True)
-    print(f"{task.name}: {task.description}; {steps} steps, {seeds} seeds, rules {','.join(rules)}")
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(rules) * steps, unit="step", disable=args.quiet, desc=task.name)
-    results, timings = {}, {}
-    for rule in rules:
-        bar.set_postfix_str(rule)
-        done = [0]
-
-        def tick(steps_done, done=done):
-            bar.update(steps_done - done[0])
-            done[0] = steps_done
-
-        start = time.perf_counter()
-        ckpt = None if args.checkpoint_dir is None else os.path.join(args.checkpoint_dir, rule)
-        results[rule] = run_sweep(
-            task, rule, seeds, steps=steps, chunks=n_evals, strategy=args.strategy, on_chunk=tick,
-            checkpoint_dir=ckpt, checkpoint_every=args.checkpoint_every,
+    if args.checkpoint_every is not None and args.checkpoint_every % task.eval_every:
+        raise _UsageError(f"--checkpoint-every {args.checkpoint_every} must be a multiple of the eval interval, "
+                          f"{task.eval_every} steps")
+    # The whole run's states live at once (every rule prepared before any trains): check their sum.
+    rule_objects = [get_rule(r) for r in rules]
+    per_seed = [sweeps.state_bytes_per_seed(task, r, steps) for r in rule_objects]
+    available = sweeps.available_bytes(mesh)
+    padded = math.ceil(seeds / mesh.size) * mesh.size
+    need = padded * (sum(per_seed) + (sweeps.MEMORY_FACTOR - 1) * max(per_seed))
+    if available is not None and need > available:
+        raise _UsageError(
+            f"--seeds {seeds} --steps {steps}: the run needs about {sweeps._gib(need)} ({len(rules)} rule(s), "
+            f"{sweeps._gib(max(per_seed))} of state per seed), more than the {sweeps._gib(available)} available; "
+            "use fewer seeds or rules"
         )
-        timings[rule] = time.perf_counter() - start
-    bar.close()
+
+    lock, prepared = None, {}
+    try:
+        if checkpoint_root is not None:
+            os.makedirs(checkpoint_root, exist_ok=True)
+            lock = DirectoryLock(checkpoint_root, report=_warn).acquire()
+        for rule in rules:
+            progress.rule, progress.step = rule, 0
+            prepared[rule] = sweep = sweeps.prepare_sweep(
+                task, rule, seeds, steps=steps, chunks=n_evals, strategy=args.strategy, mesh=mesh,
+                checkpoint_dir=None if checkpoint_root is None else os.path.join(checkpoint_root, rule),
+                checkpoint_every=args.checkpoint_every, restart_if_corrupt=args.restart_if_corrupt, report=_warn,
+            )
+            if sweep.start:
+                print(f"{rule}: resuming from step {sweep.start} ({checkpoint_root}/{rule}/{sweep.start})")
+        os.makedirs(out, exist_ok=True)
+        _probe_writable(out, "--out")
+        print(f"{task.name}: {task.description}; {steps} steps, {seeds} seeds, rules {','.join(rules)}, "
+              f"{mesh.size} {mesh.devices.flat[0].platform} device(s)")
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rules) * steps, unit="step", disable=args.quiet, desc=task.name)
+        results, timings = {}, {}
+        progress.phase = "training"
+        for rule in rules:
+            sweep = prepared[rule]
+            progress.rule, progress.step, progress.sweep = rule, sweep.start, sweep
+            bar.set_postfix_str(rule)
+            done = [0]
+
+            def tick(steps_done, done=done):
+                bar.update(steps_done - done[0])
+                done[0] = progress.step = steps_done
+
+            start = time.perf_counter()
+            results[rule] = sweep.run(on_chunk=tick)
+            timings[rule] = time.perf_counter() - start
+        bar.close()
+        progress.phase = "writing"
+    finally:
+        for sweep in prepared.values():
+            sweep.close()
+        if lock is not None:
+            lock.release()
 
     rows, summaries = [], {}
     for rule, r in results.items():
@@ -135,10 +313,17 @@ def run(args) -> int:
         lines.append(f"{name:<8} {value:<{width}.4f} (baseline)")
     print("\n".join(lines))
 
+    task_options = {k: name_option(v, f"task option {k}") for k, v in sorted(task.options.items())}
+    command = ["python", "-m", "fa_jax", "run", task.name, "--rules", ",".join(sorted(rules)), "--seeds", str(seeds),
+               "--steps", str(steps), "--devices", str(mesh.size)]
+    for key in ("data", "dataset", "model"):
+        if task_options.get(key) is not None:
+            command += [f"--{key}", str(task_options[key])]
     payload = {
         "task": task.name, "description": task.description, "metric": task.metric,
-        "higher_is_better": task.higher_is_better, "steps": steps, "seeds": seeds,
-        "command": "python -m fa_jax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["run"] else None,
+        "higher_is_better": task.higher_is_better, "steps": steps, "seeds": seeds, "eval_every": task.eval_every,
+        "devices": mesh.size, "platform": mesh.devices.flat[0].platform, "task_options": task_options,
+        "data_content": data_fingerprint(task.data), "command": shlex.join(command),
         "baselines": task.baselines,
         "rules": {
             rule: {
@@ -151,10 +336,10 @@ def run(args) -> int:
         },
     }
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(payload, f, indent=1, allow_nan=True)
-    # Wall-clock times live apart so the same command twice writes an identical results.json.
+        f.write(json.dumps(_strict(payload), indent=1, sort_keys=True, allow_nan=False) + "\n")
+    # Wall-clock times live apart so the same run writes an identical results.json.
     with open(os.path.join(out, "timings.json"), "w") as f:
-        json.dump({rule: {"seconds": t} for rule, _, _, t, _ in rows}, f, indent=1)
+        json.dump({rule: {"seconds": t} for rule, _, _, t, _ in rows}, f, indent=1, sort_keys=True)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["rule", "seed", "step", task.metric, "train_loss"])
@@ -165,6 +350,11 @@ def run(args) -> int:
     if not args.no_plot:
         _plot(results, task, os.path.join(out, "curves.png"))
     print(f"wrote {out}/results.json, results.csv, timings.json" + ("" if args.no_plot else ", curves.png"))
+    failed = [rule for rule in rules if summaries[rule].healthy == 0]
+    if failed:
+        print(f"fa-jax: error: no seed of {', '.join(failed)} finished healthy (every one diverged; see results.json)",
+              file=sys.stderr)
+        return EXIT_DIVERGED
     return 0
 
 
@@ -178,6 +368,8 @@ def _plot(results, task, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for rule, r in results.items():
         healthy = r.metrics if r.diverged_at is None else r.metrics[r.diverged_at < 0]  # diverged seeds left out
+        if not len(healthy):
+            continue
         mean, std = np.nanmean(healthy, 0), np.nanstd(healthy, 0)
         ax.plot(r.steps, mean, label=rule)
         ax.fill_between(r.steps, mean - std, mean + std, alpha=0.2)
@@ -192,28 +384,30 @@ def _plot(results, task, path: str) -> None:
     plt.close(fig)
 
 
-def use_every_cpu_core() -> None:
-    """Expose one XLA host device per CPU core, unless the user chose a count.
-
-    XLA:CPU runs one program on about one core; with a host device per core the
-    sweep shards its seeds over all of them (2 cores: 1.94× a loop of single runs
-    instead of 1.38×, ``benchmarks/sweep.py``). Seed *i* gives the same numbers
-    either way. It only takes effect before JAX starts its CPU backend, and it
-    changes nothing for GPU or TPU runs, whose default devices are not the host's.
-    """
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={os.cpu_count() or 1}".strip()
+def _interrupted(progress: _Progress) -> str:
+    if progress.phase == "checking":
+        return "fa-jax: interrupted before training started; nothing was trained"
+    if progress.phase == "writing":
+        return "fa-jax: interrupted while writing the results; re-run the same command to write them again"
+    where = f"fa-jax: rule {progress.rule}: interrupted at step {progress.step}"
+    checkpointer = getattr(progress.sweep, "checkpointer", None)
+    if checkpointer is None:
+        return f"{where}; nothing was saved (no --checkpoint-dir), so re-running the same command starts over"
+    latest = checkpointer.latest_step()
+    resume = f" (from step {latest}, the last checkpoint)" if latest else " (no checkpoint yet: from step 0)"
+    return f"{where}; re-run the same command to resume{resume}"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``fa-jax`` and ``python -m fa_jax``; returns the exit status.
 
-    Run as a program (``argv`` is ``None``) it first spreads the CPU over one host
-    device per core; called from Python with ``argv`` it leaves the process as it is.
+    Run as a program (``argv`` is ``None``) it first spreads the CPU over ``--devices``
+    host devices (default one per core); called from Python with ``argv`` it leaves the
+    process as it is (``--devices`` then picks among the devices JAX already has).
     """
-    if argv is None:
-        use_every_cpu_core()
+    from fa_jax.experiments.checkpoint import CheckpointError
+
+    progress = _Progress()
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -224,8 +418,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command != "run":
             parser.print_help()
-            return 2
-        return run(args)
-    except (_UsageError, ValueError, FileNotFoundError, ImportError) as err:
-        print(f"fa-jax: error: {err}".splitlines()[0], file=sys.stderr)
-        return 2
+            return EXIT_USAGE
+        if argv is None:
+            configure_host_devices(args.devices)
+        return run(args, progress)
+    except KeyboardInterrupt:
+        print(_interrupted(progress), file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (_UsageError, ValueError, OSError, ImportError, CheckpointError) as err:
+        text = " ".join(str(err).split()) or type(err).__name__
+        print(f"fa-jax: error: {text}", file=sys.stderr)
+        return EXIT_USAGE
