@@ -29,9 +29,10 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fa_jax import _checks
-from fa_jax._grad import value_and_grad
-from fa_jax.alignment import cosine
-from fa_jax.rules import Rule
+from fa_jax._feedback import by_path
+from fa_jax._grad import forward, value_and_grad
+from fa_jax.alignment import Cosine, cosine
+from fa_jax.rules import Rule, get_rule
 
 Update = Callable[[Any], tuple[jax.Array, Any]]
 
@@ -44,6 +45,12 @@ __all__ = [
     "find_fixed_point",
     "StabilityReport",
     "stability_report",
+    "backward_map",
+    "BackwardAlignment",
+    "backward_alignment",
+    "perturbation_directions",
+    "Perturbation",
+    "perturbation_test",
 ]
 
 
@@ -164,8 +171,46 @@ class FixedPoint(NamedTuple):
     params: Any  # θ* (or the last iterate)
     loss: jax.Array
     update_norm: jax.Array  # ‖g(θ*)‖
-    steps: jax.Array
+    steps: jax.Array  # accepted steps of both kinds
     converged: jax.Array  # update_norm < tol
+    newton: int = 0  # accepted Newton steps among ``steps`` (0: the rule's own steps got there)
+    rule_norm: Any = None  # ‖g‖ where the rule's own steps stopped, before any Newton step
+
+
+def _check_positive(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    """A finite real number ``> 0`` (``>= 0`` with ``allow_zero``); bools and arrays of several values refused."""
+    if isinstance(value, (bool, np.bool_)) or not (
+        isinstance(value, numbers.Real) or (_checks.is_array(value) and value.shape == ())
+    ):
+        raise TypeError(f"{name}: expected a real number, given {_checks.describe(value)}")
+    number = float(value)
+    if not np.isfinite(number) or number < 0 or (number == 0 and not allow_zero):
+        raise ValueError(f"{name}: expected a finite number {'>= 0' if allow_zero else '> 0'}, given {value!r}")
+    return number
+
+
+def _norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def _newton_candidates(jac: np.ndarray, g: np.ndarray) -> list[np.ndarray]:
+    """Steps ``δ`` (``θ ← θ - δ``) to try: Newton's ``J⁺g`` with the pseudo-inverse cut at several ranks.
+
+    Near a manifold of fixed points ``J`` has, besides the singular values of the
+    fixed point, many of the size of the residual ``‖g‖``: the full pseudo-inverse
+    takes huge steps along those. Cutting ``J⁺`` at ``σ > c · σ_max`` for
+    ``c = 10⁻¹⁴ … 10⁻¹`` gives Newton steps on the leading subspaces, one of
+    which separates the two (the caller keeps the one that lowers ``‖g‖`` most).
+    """
+    u, s, vt = np.linalg.svd(jac, full_matrices=False)
+    coeffs = (u.T @ g) / np.where(s > 0, s, 1)
+    out, ranks = [], set()
+    for cut in (1e-14, 1e-12, 1e-10, 1e-8, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1):
+        rank = int(np.sum(s > cut * s[0])) if s.size and s[0] > 0 else 0
+        if rank and rank not in ranks:
+            ranks.add(rank)
+            out.append(vt[:rank].T @ coeffs[:rank])
+    return out
 
 
 def find_fixed_point(
@@ -176,24 +221,46 @@ def find_fixed_point(
     tol: float = 1e-5,
     max_steps: int = 10_000,
     newton_steps: int = 0,
+    residual: Callable | None = None,
 ) -> FixedPoint:
     """Run ``θ ← θ - η g(θ)`` until ``‖g(θ)‖ < tol`` or ``max_steps`` (one ``lax.while_loop``).
 
     ``tol`` applies to the update direction ``g``, not to the step ``η g``, so it
-    does not depend on the learning rate.
+    does not depend on the learning rate. ``‖g‖ < 1e-8`` needs float64
+    (``jax.enable_x64``): in float32 ``g`` is rounding noise well above that.
 
     ``newton_steps``: if the rule has not converged, polish with up to this many
-    Newton steps ``θ ← θ - J⁺ g`` on the dense update Jacobian (small models
-    only; least squares, so a singular ``J`` on a manifold of fixed points is
-    fine). Near slow directions the rule itself needs ``~1/(η λ_min)`` steps;
-    Newton converges quadratically to the nearby fixed point, stable or not,
-    which is what a stability analysis needs. A Newton step that does not
-    lower ``‖g‖`` is refused and ends the polish. ``steps`` counts the
-    accepted steps of both kinds.
-    """
+    Newton steps ``θ ← θ - J⁺g`` on the dense update Jacobian ``J`` (small models
+    only), the pseudo-inverse cut at several ranks (a singular ``J`` on a manifold
+    of fixed points is fine), each also tried at half and an eighth of its length:
+    the candidate with the smallest ``‖g‖`` is taken if it lowers ``‖g‖``; when
+    none does the polish ends at the best point. Near slow directions
+    the rule itself needs ``~1/(η λ_min)`` steps; the polish converges
+    quadratically to a nearby fixed point, stable or not, which is what a
+    stability analysis needs (check it with :func:`stability_report`). ``steps``
+    counts the accepted steps of both kinds, ``newton`` the polishing ones.
 
-    def norm(tree):
-        return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+    ``residual``: ``residual(params) -> e``, the output error ``y - t`` of a
+    squared-error problem. Every error-driven rule's update is then
+    ``g = B̃ᵀ e / N`` (:func:`backward_map`), which vanishes where ``e = 0``. The
+    polish then takes Gauss–Newton steps on ``e`` instead,
+    ``θ ← θ - α J_e⁺ e`` (``J_e = ∂e/∂θ``, the minimum-norm step, ``α`` halved
+    until ``‖e‖`` falls): they converge quadratically to the zero-loss manifold
+    even where ``J`` has no gap between its fixed-point and residual-sized
+    singular values (over-parameterised networks). The landing point is a fixed
+    point of every such rule near where the rule's own steps stopped, not
+    necessarily the one they would have reached; whether it is one is still
+    judged by the rule's own ``‖g‖ < tol``.
+
+    Raises:
+      ValueError / TypeError naming the argument: ``learning_rate <= 0``, ``tol < 0``,
+      a non-integer or negative ``max_steps`` or ``newton_steps``.
+    """
+    learning_rate = _check_positive(learning_rate, "learning_rate")
+    tol = _check_positive(tol, "tol", allow_zero=True)
+    max_steps = _checks.check_int(max_steps, "max_steps", minimum=0)
+    newton_steps = _checks.check_int(newton_steps, "newton_steps", minimum=0)
+    _checks.check_floating_tree(params, "params")
 
     def cond(state):
         _, _, step, gnorm, _ = state
@@ -203,34 +270,70 @@ def find_fixed_point(
         theta, grads, step, _, _ = state
         theta = jax.tree.map(lambda p, g: p - learning_rate * g, theta, grads)
         value, grads = update(theta)
-        return theta, grads, step + 1, norm(grads), value
+        return theta, grads, step + 1, _norm(grads), value
 
     @jax.jit
     def run(theta):
         value, grads = update(theta)
-        return jax.lax.while_loop(cond, body, (theta, grads, jnp.asarray(0), norm(grads), value))
+        return jax.lax.while_loop(cond, body, (theta, grads, jnp.asarray(0), _norm(grads), value))
 
     theta, _, steps, gnorm, value = run(params)
-    if newton_steps and not gnorm < tol:
+    rule_norm, accepted = gnorm, 0
+    if residual is not None:
+        _checks.check_callable(residual, "residual")
+    if newton_steps and not gnorm < tol and residual is not None:
         flat, unravel = ravel_pytree(theta)
+        flat_e = lambda w: jnp.ravel(residual(unravel(w)))  # noqa: E731
+        linearise = jax.jit(lambda v: (flat_e(v), jax.jacrev(flat_e)(v)))
 
         @jax.jit
-        def newton(v):
-            g = ravel_pytree(update(unravel(v))[1])[0]
-            jac = jax.jacrev(lambda w: ravel_pytree(update(unravel(w))[1])[0])(v)
-            return v - jnp.linalg.lstsq(jac, g)[0]
+        def measure(v):
+            value, grads = update(unravel(v))
+            return value, _norm(grads), jnp.linalg.norm(flat_e(v))
 
-        measure = jax.jit(lambda v: (lambda lv: (lv[0], norm(lv[1])))(update(unravel(v))))
         for _ in range(newton_steps):
-            candidate = newton(flat)
-            candidate_value, candidate_norm = measure(candidate)
-            if not candidate_norm < gnorm:  # far from a fixed point Newton can diverge: keep the best point
+            e, jac = (np.asarray(a, np.float64) for a in linearise(flat))
+            step_dir = np.linalg.lstsq(jac, e, rcond=None)[0]
+            enorm = np.linalg.norm(e)
+            for halvings in range(8):
+                candidate = flat - jnp.asarray(step_dir / 2**halvings, flat.dtype)
+                candidate_value, candidate_norm, candidate_e = measure(candidate)
+                if candidate_e < enorm:  # NaN compares False: refused
+                    break
+            else:  # no step length lowered ‖e‖: stop at the last point
                 break
-            flat, value, gnorm, steps = candidate, candidate_value, candidate_norm, steps + 1
+            flat, value, gnorm = candidate, candidate_value, candidate_norm
+            steps, accepted = steps + 1, accepted + 1
             if gnorm < tol:
                 break
         theta = unravel(flat)
-    return FixedPoint(theta, value, gnorm, steps, gnorm < tol)
+    elif newton_steps and not gnorm < tol:
+        flat, unravel = ravel_pytree(theta)
+        flat_g = lambda w: ravel_pytree(update(unravel(w))[1])[0]  # noqa: E731
+        linearise = jax.jit(lambda v: (flat_g(v), jax.jacrev(flat_g)(v)))
+
+        @jax.jit
+        def measure(v):
+            value, grads = update(unravel(v))
+            return value, _norm(grads)
+
+        for _ in range(newton_steps):
+            g, jac = (np.asarray(a, np.float64) for a in linearise(flat))
+            best = None
+            for candidate_step in _newton_candidates(jac, g):
+                for halvings in (0, 1, 3):  # a short line search along each
+                    candidate = flat - jnp.asarray(candidate_step / 2**halvings, flat.dtype)
+                    candidate_value, candidate_norm = measure(candidate)
+                    if candidate_norm < (gnorm if best is None else best[2]):  # NaN compares False: refused
+                        best = (candidate, candidate_value, candidate_norm)
+            if best is None:  # no candidate lowered ‖g‖: keep the best point
+                break
+            flat, value, gnorm = best
+            steps, accepted = steps + 1, accepted + 1
+            if gnorm < tol:
+                break
+        theta = unravel(flat)
+    return FixedPoint(theta, value, gnorm, steps, gnorm < tol, accepted, rule_norm)
 
 
 class StabilityReport(NamedTuple):
@@ -238,9 +341,18 @@ class StabilityReport(NamedTuple):
 
     ``max_real`` is the largest real part of the eigenvalues of ``-J``; the point
     is linearly stable when it is ``< 0`` (``stable`` allows a relative ``tol``).
-    ``alignment``: cosine of ``g`` and the BP gradient at the point (ill-defined
-    where both vanish); ``linearised_alignment``: mean over random directions
-    ``δ`` of ``cos(J δ, H δ)``, the alignment of the two linearised flows.
+    ``alignment``: cosine of ``g`` and the BP gradient at the point (``NaN`` at an
+    exact fixed point of zero loss, where both vanish: use :func:`backward_alignment`
+    there); ``linearised_alignment``: mean over random directions ``δ`` of
+    ``cos(J δ, H δ)``, the alignment of the two linearised flows.
+
+    Eigenvalues with ``|λ| <= tol · max|λ|`` count as zero (``zero_eigenvalues``):
+    at a fixed point of zero loss they are the directions along the manifold of
+    fixed points, where a kick is neither returned nor amplified. ``margin`` is the
+    smallest real part of the other eigenvalues of ``J``: ``> 0`` every direction
+    off the manifold returns, at rate ``margin`` for the slowest; ``< 0`` some
+    direction is left. ``largest_real`` (the stiffest return) bounds the step:
+    the discrete rule ``θ ← θ - η g`` also needs ``|1 - η λ| < 1``.
     """
 
     eigenvalues: np.ndarray  # of J, ascending real part
@@ -251,6 +363,18 @@ class StabilityReport(NamedTuple):
     asymmetry: float  # ‖J - Jᵀ‖ / ‖J‖; 0 under BP
     alignment: float | None
     linearised_alignment: float | None
+    zero_eigenvalues: int = 0
+    margin: float = float("nan")
+    largest_real: float = float("nan")
+
+
+def _spectrum_summary(eig: np.ndarray, tol: float) -> tuple[int, float, float]:
+    radius = float(np.max(np.abs(eig))) if eig.size else 0.0
+    zero = np.abs(eig) <= tol * radius
+    rest = eig[~zero]
+    margin = float(np.min(rest.real)) if rest.size else float("nan")
+    largest = float(np.max(eig.real)) if eig.size else float("nan")
+    return int(np.sum(zero)), margin, largest
 
 
 def stability_report(
@@ -269,10 +393,14 @@ def stability_report(
       bp_update: the BP update on the same batch; if given, both alignments are reported.
       key: draws the random directions of ``linearised_alignment``.
       tol: ``stable`` is ``max_real <= tol · max|λ|``, relative to the spectral
-        radius (a zero eigenvalue is marginal, e.g. along a manifold of fixed points).
+        radius (a zero eigenvalue is marginal, e.g. along a manifold of fixed points);
+        the same relative ``tol`` says which eigenvalues count as zero.
     """
+    tol = _check_positive(tol, "tol", allow_zero=True)
     value, grads = jax.jit(update)(params)
     jac = np.asarray(update_jacobian(update, params), dtype=np.float64)
+    if not np.all(np.isfinite(jac)):
+        raise ValueError("params: the update Jacobian has NaN or Inf entries there (params from a diverged run?)")
     eig = np.linalg.eigvals(jac)
     eig = eig[np.argsort(eig.real, kind="stable")]
     max_real = float(np.max(-eig.real))
@@ -288,6 +416,7 @@ def stability_report(
         a, b = deltas @ jac.T, deltas @ hessian.T
         cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         linearised = float(np.mean(cos))
+    zeros, margin, largest = _spectrum_summary(eig, tol)
     return StabilityReport(
         eigenvalues=eig,
         max_real=max_real,
@@ -297,4 +426,242 @@ def stability_report(
         asymmetry=asymmetry,
         alignment=alignment,
         linearised_alignment=linearised,
+        zero_eigenvalues=zeros,
+        margin=margin,
+        largest_real=largest,
     )
+
+
+# --- the backward map at a fixed point ------------------------------------------------------
+
+
+def backward_map(
+    model: Callable, rule: Rule | str, feedback: Any, params: Any, inputs: Any, *, step: Any = None
+) -> jax.Array:
+    """The rule's backward map ``B̃``: ``(K, n)``, ``K`` the number of output entries, ``n`` of parameters.
+
+    Row ``k`` is the rule's update of every parameter (``ravel_pytree`` order)
+    when the loss's gradient at the outputs is the unit vector ``e_k``: the rule's
+    update for an output error ``e`` is ``g = B̃ᵀ e``. Under BP ``B̃ = J_f = ∂y/∂θ``,
+    the model's Jacobian; FA replaces every ``Wᵀ`` on the way back by ``Bᵀ``
+    (Lillicrap et al. 2016, eq. 2), DFA sends ``e B_l`` to each tap (Nøkland 2016,
+    eq. 3). Built by ``jax.jacrev`` of :func:`fa_jax.forward` under the rule.
+
+    At a fixed point of zero loss (``e = 0``) with the squared error
+    ``½‖y - t‖²/N``, the update Jacobian is ``J = B̃ᵀ J_f / N`` (the derivative of
+    ``B̃`` multiplies ``e = 0``). Its non-zero eigenvalues are those of the
+    ``K × K`` matrix ``J_f B̃ᵀ / N``: they depend on how ``B̃`` aligns with
+    ``J_f``, the "alignment-dependent eigenvalues" of Chu & Bacho 2023.
+
+    Raises:
+      ValueError: for a rule whose update does not vanish with the error (DRTP
+        projects the targets: ``rule.needs_targets``), which has no such map.
+    """
+    rule = get_rule(rule)
+    if rule.needs_targets:
+        raise ValueError(
+            f"rule: {rule.name!r} reads the targets in its backward, so its update is not a linear map of the "
+            "output error and has no backward map"
+        )
+    _checks.check_floating_tree(params, "params")
+    run = forward(model, rule)
+    flat, unravel = ravel_pytree(params)
+
+    def outputs(v):
+        return jnp.ravel(run(unravel(v), feedback, inputs, step=step))
+
+    return jax.jit(jax.jacrev(outputs))(flat)
+
+
+class BackwardAlignment(NamedTuple):
+    """How a rule's backward map ``B̃`` lines up with the true one ``J_f`` (:func:`backward_alignment`)."""
+
+    total: Cosine  # cos(vec B̃, vec J_f), ‖B̃‖/‖J_f‖
+    per_layer: dict[str, Cosine]  # the same per parameter leaf (the columns of that leaf)
+    gradient_mean: float  # mean over random errors e of cos(B̃ᵀe, J_fᵀe): the update's alignment with BP's
+    gradient_min: float  # the smallest of those cosines
+    symmetric_min: float  # λ_min of sym(J_f B̃ᵀ) on range(J_f), over σ_max(J_f)²
+
+
+def backward_alignment(
+    rule_map: jax.Array, bp_map: jax.Array, params: Any, *, key: jax.Array | None = None, errors: int = 256,
+    rank_tol: float = 1e-8,
+) -> BackwardAlignment:
+    """Alignment of ``B̃`` (the rule's :func:`backward_map`) with ``J_f`` (BP's), defined where ``e = 0``.
+
+    At a fixed point of zero loss the BP gradient vanishes, so the cosine of the
+    two updates has no reference; their maps from the error do not. For an output
+    error ``e`` the loss changes along the rule's flow as
+    ``dL/dt ∝ -eᵀ J_f B̃ᵀ e = -⟨J_fᵀe, B̃ᵀe⟩``: the rule's update for ``e``
+    must point within 90° of BP's for the error to shrink (Chu & Bacho 2023).
+
+    * ``gradient_mean``, ``gradient_min``: ``cos(B̃ᵀe, J_fᵀe)`` over ``errors``
+      random ``e = J_f u`` (errors the linearised dynamics can produce, ``u`` Gaussian).
+    * ``symmetric_min``: the smallest eigenvalue of ``(J_f B̃ᵀ + B̃ J_fᵀ)/2``
+      restricted to ``range(J_f)`` (rank by ``rank_tol`` relative to ``σ_max``),
+      over ``σ_max(J_f)²``. If it is ``> 0`` every such ``e`` decays and every
+      alignment-dependent eigenvalue has a positive real part: a sufficient
+      condition for stability, not a necessary one.
+
+    Args:
+      rule_map, bp_map: ``(K, n)`` from :func:`backward_map` under the rule and under BP.
+      params: the params (their leaves name the column blocks of ``per_layer``).
+    """
+    a = np.asarray(rule_map, np.float64)
+    b = np.asarray(bp_map, np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"rule_map, bp_map: expected two (K, n) matrices of one shape, given {a.shape} and {b.shape}")
+    leaves = by_path(params)
+    sizes = [int(np.size(leaf)) for leaf in leaves.values()]
+    if sum(sizes) != a.shape[1]:
+        raise ValueError(f"params: {sum(sizes)} parameters, but the maps have {a.shape[1]} columns")
+    bounds = np.cumsum([0] + sizes)
+    per_layer = {path: cosine(jnp.asarray(a[:, lo:hi]), jnp.asarray(b[:, lo:hi]))
+                 for path, lo, hi in zip(leaves, bounds[:-1], bounds[1:])}
+    u, s, _ = np.linalg.svd(b, full_matrices=False)
+    rank = int(np.sum(s > rank_tol * s[0])) if s.size and s[0] > 0 else 0
+    basis = u[:, :rank]
+    key = jax.random.key(0) if key is None else key
+    draws = np.asarray(jax.random.normal(key, (errors, rank)), np.float64) * s[:rank]  # e = J_f u, in the basis
+    e = draws @ basis.T
+    ga, gb = e @ a, e @ b
+    cos = np.sum(ga * gb, 1) / (np.linalg.norm(ga, axis=1) * np.linalg.norm(gb, axis=1))
+    cross = basis.T @ (b @ a.T) @ basis
+    symmetric = np.linalg.eigvalsh(0.5 * (cross + cross.T)) if rank else np.array([np.nan])
+    return BackwardAlignment(
+        total=cosine(jnp.asarray(a), jnp.asarray(b)),
+        per_layer=per_layer,
+        gradient_mean=float(np.mean(cos)) if rank else float("nan"),
+        gradient_min=float(np.min(cos)) if rank else float("nan"),
+        symmetric_min=float(symmetric[0] / s[0] ** 2) if rank else float("nan"),
+    )
+
+
+# --- the perturbation test --------------------------------------------------------------------
+
+
+def perturbation_directions(
+    update: Update, params: Any, *, key: jax.Array, random: int = 4, eigen: int = 2, tol: float = 1e-6
+) -> tuple[np.ndarray, list[str]]:
+    """Unit directions to kick ``params`` along: ``random`` Gaussian ones, then eigen-directions of ``J``.
+
+    The eigen-directions are the real parts of the eigenvectors of ``J`` (a
+    complex pair spans one real invariant plane) for the ``eigen`` non-zero
+    eigenvalues (``|λ| > tol · max|λ|``) with the smallest real parts: the
+    least stable directions, which leave first if anything does.
+
+    Returns:
+      ``(directions (random + eigen, n), labels)``; a label gives the eigenvalue.
+    """
+    _checks.check_int(random, "random", minimum=0)
+    _checks.check_int(eigen, "eigen", minimum=0)
+    flat, _ = ravel_pytree(params)
+    n = flat.size
+    out, labels = [], []
+    if random:
+        draws = np.asarray(jax.random.normal(key, (random, n)), np.float64)
+        out.extend(draws / np.linalg.norm(draws, axis=1, keepdims=True))
+        labels.extend(f"random {i}" for i in range(random))
+    if eigen:
+        jac = np.asarray(update_jacobian(update, params), np.float64)
+        values, vectors = np.linalg.eig(jac)
+        radius = np.max(np.abs(values))
+        order = [i for i in np.argsort(values.real, kind="stable") if abs(values[i]) > tol * radius]
+        chosen, seen = [], []
+        for i in order:  # one direction per conjugate pair
+            if any(abs(values[i] - np.conj(v)) <= 1e-12 * radius for v in seen):
+                continue
+            seen.append(values[i])
+            chosen.append(i)
+            if len(chosen) == eigen:
+                break
+        for i in chosen:
+            v = np.real(vectors[:, i])
+            if np.linalg.norm(v) < 1e-12:
+                v = np.imag(vectors[:, i])
+            out.append(v / np.linalg.norm(v))
+            labels.append(f"eigen λ={values[i].real:+.3g}{values[i].imag:+.3g}j")
+    return np.stack(out) if out else np.zeros((0, n)), labels
+
+
+class Perturbation(NamedTuple):
+    """Result of :func:`perturbation_test`, one entry per direction."""
+
+    labels: list[str]
+    initial: np.ndarray  # ‖g‖ just after the kick θ* + ε v
+    final: np.ndarray  # ‖g‖ after the rule's steps
+    history: np.ndarray  # (directions, records + 1): ‖g‖ along the way
+    distance: np.ndarray  # ‖θ_end - θ*‖ / ε
+    returned: np.ndarray  # bool: final <= initial / factor
+    left: np.ndarray  # bool: final >= initial · factor, or not finite
+
+
+def perturbation_test(
+    update: Update,
+    params: Any,
+    directions: Any,
+    *,
+    epsilon: float = 1e-4,
+    learning_rate: float,
+    steps: int,
+    factor: float = 10.0,
+    records: int = 50,
+    labels: list[str] | None = None,
+) -> Perturbation:
+    """Kick a fixed point by ``ε v`` and run the rule: does it return?
+
+    From ``θ* + ε v`` for every row ``v`` of ``directions`` (unit vectors, e.g.
+    :func:`perturbation_directions`), runs ``steps`` rule steps ``θ ← θ - η g(θ)``
+    and follows ``‖g‖``. Near a manifold of fixed points, ``‖g‖ ≈ ‖J δ‖``
+    measures how far off the manifold the iterate is (sliding along it changes
+    nothing): it shrinks by ``|1 - η λ|`` per step along an eigen-direction of
+    ``J``. ``returned``: it fell by ``factor``; ``left``: it grew by ``factor``
+    (or overflowed); neither: undecided within ``steps`` (a slow direction, or a
+    kick along the manifold, where ``g`` stays ``O(ε²)``). An iterate whose
+    ``‖g‖`` passes ``factor³`` times its start stops there (it has left; going
+    on would only overflow).
+
+    Needs ``η |λ|² < 2 Re λ`` for every stable eigenvalue, or the discrete steps
+    themselves leave a point the continuous flow returns to.
+    """
+    learning_rate = _check_positive(learning_rate, "learning_rate")
+    epsilon = _check_positive(epsilon, "epsilon")
+    factor = _check_positive(factor, "factor")
+    steps = _checks.check_int(steps, "steps", minimum=1)
+    records = _checks.check_int(records, "records", minimum=1)
+    flat, unravel = ravel_pytree(params)
+    directions = np.asarray(directions, np.float64)
+    if directions.ndim != 2 or directions.shape[1] != flat.size:
+        raise ValueError(f"directions: expected shape (k, {flat.size}), given {directions.shape}")
+    records = min(records, steps)
+    inner = -(-steps // records)
+
+    def g(v):
+        return ravel_pytree(update(unravel(v))[1])[0]
+
+    def one(v0):
+        start = jnp.linalg.norm(g(v0))
+        cap = factor**3 * start  # far beyond "left": stop there rather than overflow
+
+        def step(_, w):
+            grads = g(w)
+            escaped = ~(jnp.linalg.norm(grads) < cap)
+            return jnp.where(escaped, w, w - learning_rate * grads)
+
+        def chunk(v, _):
+            v = jax.lax.fori_loop(0, inner, step, v)
+            return v, jnp.linalg.norm(g(v))
+
+        end, norms = jax.lax.scan(chunk, v0, None, length=records)
+        return end, jnp.concatenate([start[None], norms])
+
+    starts = jnp.asarray(np.asarray(flat, np.float64)[None] + epsilon * directions, flat.dtype)
+    ends, history = jax.jit(jax.vmap(one))(starts)
+    history = np.asarray(history, np.float64)
+    initial, final = history[:, 0], history[:, -1]
+    distance = np.linalg.norm(np.asarray(ends, np.float64) - np.asarray(flat, np.float64)[None], axis=1) / epsilon
+    with np.errstate(invalid="ignore"):
+        left = ~np.isfinite(final) | (final >= factor * initial)
+        returned = np.isfinite(final) & (final <= initial / factor)
+    names = list(labels) if labels is not None else [f"direction {i}" for i in range(len(directions))]
+    return Perturbation(names, initial, final, history, distance, returned, left)

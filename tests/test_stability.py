@@ -11,6 +11,7 @@ from scipy.optimize import linear_sum_assignment
 
 import fa_jax as fj
 from fa_jax import stability as st
+from fa_jax.experiments import teacher
 from fa_jax.models import init_mlp, mlp
 
 
@@ -224,3 +225,127 @@ def test_bad_arguments_raise_naming_them():
         st.as_update(mlp("tanh"), mse, "brsf", brsf, x, t)(params)
     value, _ = st.as_update(mlp("tanh"), mse, "brsf", brsf, x, t, step=2)(params)
     assert np.isfinite(value)
+    update = st.as_update(mlp("tanh"), mse, "bp", None, x, t)
+    for kwargs, error, name in [
+        (dict(learning_rate=0.0), ValueError, "learning_rate"), (dict(learning_rate=-0.1), ValueError, "learning_rate"),
+        (dict(learning_rate=True), TypeError, "learning_rate"), (dict(max_steps=10.5), TypeError, "max_steps"),
+        (dict(max_steps=-1), ValueError, "max_steps"), (dict(tol=-1e-3), ValueError, "tol"),
+        (dict(tol=float("nan")), ValueError, "tol"), (dict(newton_steps=2.0), TypeError, "newton_steps"),
+        (dict(residual=3), TypeError, "residual"),
+    ]:
+        with pytest.raises(error, match=name):
+            st.find_fixed_point(update, params, **{"learning_rate": 0.1, **kwargs})
+    with pytest.raises(ValueError, match="rule"):
+        st.backward_map(mlp("tanh"), "drtp", None, params, x)
+    with pytest.raises(ValueError, match="directions"):
+        st.perturbation_test(update, params, np.ones((2, 3)), learning_rate=0.1, steps=2)
+
+
+def test_teacher_student_fixed_point_to_1e8_with_eigenvalues_of_a_finite_difference_jacobian(x64):
+    """FA on a realisable teacher–student task reaches ``‖g‖ < 1e-8``; there ``J = B̃ᵀ J_f / N``.
+
+    The eigenvalues from ``jax.jacrev`` through the engine match those of a central-difference
+    Jacobian of the update, and the rule's backward map built independently (``jacrev`` of the
+    forward under FA and under BP) gives the same matrix: at ``e = 0`` the derivative of ``B̃``
+    drops out.
+    """
+    problem = teacher.teacher_student(inputs=3, outputs=2, teacher_hidden=(3,), student_hidden=(5,), train=6,
+                                      test=4, seed=1, dtype=jnp.float64)
+    x, t, n = problem.x_train, problem.y_train, problem.x_train.shape[0]
+    params = problem.init_params(key=jax.random.key(2))
+    feedback = fj.init_feedback("fa", params, key=jax.random.key(3), model=problem.model, inputs=x)
+    update = st.as_update(problem.model, teacher.squared_error, "fa", feedback, x, t)
+    fp = st.find_fixed_point(update, params, learning_rate=0.5, tol=1e-8, max_steps=3000, newton_steps=10,
+                             residual=lambda p: problem.model(p, x) - t)
+    assert bool(fp.converged) and float(fp.update_norm) < 1e-8, (fp.update_norm, fp.rule_norm, fp.newton)
+    assert float(fp.loss) < 1e-15
+    flat, unravel = ravel_pytree(fp.params)
+    # The point is the rule's: its own steps stay there.
+    again = st.find_fixed_point(update, fp.params, learning_rate=0.5, tol=0.0, max_steps=50)
+    np.testing.assert_allclose(ravel_pytree(again.params)[0], flat, atol=1e-8)
+
+    report = st.stability_report(update, fp.params)
+    flat_update = jax.jit(jax.vmap(lambda v: ravel_pytree(update(unravel(v))[1])[0]))
+    steps = 1e-6 * np.eye(flat.size)
+    fd = (np.asarray(flat_update(flat + steps)) - np.asarray(flat_update(flat - steps))).T / 2e-6
+    assert_same_spectrum(report.eigenvalues, np.linalg.eigvals(fd), atol=1e-6)
+
+    rule_map = np.asarray(st.backward_map(problem.model, "fa", feedback, fp.params, x))
+    bp_map = np.asarray(st.backward_map(problem.model, "bp", None, fp.params, x))
+    assert rule_map.shape == bp_map.shape == (t.size, flat.size)
+    np.testing.assert_allclose(st.update_jacobian(update, fp.params), rule_map.T @ bp_map / n, atol=1e-9)
+    # Rank n·m = 12 of 32 parameters: 20 zero eigenvalues, the manifold of zero-loss points.
+    assert report.zero_eigenvalues == flat.size - t.size
+    assert report.margin > 0 and report.stable  # the rule's own steps converged to it
+
+
+def flipped_point(sign, scale=3.0):
+    """``y = x W1 W2`` at a zero-loss point (``W1 = A/c``, ``W2 = c C``) with FA feedback ``B2 = sign · W2``.
+
+    ``sign=+1`` is BP's backward map; ``sign=-1`` flips the true map's sign, so the hidden
+    layer's update is minus its gradient: with ``c`` large, ``J_f B̃ᵀ = J₂J₂ᵀ - J₁J₁ᵀ`` is
+    negative on the errors ``W1`` can produce.
+    """
+    rng = np.random.RandomState(9)
+    x = jnp.asarray(rng.randn(16, 3))
+    a, c = rng.randn(3, 4), rng.randn(4, 2)
+    t = x @ jnp.asarray(a @ c)
+    params = {"l1": {"kernel": jnp.asarray(a / scale)}, "l2": {"kernel": jnp.asarray(c * scale)}}
+    drawn = fj.init_feedback("fa", params, key=jax.random.key(0), model=linear_net, inputs=x)
+    feedback = dataclasses.replace(drawn, weights={"l1/kernel": params["l1"]["kernel"],
+                                                   "l2/kernel": sign * params["l2"]["kernel"]})
+    return params, feedback, x, t
+
+
+def test_perturbation_test_returns_for_a_stable_point_and_leaves_when_the_backward_sign_is_flipped(x64):
+    for sign in (+1, -1):
+        params, feedback, x, t = flipped_point(sign)
+        update = st.as_update(linear_net, mse, "fa", feedback, x, t)
+        assert float(jnp.linalg.norm(ravel_pytree(update(params)[1])[0])) < 1e-12  # e = 0: a fixed point
+        report = st.stability_report(update, params)
+        # Closed form at M = 0 (see the FA test above) with B2 = sign · W2.
+        w1, w2 = np.asarray(params["l1"]["kernel"]), np.asarray(params["l2"]["kernel"])
+        sigma = np.asarray(x).T @ np.asarray(x) / 16
+        jac = np.block([[np.kron(sigma, sign * w2 @ w2.T), np.kron(sigma @ w1, sign * w2)],
+                        [np.kron(w1.T @ sigma, w2.T), np.kron(w1.T @ sigma @ w1, np.eye(2))]])
+        assert_same_spectrum(report.eigenvalues, np.linalg.eigvals(jac), atol=1e-8)
+        directions, labels = st.perturbation_directions(update, params, key=jax.random.key(1), random=2, eigen=1)
+        assert directions.shape == (3, 20) and labels[2].startswith("eigen")
+        np.testing.assert_allclose(np.linalg.norm(directions, axis=1), 1.0)
+        kicked = st.perturbation_test(update, params, directions, epsilon=1e-5, learning_rate=0.5 / report.largest_real,
+                                      steps=400, labels=labels)
+        alignment = st.backward_alignment(st.backward_map(linear_net, "fa", feedback, params, x),
+                                          st.backward_map(linear_net, "bp", None, params, x), params)
+        assert alignment.per_layer["l2/kernel"].cosine == pytest.approx(1.0)  # W2's own update is exact
+        if sign > 0:  # BP's backward map: J = J_fᵀJ_f / N, a Gauss–Newton matrix
+            assert report.margin > 0 and report.stable
+            assert kicked.returned.all() and not kicked.left.any(), kicked
+            assert alignment.symmetric_min > 0 and alignment.gradient_min == pytest.approx(1.0)
+            assert alignment.per_layer["l1/kernel"].cosine == pytest.approx(1.0)
+        else:
+            assert report.margin < 0 and not report.stable
+            assert kicked.left[2] and kicked.left.any() and not kicked.returned.any(), kicked
+            assert alignment.symmetric_min < 0 and alignment.gradient_min < 0
+            assert alignment.per_layer["l1/kernel"].cosine == pytest.approx(-1.0)
+        assert kicked.history.shape == (3, 51) and np.all(kicked.distance > 0)
+
+
+def test_teacher_tasks_are_realisable_at_finite_weights_and_train_from_the_runner(capsys):
+    from fa_jax.experiments import cli, get_task, run_single
+
+    problem = teacher.teacher_student(train=8, test=16)
+    student = teacher.embed(problem.teacher, (12, 12))  # the teacher inside the wider student
+    assert [layer["kernel"].shape for layer in student] == [(6, 12), (12, 12), (12, 2)]
+    assert float(teacher.squared_error(problem.model(student, problem.x_test), problem.y_test)) < 1e-12
+    linear = teacher.lillicrap(train=4, test=8)
+    w = linear.init_params(key=jax.random.key(0))
+    assert [p["kernel"].shape for p in w] == [(30, 20), (20, 10)] and float(jnp.max(jnp.abs(w[0]["kernel"]))) <= 0.01
+    exact = [{"kernel": linear.teacher}, {"kernel": jnp.eye(10)}]  # W0 W1 = T: 30-10-10 realises it
+    assert float(teacher.squared_error(teacher.linear_net(exact, linear.x_test), linear.y_test)) < 1e-10
+    task = get_task("teacher", dataset="student", steps=60, eval_every=30)
+    metrics = np.asarray(run_single(task, "fa", 0).metrics)
+    assert task.metric == "test_squared_error" and not task.higher_is_better
+    assert metrics[-1] < 0.8 * metrics[0], metrics
+    with pytest.raises(ValueError, match="dataset"):
+        get_task("teacher", dataset="cifar")
+    assert cli.main(["list"]) == 0 and "teacher" in capsys.readouterr().out.split()
