@@ -21,7 +21,10 @@ path (``"0/kernel"``) or tap name (``"layer_0"``):
 
 A cosine is ``NaN`` where either vector is exactly zero: the angle is then
 undefined (the frozen hidden layers of ``"shallow"``, or a BP reference that
-vanishes), never silently reported.
+vanishes), never silently reported. :class:`Alignment` carries the BP
+reference's norm per leaf beside the angles, and ``reference_floor`` turns
+angles against a reference below a chosen norm (round-off at a perfect fit)
+into ``NaN`` too.
 
 :func:`value_and_grad_with_alignment` wraps :func:`fa_jax.value_and_grad` and
 returns these metrics as aux; the BP reference costs one extra forward and
@@ -86,6 +89,7 @@ class Alignment(NamedTuple):
     total: Cosine  # all parameters as one vector
     delta: dict[str, DeltaAlignment] | None  # per tap
     weight: dict[str, Cosine] | None  # per-weight feedback: per parameter path; DFA: per tap
+    reference: dict[str, jax.Array] | None = None  # ‖∇L‖ of the BP reference per leaf, and "total"
 
 
 def cosine(a: Float[Array, "..."], b: Float[Array, "..."]) -> Cosine:
@@ -157,6 +161,11 @@ def delta_alignment(
             raise ValueError(f"tap {name!r}: rule signal has shape {rule.shape}, BP signal {bp.shape}")
         lead = batch_dims + (stack or {}).get(name, 0)
         samples = math.prod(rule.shape[:lead])
+        if samples == 0 or math.prod(rule.shape[lead:]) == 0:
+            raise ValueError(
+                f"rule_signals: tap {name!r} has shape {rule.shape}: expected at least one sample in its first "
+                f"{lead} axes and at least one feature after them (an empty batch has no per-sample cosine)"
+            )
         dtype = jnp.promote_types(rule.dtype, jnp.float32)
         a = rule.reshape(samples, -1).astype(dtype)
         b = bp.reshape(samples, -1).astype(dtype)
@@ -407,6 +416,7 @@ def tap_signals(
     _checks.check_callable(model, "model")
     _checks.check_callable(loss, "loss")
     _check_step(rule, step, "tap_signals")
+    _checks.check_batch(inputs, "inputs")
     program, taps = _prepare(model, params, inputs, feedback, rule)
     return _probe_pass(program, taps, rule, lambda o, t: (loss(o, t), None), params, feedback, inputs, targets,
                        step, rule.taps).signals
@@ -424,6 +434,7 @@ def value_and_grad_with_alignment(
     deltas: bool = True,
     weights: bool | None = None,
     batch_dims: int | None = None,
+    reference_floor: float = 0.0,
 ) -> Callable:
     """:func:`fa_jax.value_and_grad` that also returns :class:`Alignment` as aux.
 
@@ -448,6 +459,14 @@ def value_and_grad_with_alignment(
         the error to the taps (DFA) when the model's dense kernels chain like an
         MLP's (one per tap plus the output), else skipped. ``True``: raise where
         neither applies. ``False``: never.
+      reference_floor: a BP reference whose norm is ``<= reference_floor`` (per leaf
+        for ``gradient``, the whole vector for ``total``) is no reference: its cosine
+        and angle are ``NaN``, as for an exactly zero one (the default, 0). Near a
+        perfect fit the BP gradient is round-off, and an angle against it means
+        nothing; ``Alignment.reference`` reports the norms either way.
+
+    Raises:
+      ValueError: ``inputs`` with an empty batch (no sample to measure), naming it.
     """
     rule = get_rule(rule)
     _checks.check_callable(model, "model")
@@ -458,6 +477,8 @@ def value_and_grad_with_alignment(
         _checks.check_bool(weights, "weights")
     if batch_dims is not None:
         _checks.check_int(batch_dims, "batch_dims", minimum=0)
+    if isinstance(reference_floor, bool) or not isinstance(reference_floor, (int, float)) or not reference_floor >= 0:
+        raise ValueError(f"reference_floor: expected a number >= 0, given {reference_floor!r}")
     core = value_and_grad(model, loss, rule, has_aux=has_aux)
     loss_with_aux = loss if has_aux else (lambda o, t: (loss(o, t), None))
 
@@ -472,6 +493,7 @@ def value_and_grad_with_alignment(
             return pack(value, aux, None, grads)
         _check_step(rule, step, "grad_fn")
         _checks.check_array_tree(targets, "targets")
+        _checks.check_batch(inputs, "inputs")
         program, taps = _prepare(model, params, inputs, feedback, rule)
         if not deltas:
             taps = _Taps([], [], [], [], [])
@@ -483,15 +505,30 @@ def value_and_grad_with_alignment(
                                                                             feedback)
             delta = delta_alignment(mine.signals, bp.signals, batch_dims=samples,
                                     stack=dict(zip(taps.names, taps.stacks)))
+        gradient = gradient_alignment(mine.grads, bp.grads)
+        total = total_alignment(mine.grads, bp.grads)
+        norms = {path: jnp.linalg.norm(jnp.ravel(g).astype(jnp.promote_types(g.dtype, jnp.float32)))
+                 for path, g in by_path(bp.grads).items()}
+        norms["total"] = jnp.sqrt(sum(jnp.square(n) for n in norms.values()))
+        if reference_floor:
+            gradient = {path: _floored(c, norms[path], reference_floor) for path, c in gradient.items()}
+            total = _floored(total, norms["total"], reference_floor)
         alignment = Alignment(
-            gradient=gradient_alignment(mine.grads, bp.grads),
-            total=total_alignment(mine.grads, bp.grads),
+            gradient=gradient,
+            total=total,
             delta=delta,
             weight=_weight_alignment(rule, program, params, feedback, weights, step),
+            reference=norms,
         )
         return pack(mine.value, mine.aux, alignment, mine.grads)
 
     return grad_fn
+
+
+def _floored(c: Cosine, reference_norm: jax.Array, floor: float) -> Cosine:
+    """``c`` with its cosine and angle ``NaN`` where the reference's norm is ``<= floor``."""
+    valid = reference_norm > floor
+    return Cosine(jnp.where(valid, c.cosine, jnp.nan), jnp.where(valid, c.angle, jnp.nan), c.norm_ratio)
 
 
 def _batch_dims(model, params, inputs, program, rule: Rule, feedback) -> int:

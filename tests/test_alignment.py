@@ -414,3 +414,32 @@ def test_cosine_of_odd_dtypes_and_bad_input():
     with pytest.raises(ValueError, match="step"):
         brsf = fj.init_feedback("brsf", params, key=jax.random.key(0), model=model, inputs=x)
         al.tap_signals(model, mse, "brsf", params, brsf, x, t)
+
+
+def test_an_empty_batch_is_refused_naming_the_argument_and_a_floor_voids_tiny_references():
+    params, x, t, model = case(2)
+    feedback = fj.init_feedback("fa", params, key=jax.random.key(0), model=model, inputs=x)
+    grad_fn = al.value_and_grad_with_alignment(model, mse, "fa")
+    with pytest.raises(ValueError, match="inputs.*empty batch"):
+        grad_fn(params, feedback, x[:0], t[:0])
+    with pytest.raises(ValueError, match="inputs.*empty batch"):
+        al.tap_signals(model, mse, "fa", params, feedback, x[:0], t[:0])
+    with pytest.raises(ValueError, match="rule_signals.*'h'"):
+        al.delta_alignment({"h": jnp.zeros((0, 3))}, {"h": jnp.zeros((0, 3))})
+    with pytest.raises(ValueError, match="reference_floor"):
+        al.value_and_grad_with_alignment(model, mse, "fa", reference_floor=-1.0)
+    (_, metrics), _ = grad_fn(params, feedback, x, t)
+    _, bp = reference.gradients(params, x, t, "tanh")
+    for index, layer in enumerate(bp):
+        for name in ("kernel", "bias"):
+            np.testing.assert_allclose(metrics.reference[f"{index}/{name}"], np.linalg.norm(layer[name]), rtol=1e-5)
+    total = np.sqrt(sum(np.sum(g**2) for layer in bp for g in layer.values()))
+    np.testing.assert_allclose(metrics.reference["total"], total, rtol=1e-5)
+    # A floor between the smallest and the largest leaf norm voids exactly the leaves below it.
+    norms = {k: float(v) for k, v in metrics.reference.items() if k != "total"}
+    floor = float(np.median(list(norms.values())))
+    (_, floored), _ = al.value_and_grad_with_alignment(model, mse, "fa", reference_floor=floor)(params, feedback, x, t)
+    for path, norm in norms.items():
+        assert np.isnan(floored.gradient[path].cosine) == (norm <= floor)
+        np.testing.assert_allclose(floored.gradient[path].norm_ratio, metrics.gradient[path].norm_ratio)
+    assert not np.isnan(floored.total.cosine)
