@@ -137,7 +137,9 @@ def test_cli_runs_and_writes_results(tmp_path, capsys):
 
 def test_python_dash_m_entry_point_reports_one_line():
     done = subprocess.run([sys.executable, "-m", "fa_jax", "run", "nope"], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr.strip() == "fa-jax: error: unknown task 'nope'; expected one of ['field', 'graph', 'lm', 'mnist']"
+    from fa_jax.experiments import TASKS
+
+    assert done.returncode == 2 and done.stderr.strip() == f"fa-jax: error: unknown task 'nope'; expected one of {sorted(TASKS)}"
 
 
 # ----------------------------------------------------------------------------- data loaders
