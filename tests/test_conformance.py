@@ -277,28 +277,31 @@ def runner_start(task, rule, seed=0):
     return params, x, jax.nn.one_hot(labels, reliability_task.SIZES[-1]), feedback
 
 
-class Runner:
-    jits = (True,)  # the runner always runs jitted (vmap over seeds around lax.scan)
+def recording(inner, steps):
+    """``inner`` (adamw) that also keeps the gradient of each step: one sweep serves both runner checks."""
+    record = reliability_task.recording_sgd(0.0, steps)
 
-    @staticmethod
-    def grads(rule, params, x, t, jit):
-        task = runner_task(reliability_task.recording_sgd(0.1, 1), 1)
-        result = run_sweep(task, rule, [0], strategy="vmap")
-        params, x, t, feedback = runner_start(task, rule)
-        grads = jax.tree.map(lambda g: g[0, 0], result.state.opt_state.grads)
-        return float(result.losses[0, 1]), grads, (params, x, t, feedback)
+    def init(params):
+        return inner.init(params), record.init(params)
 
-    @staticmethod
-    def train(rule, params, x, t, steps):
-        task = runner_task(tx(), steps)
-        result = run_sweep(task, rule, [0], strategy="vmap")
-        params, _, _, feedback = runner_start(task, rule)
-        return (feedback, jax.tree.map(lambda a: a[0], result.state.feedback), params,
-                jax.tree.map(lambda a: a[0], result.state.params))
+    def update(grads, state, params=None):
+        updates, inner_state = inner.update(grads, state[0], params)
+        return updates, (inner_state, record.update(grads, state[1])[1])
+
+    return optax.GradientTransformation(init, update)
 
 
-ENTRY_POINTS = {"core": Core, "transform": Transform, "nnx": NNXStateful, "nnx_pure": NNXPure, "linen": Linen,
-                "runner": Runner}
+def runner_run(rule, steps):
+    """One sweep (jit, vmap over seeds, lax.scan): the first step's gradients and the feedback after ``steps``."""
+    task = runner_task(recording(tx(), 1), steps)
+    result = run_sweep(task, rule, [0], strategy="vmap")
+    params, x, t, feedback = runner_start(task, rule)
+    grads = jax.tree.map(lambda g: g[0, 0], result.state.opt_state[1].grads)
+    final = (jax.tree.map(lambda a: a[0], result.state.feedback), jax.tree.map(lambda a: a[0], result.state.params))
+    return (params, x, t, feedback), grads, final
+
+
+ENTRY_POINTS = {"core": Core, "transform": Transform, "nnx": NNXStateful, "nnx_pure": NNXPure, "linen": Linen}
 CASES = [(rule, entry, jit) for rule in RULES for entry, cls in ENTRY_POINTS.items() for jit in cls.jits]
 
 
@@ -307,9 +310,7 @@ def test_gradients_are_the_rules_closed_form(rule, entry, jit):
     rule = fj.get_rule(rule)
     params, x, t = problem()
     loss, grads, feedback = ENTRY_POINTS[entry].grads(rule, params, x, t, jit)
-    if entry == "runner":  # trained from the runner's own seed, batch and feedback
-        params, x, t, feedback = feedback
-    want_loss, want = CLOSED_FORMS[rule.name](rule, params, feedback, x, t, "tanh", STEP if entry != "runner" else 0)
+    want_loss, want = CLOSED_FORMS[rule.name](rule, params, feedback, x, t, "tanh", STEP)
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
     got = [{"kernel": np.asarray(g["kernel"], np.float64), "bias": np.asarray(g["bias"], np.float64)} for g in grads]
     chex.assert_trees_all_close(got, want, rtol=5e-5, atol=2e-6)
@@ -339,6 +340,11 @@ def test_feedback_after_100_steps_of_adamw_with_weight_decay(rule, entry):
     params, x, t = problem()
     before, after, start, trained = ENTRY_POINTS[entry].train(rule, params, x, t, 100)
     assert any(not np.allclose(a["kernel"], b["kernel"]) for a, b in zip(start, trained))  # it trained
+    check_feedback_law(rule, params, x, before, after, start, trained, 100)
+
+
+def check_feedback_law(rule, params, x, before, after, start, trained, steps):
+    """Fixed feedback bit-identical; learned feedback as its law says."""
     if not learns(rule, params, x):
         assert jax.tree.structure(after) == jax.tree.structure(before)
         for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
@@ -347,4 +353,16 @@ def test_feedback_after_100_steps_of_adamw_with_weight_decay(rule, entry):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         return
     assert rule.name in LEARNED_LAWS, f"rule {rule.name!r} learns its feedback: add its law to LEARNED_LAWS"
-    LEARNED_LAWS[rule.name](rule, before, after, start, trained, 100)
+    LEARNED_LAWS[rule.name](rule, before, after, start, trained, steps)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_the_runner_trains_each_rule_as_its_closed_form_and_law_say(rule):
+    """The runner entry point: a 100-step sweep whose first gradient is the closed form, then the feedback law."""
+    rule = fj.get_rule(rule)
+    (params, x, t, feedback), grads, (fb_after, trained) = runner_run(rule, 100)
+    _, want = CLOSED_FORMS[rule.name](rule, params, feedback, x, t, "tanh", 0)
+    got = [{"kernel": np.asarray(g["kernel"], np.float64), "bias": np.asarray(g["bias"], np.float64)} for g in grads]
+    chex.assert_trees_all_close(got, want, rtol=5e-5, atol=2e-6)
+    assert any(not np.allclose(a["kernel"], b["kernel"]) for a, b in zip(params, trained))
+    check_feedback_law(rule, params, x, feedback, fb_after, params, trained, 100)

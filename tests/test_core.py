@@ -1,5 +1,6 @@
 """The functional core against independent NumPy closed forms, for every registered rule."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -125,7 +126,7 @@ def test_dfa_hidden_gradients_ignore_downstream_weights():
     for layer in changed[1:]:
         layer["kernel"] = 3.0 * layer["kernel"] + 0.5
     for rule, should_change in (("dfa", False), ("bp", True)):
-        grad_fn = fj.value_and_grad(model, lambda y, c: jnp.sum(y * c), rule)
+        grad_fn = jax.jit(fj.value_and_grad(model, lambda y, c: jnp.sum(y * c), rule))
         with pytest.warns(UserWarning, match="linear in the model outputs") if rule == "dfa" else _nothing():
             _, before = grad_fn(params, feedback, x, direction)
             _, after = grad_fn(changed, feedback, x, direction)
@@ -224,6 +225,7 @@ def test_jacrev_of_the_update_matches_finite_differences(name):
         grad_fn = fj.value_and_grad(model, mse, name)
         flat, unravel = jax.flatten_util.ravel_pytree(params)
 
+        @jax.jit
         def update(vector):
             return jax.flatten_util.ravel_pytree(grad_fn(unravel(vector), feedback, x, t)[1])[0]
 
@@ -250,7 +252,8 @@ def test_layer_keys_are_stable_across_processes():
     )
     outputs = {
         subprocess.run(
-            [sys.executable, "-c", code], env={"PYTHONHASHSEED": seed, "JAX_PLATFORMS": "cpu"},
+            # The same XLA flags as this process: compiler options may change the last bits.
+            [sys.executable, "-c", code], env=dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS="cpu"),
             capture_output=True, text=True, check=True,
         ).stdout
         for seed in ("1", "2")
