@@ -8,7 +8,7 @@ The public surface: the rules (:mod:`fa_jax.rules`), :func:`value_and_grad`,
 
 from fa_jax import models, rules
 from fa_jax._engine._taps import tap
-from fa_jax._feedback import Feedback, init_feedback, update_feedback
+from fa_jax._feedback import Feedback, init_feedback, shard_feedback, update_feedback
 from fa_jax._grad import apply, forward, value_and_grad
 from fa_jax._plan import Plan, plan
 from fa_jax._specs import TapSpec, WeightSpec, layer_key
@@ -22,7 +22,7 @@ __version__ = "0.2.0"
 __all__ = [
     "Rule", "RULES", "get_rule", "register", "rules",
     "BP", "FA", "DFA", "Shallow", "USF", "FRSF", "BRSF", "KolenPollack", "DRTP",
-    "value_and_grad", "forward", "apply", "init_feedback", "update_feedback", "Feedback", "tap", "plan", "Plan",
+    "value_and_grad", "forward", "apply", "init_feedback", "update_feedback", "shard_feedback", "Feedback", "tap", "plan", "Plan",
     "WeightSpec", "TapSpec", "layer_key",
     "tinydfa_uniform", "launay2019", "xavier", "kaiming", "Tiled", "widest_tap", "nokland_zero_hidden",
     "models", "alignment", "stability", "transform",

@@ -112,6 +112,42 @@ def update_feedback(rule: Rule | str, feedback: Feedback, updates: Any, params: 
     return rule.update_feedback(feedback, updates=updates, params=params)
 
 
+def shard_feedback(feedback: Feedback, params: Any) -> Feedback:
+    """``feedback`` laid out like ``params``: each stored B (or M) with its weight's sharding.
+
+    A matrix with its weight's shape follows that weight (a kernel sharded over a
+    ``model`` axis keeps its B sharded the same way, so no step gathers it); keys,
+    per-layer scales and a tap rule's projection are replicated on the same mesh
+    (the projection ``e [B_1 … B_L]`` then needs no communication under data
+    parallelism: every device projects its own rows of ``e``).
+
+    Args:
+      feedback: from :func:`init_feedback`.
+      params: the params, already placed (``jax.device_put`` with a ``NamedSharding``).
+    """
+    if not isinstance(feedback, Feedback):
+        raise TypeError(f"feedback: expected a Feedback from init_feedback, given {_checks.describe(feedback)}")
+    placed = by_path(params)
+    mesh = None
+    for leaf in placed.values():
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            mesh = sharding.mesh
+            break
+    if mesh is None:
+        raise ValueError("params: expected arrays placed with a NamedSharding (jax.device_put(x, NamedSharding(mesh, spec)))")
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(path, leaf):
+        param = placed.get(path)
+        like = param is not None and not _checks.is_key(leaf) and tuple(leaf.shape) == tuple(param.shape)
+        return jax.device_put(leaf, param.sharding if like else replicated)
+
+    weights = {path: jax.tree.map(lambda leaf, p=path: place(p, leaf), value) for path, value in feedback.weights.items()}
+    taps = jax.tree.map(lambda leaf: jax.device_put(leaf, replicated), feedback.taps)
+    return dataclasses.replace(feedback, weights=weights, taps=taps)
+
+
 def by_path(tree: Any) -> dict[str, Any]:
     """``{parameter path: leaf}`` of a params-shaped tree (paths as the engine names them)."""
     return {_program.param_path(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}

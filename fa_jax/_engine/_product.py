@@ -36,7 +36,7 @@ def like(value: jax.Array, aval: Any) -> jax.Array:
         return value
     if jax.typeof(value).sharding.spec == sharding.spec:
         return value
-    return jax.sharding.reshard(value, sharding.spec)
+    return jax.sharding.reshard(value, sharding)
 
 
 class Product(NamedTuple):
