@@ -18,7 +18,6 @@ import optax
 import pytest
 
 import fa_jax as fj
-import reference
 from closed_forms import CLOSED_FORMS
 from fa_jax.models import init_mlp, mlp
 

@@ -12,13 +12,11 @@ the head that feeds the taps.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from fa_jax import _checks
 from fa_jax._engine import _taps, _walk
 from fa_jax._engine._classes import Base, Cls, Leaf
 from fa_jax._engine._taps import TapLayout

@@ -30,7 +30,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 from fa_jax._engine import _classes, _product, _taps
-from fa_jax._engine._classes import Base, Cls, Const, Leaf, Op, depends_on_inputs, is_param_only
+from fa_jax._engine._classes import Base, Cls, Const, Op, depends_on_inputs, is_param_only
 
 # Linear in a WEIGHT operand, the other operands constant: the result is still a WEIGHT (a view).
 _UNARY_LINEAR = {
@@ -225,12 +225,14 @@ class Walker:
         classes = [v.cls for v in invals]
         if any(is_param_only(c) for c in classes) and any(depends_on_inputs(c) for c in classes):
             derived = next(v for v in invals if is_param_only(v.cls))
-            if not derived.bases <= self.exact:
-                how = derived.why or "a product of parameters"
+            how = derived.why or "a product of parameters"
+            if derived.bases <= self.exact:
+                self.use(derived.bases, "exact (marked)")
+            else:
                 self.refuse(derived.bases, eqn.primitive.name,
                             f"is transformed non-linearly (by {how}) before this product, so no feedback matrix can "
                             "stand for it")
-            self.use(derived.bases, "exact (marked)")
+                self.use(derived.bases, f"Wᵀ (transformed by {how} before a product)")
             return Val(self.bind(eqn, invals)[0], Cls.ACT)
         return self.first_order(eqn, invals)[0]
 

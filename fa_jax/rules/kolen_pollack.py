@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Callable
 
-import jax
 import jax.numpy as jnp
 
 from fa_jax import _checks
