@@ -12,7 +12,9 @@ import numpy as np
 
 from fa_jax.alignment import Cosine, DeltaAlignment
 
-__all__ = ["plot_angles", "plot_alignment_vs_width", "plot_alignment_vs_performance"]
+__all__ = [
+    "plot_angles", "plot_alignment_vs_width", "plot_alignment_vs_performance", "plot_spectrum", "plot_perturbation",
+]
 
 
 def _axes(ax):
@@ -117,6 +119,63 @@ def plot_alignment_vs_performance(
             bar.set_label(color_label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_spectrum(
+    spectra: Mapping[str, Sequence[complex]],
+    *,
+    ax=None,
+    title: str | None = "Update Jacobian eigenvalues",
+    linthresh: float = 1e-3,
+):
+    """Eigenvalues of update Jacobians in the complex plane, one colour per entry (``{label: eigenvalues}``).
+
+    The real axis is symmetric-log (eigenvalues span decades, and the sign is the
+    point: a negative real part of ``J`` is a direction the rule leaves); a
+    vertical line marks ``Re λ = 0``. ``StabilityReport.eigenvalues`` fits.
+    """
+    ax = _axes(ax)
+    for label, values in spectra.items():
+        values = np.asarray(values, np.complex128)
+        ax.scatter(values.real, values.imag, s=10, label=label)
+    ax.axvline(0.0, color="gray", lw=0.8)
+    ax.set_xscale("symlog", linthresh=linthresh)
+    ax.set_xlabel("Re λ of J = ∂g/∂θ")
+    ax.set_ylabel("Im λ")
+    ax.legend(fontsize="small")
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def plot_perturbation(
+    results: Mapping[str, Any],
+    *,
+    ax=None,
+    title: str | None = "Kicked fixed points",
+):
+    """``‖g‖`` after a kick, relative to just after it, for every direction of every :func:`~fa_jax.stability.perturbation_test`.
+
+    ``results``: ``{label: Perturbation}``. One colour per entry; eigen-directions
+    solid, random ones dotted. Falling lines: the rule returns; rising: it leaves.
+    """
+    ax = _axes(ax)
+    for label, result in results.items():
+        history = np.asarray(result.history, np.float64)
+        relative = history / history[:, :1]
+        color = None
+        for row, name in zip(relative, result.labels):
+            eigen = str(name).startswith("eigen")
+            line = ax.semilogy(row, color=color, ls="-" if eigen else ":", lw=1.5 if eigen else 0.8,
+                               label=label if color is None else None)[0]
+            color = line.get_color()
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("record")
+    ax.set_ylabel("‖g‖ / ‖g‖ just after the kick")
+    ax.legend(fontsize="small")
     if title:
         ax.set_title(title)
     return ax

@@ -20,6 +20,7 @@ model ``model(params, inputs)`` and any rule.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any, Callable, NamedTuple
 
@@ -37,6 +38,7 @@ from fa_jax.rules import Rule, get_rule
 Update = Callable[[Any], tuple[jax.Array, Any]]
 
 __all__ = [
+    "BoundUpdate",
     "as_update",
     "update_jacobian",
     "jacobian_eigenvalues",
@@ -54,6 +56,68 @@ __all__ = [
 ]
 
 
+class BoundUpdate:
+    """``update(params) -> (loss, g)``: a pure ``core(params, args)`` bound to ``args`` (what :func:`as_update` returns).
+
+    The functions of this module compile ``core`` once and pass ``args`` (feedback,
+    batch, step) as arguments, so a sweep over seeds or feedback draws of one
+    model, loss and rule compiles each program once, not once per update.
+    Any other callable ``update(params)`` works too, compiled per object.
+    """
+
+    def __init__(self, core: Callable, args: Any):
+        self.core, self.args = core, args
+
+    def __call__(self, params):
+        return self.core(params, self.args)
+
+
+def _memo(factory: Callable) -> Callable:
+    """``factory`` cached on its (hashable) arguments; unhashable ones (e.g. a closure's cell) build anew."""
+    cached = functools.lru_cache(maxsize=64)(factory)
+
+    def get(*key):
+        try:
+            return cached(*key)
+        except TypeError:  # an unhashable model or loss
+            return factory(*key)
+
+    return get
+
+
+def _make_core(model: Callable, loss: Callable, rule: Rule, weight_decay: float) -> Callable:
+    grad_fn = value_and_grad(model, loss, rule)
+
+    def core(params, args):
+        feedback, inputs, targets, step = args
+        value, grads = grad_fn(params, feedback, inputs, targets, step=step)
+        if weight_decay:
+            sq = sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
+            value = value + 0.5 * weight_decay * sq
+            grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
+        return value, grads
+
+    return core
+
+
+_core = _memo(_make_core)
+
+
+def _opaque_core(update: Update) -> Callable:
+    return lambda params, args: update(params)
+
+
+_opaque = _memo(_opaque_core)
+
+
+def _parts(update: Update) -> tuple[Callable, Any]:
+    """``(core, args)`` with ``update(p) = core(p, args)``; ``core`` is what compiled programs are cached on."""
+    _checks.check_callable(update, "update")
+    if isinstance(update, BoundUpdate):
+        return update.core, update.args
+    return _opaque(update), ()
+
+
 def as_update(
     model: Callable,
     loss: Callable,
@@ -64,7 +128,7 @@ def as_update(
     *,
     weight_decay: float = 0.0,
     step: Any = None,
-) -> Update:
+) -> BoundUpdate:
     """``update(params) -> (loss, g)`` of ``rule`` on one fixed batch, ``g = rule update + λθ``.
 
     ``g`` is :func:`fa_jax.value_and_grad`'s update. It is differentiable in
@@ -73,6 +137,9 @@ def as_update(
     a ``stop_gradient``), so ``jacrev`` follows how a block's input and the error
     depend on upstream weights, and a feedback product's backward is an ordinary
     function of W, B and the activations.
+
+    Updates built from the same ``model``, ``loss``, ``rule`` and ``weight_decay``
+    share their compiled programs in this module (feedback and batch are arguments).
 
     Args:
       model, loss, rule, feedback: as for :func:`fa_jax.value_and_grad` (``feedback``
@@ -83,24 +150,33 @@ def as_update(
       step: the training step, for rules that redraw feedback every step (brSF);
         the update is then the one of that step, held fixed.
     """
-    grad_fn = value_and_grad(model, loss, rule)
+    rule = get_rule(rule)
+    _checks.check_callable(model, "model")
+    _checks.check_callable(loss, "loss")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or not weight_decay >= 0:
         raise ValueError(f"weight_decay: expected a number >= 0, given {weight_decay!r}")
     if step is not None:
         _checks.check_step_value(step, "step")
+    return BoundUpdate(_core(model, loss, rule, float(weight_decay)), (feedback, inputs, targets, step))
 
-    def raw(params):
-        return grad_fn(params, feedback, inputs, targets, step=step)
 
-    def update(params):
-        value, grads = raw(params)
-        if weight_decay:
-            sq = sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params))
-            value = value + 0.5 * weight_decay * sq
-            grads = jax.tree.map(lambda g, p: g + weight_decay * p, grads, params)
-        return value, grads
+def _make_flat(core: Callable) -> Callable:
+    """``flat_g(v, params, args)``: the update as a function of the flat parameter vector ``v``."""
 
-    return update
+    def flat_g(v, params, args):
+        unravel = ravel_pytree(params)[1]
+        return ravel_pytree(core(unravel(v), args)[1])[0]
+
+    return flat_g
+
+
+def _make_jacobian(core: Callable) -> Callable:
+    flat_g = _make_flat(core)
+    return jax.jit(lambda params, args: jax.jacrev(flat_g)(ravel_pytree(params)[0], params, args))
+
+
+_jacobian = _memo(_make_jacobian)
+_evaluate = _memo(jax.jit)
 
 
 def _flat_update(update: Update, params: Any):
@@ -114,8 +190,8 @@ def update_jacobian(update: Update, params: Any) -> jax.Array:
     Row ``i`` is the derivative of update entry ``i``. Costs ``n`` VJPs
     (``jax.jacrev``); use :func:`arnoldi_eigenvalues` when ``n`` is large.
     """
-    flat, g = _flat_update(update, params)
-    return jax.jit(jax.jacrev(g))(flat)
+    core, args = _parts(update)
+    return _jacobian(core)(params, args)
 
 
 def jacobian_eigenvalues(update: Update, params: Any) -> np.ndarray:
@@ -193,6 +269,58 @@ def _norm(tree):
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
+def _make_descent(core: Callable) -> Callable:
+    """``run(params, args, η, tol, max_steps)``: ``θ ← θ - η g`` in one ``lax.while_loop`` (η, tol, max_steps traced)."""
+
+    def run(theta, args, learning_rate, tol, max_steps):
+        def cond(state):
+            _, _, step, gnorm, _ = state
+            return (step < max_steps) & (gnorm >= tol)
+
+        def body(state):
+            theta, grads, step, _, _ = state
+            theta = jax.tree.map(lambda p, g: p - learning_rate * g, theta, grads)
+            value, grads = core(theta, args)
+            return theta, grads, step + 1, _norm(grads), value
+
+        value, grads = core(theta, args)
+        return jax.lax.while_loop(cond, body, (theta, grads, jnp.asarray(0), _norm(grads), value))
+
+    return jax.jit(run)
+
+
+def _make_measure(core: Callable, residual: Callable | None) -> Callable:
+    """``measure(v, template, args) -> (loss, ‖g‖, ‖e‖)`` at the flat point ``v`` (``template`` gives the structure)."""
+
+    def measure(v, template, args):
+        params = ravel_pytree(template)[1](v)
+        value, grads = core(params, args)
+        error = jnp.nan if residual is None else jnp.linalg.norm(jnp.ravel(residual(params)))
+        return value, _norm(grads), error
+
+    return jax.jit(measure)
+
+
+def _make_linearise_residual(residual: Callable) -> Callable:
+    def linearise(v, template):
+        unravel = ravel_pytree(template)[1]
+        flat_e = lambda w: jnp.ravel(residual(unravel(w)))  # noqa: E731
+        return flat_e(v), jax.jacrev(flat_e)(v)
+
+    return jax.jit(linearise)
+
+
+def _make_linearise_update(core: Callable) -> Callable:
+    flat_g = _make_flat(core)
+    return jax.jit(lambda v, template, args: (flat_g(v, template, args), jax.jacrev(flat_g)(v, template, args)))
+
+
+_descent = _memo(_make_descent)
+_measure = _memo(_make_measure)
+_linearise_residual = _memo(_make_linearise_residual)
+_linearise_update = _memo(_make_linearise_update)
+
+
 def _newton_candidates(jac: np.ndarray, g: np.ndarray) -> list[np.ndarray]:
     """Steps ``δ`` (``θ ← θ - δ``) to try: Newton's ``J⁺g`` with the pseudo-inverse cut at several ranks.
 
@@ -262,76 +390,48 @@ def find_fixed_point(
     newton_steps = _checks.check_int(newton_steps, "newton_steps", minimum=0)
     _checks.check_floating_tree(params, "params")
 
-    def cond(state):
-        _, _, step, gnorm, _ = state
-        return (step < max_steps) & (gnorm >= tol)
-
-    def body(state):
-        theta, grads, step, _, _ = state
-        theta = jax.tree.map(lambda p, g: p - learning_rate * g, theta, grads)
-        value, grads = update(theta)
-        return theta, grads, step + 1, _norm(grads), value
-
-    @jax.jit
-    def run(theta):
-        value, grads = update(theta)
-        return jax.lax.while_loop(cond, body, (theta, grads, jnp.asarray(0), _norm(grads), value))
-
-    theta, _, steps, gnorm, value = run(params)
+    core, args = _parts(update)
+    theta, _, steps, gnorm, value = _descent(core)(params, args, learning_rate, tol, max_steps)
     rule_norm, accepted = gnorm, 0
     if residual is not None:
         _checks.check_callable(residual, "residual")
-    if newton_steps and not gnorm < tol and residual is not None:
+    if newton_steps and not gnorm < tol:
         flat, unravel = ravel_pytree(theta)
-        flat_e = lambda w: jnp.ravel(residual(unravel(w)))  # noqa: E731
-        linearise = jax.jit(lambda v: (flat_e(v), jax.jacrev(flat_e)(v)))
-
-        @jax.jit
-        def measure(v):
-            value, grads = update(unravel(v))
-            return value, _norm(grads), jnp.linalg.norm(flat_e(v))
-
-        for _ in range(newton_steps):
-            e, jac = (np.asarray(a, np.float64) for a in linearise(flat))
-            step_dir = np.linalg.lstsq(jac, e, rcond=None)[0]
-            enorm = np.linalg.norm(e)
-            for halvings in range(8):
-                candidate = flat - jnp.asarray(step_dir / 2**halvings, flat.dtype)
-                candidate_value, candidate_norm, candidate_e = measure(candidate)
-                if candidate_e < enorm:  # NaN compares False: refused
+        measure = _measure(core, residual)
+        if residual is not None:
+            linearise = _linearise_residual(residual)
+            for _ in range(newton_steps):
+                e, jac = (np.asarray(a, np.float64) for a in linearise(flat, theta))
+                step_dir = np.linalg.lstsq(jac, e, rcond=None)[0]
+                enorm = np.linalg.norm(e)
+                for halvings in range(8):
+                    candidate = flat - jnp.asarray(step_dir / 2**halvings, flat.dtype)
+                    candidate_value, candidate_norm, candidate_e = measure(candidate, theta, args)
+                    if candidate_e < enorm:  # NaN compares False: refused
+                        break
+                else:  # no step length lowered ‖e‖: stop at the last point
                     break
-            else:  # no step length lowered ‖e‖: stop at the last point
-                break
-            flat, value, gnorm = candidate, candidate_value, candidate_norm
-            steps, accepted = steps + 1, accepted + 1
-            if gnorm < tol:
-                break
-        theta = unravel(flat)
-    elif newton_steps and not gnorm < tol:
-        flat, unravel = ravel_pytree(theta)
-        flat_g = lambda w: ravel_pytree(update(unravel(w))[1])[0]  # noqa: E731
-        linearise = jax.jit(lambda v: (flat_g(v), jax.jacrev(flat_g)(v)))
-
-        @jax.jit
-        def measure(v):
-            value, grads = update(unravel(v))
-            return value, _norm(grads)
-
-        for _ in range(newton_steps):
-            g, jac = (np.asarray(a, np.float64) for a in linearise(flat))
-            best = None
-            for candidate_step in _newton_candidates(jac, g):
-                for halvings in (0, 1, 3):  # a short line search along each
-                    candidate = flat - jnp.asarray(candidate_step / 2**halvings, flat.dtype)
-                    candidate_value, candidate_norm = measure(candidate)
-                    if candidate_norm < (gnorm if best is None else best[2]):  # NaN compares False: refused
-                        best = (candidate, candidate_value, candidate_norm)
-            if best is None:  # no candidate lowered ‖g‖: keep the best point
-                break
-            flat, value, gnorm = best
-            steps, accepted = steps + 1, accepted + 1
-            if gnorm < tol:
-                break
+                flat, value, gnorm = candidate, candidate_value, candidate_norm
+                steps, accepted = steps + 1, accepted + 1
+                if gnorm < tol:
+                    break
+        else:
+            linearise = _linearise_update(core)
+            for _ in range(newton_steps):
+                g, jac = (np.asarray(a, np.float64) for a in linearise(flat, theta, args))
+                best = None
+                for candidate_step in _newton_candidates(jac, g):
+                    for halvings in (0, 1, 3):  # a short line search along each
+                        candidate = flat - jnp.asarray(candidate_step / 2**halvings, flat.dtype)
+                        candidate_value, candidate_norm, _ = measure(candidate, theta, args)
+                        if candidate_norm < (gnorm if best is None else best[2]):  # NaN compares False: refused
+                            best = (candidate, candidate_value, candidate_norm)
+                if best is None:  # no candidate lowered ‖g‖: keep the best point
+                    break
+                flat, value, gnorm = best
+                steps, accepted = steps + 1, accepted + 1
+                if gnorm < tol:
+                    break
         theta = unravel(flat)
     return FixedPoint(theta, value, gnorm, steps, gnorm < tol, accepted, rule_norm)
 
@@ -366,6 +466,7 @@ class StabilityReport(NamedTuple):
     zero_eigenvalues: int = 0
     margin: float = float("nan")
     largest_real: float = float("nan")
+    jacobian: np.ndarray | None = None  # J itself, (n, n)
 
 
 def _spectrum_summary(eig: np.ndarray, tol: float) -> tuple[int, float, float]:
@@ -397,7 +498,8 @@ def stability_report(
         the same relative ``tol`` says which eigenvalues count as zero.
     """
     tol = _check_positive(tol, "tol", allow_zero=True)
-    value, grads = jax.jit(update)(params)
+    core, args = _parts(update)
+    value, grads = _evaluate(core)(params, args)
     jac = np.asarray(update_jacobian(update, params), dtype=np.float64)
     if not np.all(np.isfinite(jac)):
         raise ValueError("params: the update Jacobian has NaN or Inf entries there (params from a diverged run?)")
@@ -408,7 +510,8 @@ def stability_report(
     flat_g = ravel_pytree(grads)[0]
     alignment = linearised = None
     if bp_update is not None:
-        _, bp_grads = jax.jit(bp_update)(params)
+        bp_core, bp_args = _parts(bp_update)
+        _, bp_grads = _evaluate(bp_core)(params, bp_args)
         alignment = float(cosine(flat_g, ravel_pytree(bp_grads)[0]).cosine)
         hessian = np.asarray(update_jacobian(bp_update, params), dtype=np.float64)
         key = jax.random.key(0) if key is None else key
@@ -429,6 +532,7 @@ def stability_report(
         zero_eigenvalues=zeros,
         margin=margin,
         largest_real=largest,
+        jacobian=jac,
     )
 
 
@@ -464,13 +568,20 @@ def backward_map(
             "output error and has no backward map"
         )
     _checks.check_floating_tree(params, "params")
+    return _backward(model, rule)(params, feedback, inputs, step)
+
+
+def _make_backward(model: Callable, rule: Rule) -> Callable:
     run = forward(model, rule)
-    flat, unravel = ravel_pytree(params)
 
-    def outputs(v):
-        return jnp.ravel(run(unravel(v), feedback, inputs, step=step))
+    def matrix(params, feedback, inputs, step):
+        flat, unravel = ravel_pytree(params)
+        return jax.jacrev(lambda v: jnp.ravel(run(unravel(v), feedback, inputs, step=step)))(flat)
 
-    return jax.jit(jax.jacrev(outputs))(flat)
+    return jax.jit(matrix)
+
+
+_backward = _memo(_make_backward)
 
 
 class BackwardAlignment(NamedTuple):
@@ -481,6 +592,17 @@ class BackwardAlignment(NamedTuple):
     gradient_mean: float  # mean over random errors e of cos(B̃ᵀe, J_fᵀe): the update's alignment with BP's
     gradient_min: float  # the smallest of those cosines
     symmetric_min: float  # λ_min of sym(J_f B̃ᵀ) on range(J_f), over σ_max(J_f)²
+
+
+def _cosine64(a: np.ndarray, b: np.ndarray) -> Cosine:
+    """:func:`fa_jax.alignment.cosine` in NumPy float64 (host matrices; no program compiled per shape)."""
+    a, b = np.ravel(a), np.ravel(b)
+    norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
+    if not (norm_a > 0 and norm_b > 0):
+        return Cosine(np.float64(np.nan), np.float64(np.nan), np.float64(norm_a / norm_b if norm_b else np.inf))
+    unit_a, unit_b = a / norm_a, b / norm_b
+    angle = np.degrees(2 * np.arctan2(np.linalg.norm(unit_a - unit_b), np.linalg.norm(unit_a + unit_b)))
+    return Cosine(np.float64(unit_a @ unit_b), np.float64(angle), np.float64(norm_a / norm_b))
 
 
 def backward_alignment(
@@ -516,8 +638,7 @@ def backward_alignment(
     if sum(sizes) != a.shape[1]:
         raise ValueError(f"params: {sum(sizes)} parameters, but the maps have {a.shape[1]} columns")
     bounds = np.cumsum([0] + sizes)
-    per_layer = {path: cosine(jnp.asarray(a[:, lo:hi]), jnp.asarray(b[:, lo:hi]))
-                 for path, lo, hi in zip(leaves, bounds[:-1], bounds[1:])}
+    per_layer = {path: _cosine64(a[:, lo:hi], b[:, lo:hi]) for path, lo, hi in zip(leaves, bounds[:-1], bounds[1:])}
     u, s, _ = np.linalg.svd(b, full_matrices=False)
     rank = int(np.sum(s > rank_tol * s[0])) if s.size and s[0] > 0 else 0
     basis = u[:, :rank]
@@ -529,7 +650,7 @@ def backward_alignment(
     cross = basis.T @ (b @ a.T) @ basis
     symmetric = np.linalg.eigvalsh(0.5 * (cross + cross.T)) if rank else np.array([np.nan])
     return BackwardAlignment(
-        total=cosine(jnp.asarray(a), jnp.asarray(b)),
+        total=_cosine64(a, b),
         per_layer=per_layer,
         gradient_mean=float(np.mean(cos)) if rank else float("nan"),
         gradient_min=float(np.min(cos)) if rank else float("nan"),
@@ -541,7 +662,8 @@ def backward_alignment(
 
 
 def perturbation_directions(
-    update: Update, params: Any, *, key: jax.Array, random: int = 4, eigen: int = 2, tol: float = 1e-6
+    update: Update, params: Any, *, key: jax.Array, random: int = 4, eigen: int = 2, tol: float = 1e-6,
+    report: StabilityReport | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Unit directions to kick ``params`` along: ``random`` Gaussian ones, then eigen-directions of ``J``.
 
@@ -549,6 +671,11 @@ def perturbation_directions(
     complex pair spans one real invariant plane) for the ``eigen`` non-zero
     eigenvalues (``|λ| > tol · max|λ|``) with the smallest real parts: the
     least stable directions, which leave first if anything does.
+
+    ``report``: :func:`stability_report` at ``params``, if at hand (its ``J`` and
+    eigenvalues are used instead of computing them again). Each eigenvector is
+    found by two steps of inverse iteration on ``J - λI``: one linear solve, not a
+    full eigen-decomposition.
 
     Returns:
       ``(directions (random + eigen, n), labels)``; a label gives the eigenvalue.
@@ -563,8 +690,12 @@ def perturbation_directions(
         out.extend(draws / np.linalg.norm(draws, axis=1, keepdims=True))
         labels.extend(f"random {i}" for i in range(random))
     if eigen:
-        jac = np.asarray(update_jacobian(update, params), np.float64)
-        values, vectors = np.linalg.eig(jac)
+        if report is None:
+            report = stability_report(update, params)
+        jac = np.asarray(report.jacobian, np.float64)
+        values = np.asarray(report.eigenvalues)
+        if jac.shape != (n, n):
+            raise ValueError(f"report: its Jacobian has shape {jac.shape}, expected {(n, n)} for these params")
         radius = np.max(np.abs(values))
         order = [i for i in np.argsort(values.real, kind="stable") if abs(values[i]) > tol * radius]
         chosen, seen = [], []
@@ -572,16 +703,48 @@ def perturbation_directions(
             if any(abs(values[i] - np.conj(v)) <= 1e-12 * radius for v in seen):
                 continue
             seen.append(values[i])
-            chosen.append(i)
+            chosen.append(values[i])
             if len(chosen) == eigen:
                 break
-        for i in chosen:
-            v = np.real(vectors[:, i])
-            if np.linalg.norm(v) < 1e-12:
-                v = np.imag(vectors[:, i])
+        rng = np.random.RandomState(0)
+        for value in chosen:
+            shifted = jac - (value + 1e-10 * radius) * np.eye(n)  # a hair off λ: solvable, still dominated by λ
+            v = rng.randn(n).astype(np.complex128)
+            for _ in range(2):
+                v = np.linalg.solve(shifted, v)
+                v /= np.linalg.norm(v)
+            v = np.real(v * np.exp(-1j * np.angle(v[np.argmax(np.abs(v))])))  # the real part of the plane
             out.append(v / np.linalg.norm(v))
-            labels.append(f"eigen λ={values[i].real:+.3g}{values[i].imag:+.3g}j")
+            labels.append(f"eigen λ={value.real:+.3g}{value.imag:+.3g}j")
     return np.stack(out) if out else np.zeros((0, n)), labels
+
+
+def _make_perturb(core: Callable, records: int) -> Callable:
+    flat_g = _make_flat(core)
+
+    def one(v0, template, args, learning_rate, cap_factor, inner):
+        def g(v):
+            return flat_g(v, template, args)
+
+        start = jnp.linalg.norm(g(v0))
+        cap = cap_factor * start  # far beyond "left": stop there rather than overflow
+
+        def step(_, w):
+            grads = g(w)
+            escaped = ~(jnp.linalg.norm(grads) < cap)
+            return jnp.where(escaped, w, w - learning_rate * grads)
+
+        def chunk(v, _):
+            v = jax.lax.fori_loop(0, inner, step, v)
+            return v, jnp.linalg.norm(g(v))
+
+        end, norms = jax.lax.scan(chunk, v0, None, length=records)
+        return end, jnp.concatenate([start[None], norms])
+
+    return jax.jit(jax.vmap(one, in_axes=(0, None, None, None, None, None)))  # inner traced: any steps, one program
+
+
+_perturb = _memo(_make_perturb)
 
 
 class Perturbation(NamedTuple):
@@ -635,28 +798,9 @@ def perturbation_test(
         raise ValueError(f"directions: expected shape (k, {flat.size}), given {directions.shape}")
     records = min(records, steps)
     inner = -(-steps // records)
-
-    def g(v):
-        return ravel_pytree(update(unravel(v))[1])[0]
-
-    def one(v0):
-        start = jnp.linalg.norm(g(v0))
-        cap = factor**3 * start  # far beyond "left": stop there rather than overflow
-
-        def step(_, w):
-            grads = g(w)
-            escaped = ~(jnp.linalg.norm(grads) < cap)
-            return jnp.where(escaped, w, w - learning_rate * grads)
-
-        def chunk(v, _):
-            v = jax.lax.fori_loop(0, inner, step, v)
-            return v, jnp.linalg.norm(g(v))
-
-        end, norms = jax.lax.scan(chunk, v0, None, length=records)
-        return end, jnp.concatenate([start[None], norms])
-
+    core, args = _parts(update)
     starts = jnp.asarray(np.asarray(flat, np.float64)[None] + epsilon * directions, flat.dtype)
-    ends, history = jax.jit(jax.vmap(one))(starts)
+    ends, history = _perturb(core, records)(starts, params, args, learning_rate, factor**3, inner)
     history = np.asarray(history, np.float64)
     initial, final = history[:, 0], history[:, -1]
     distance = np.linalg.norm(np.asarray(ends, np.float64) - np.asarray(flat, np.float64)[None], axis=1) / epsilon
