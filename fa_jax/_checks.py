@@ -29,6 +29,7 @@ def is_key(value: Any) -> bool:
     """True for a typed PRNG key array (in feedback, a slot whose B is regenerated)."""
     return hasattr(value, "dtype") and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
 
+
 SEED_LIMIT = 2**32  # jax.random.key wraps larger seeds silently
 
 
@@ -134,9 +135,7 @@ def check_array_tree(tree: Any, name: str) -> None:
             continue
         if is_key(leaf):
             continue
-        if not is_array(leaf) or not (
-            jnp.issubdtype(leaf.dtype, jnp.number) or jnp.issubdtype(leaf.dtype, jnp.bool_)
-        ):
+        if not is_array(leaf) or not (jnp.issubdtype(leaf.dtype, jnp.number) or jnp.issubdtype(leaf.dtype, jnp.bool_)):
             raise TypeError(f"{where}: expected a numeric array, given {describe(leaf)}")
 
 
@@ -159,9 +158,7 @@ def check_dense_args(x: Any, kernel: Any, bias: Any, where: str = "dense") -> No
     if kernel.ndim != 2:
         raise ValueError(f"{where}: kernel: expected shape (fan_in, fan_out), given {describe(kernel)}")
     if x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
-        raise ValueError(
-            f"{where}: x: expected last dim {kernel.shape[0]} (the kernel's fan_in), given {describe(x)}"
-        )
+        raise ValueError(f"{where}: x: expected last dim {kernel.shape[0]} (the kernel's fan_in), given {describe(x)}")
     if bias is not None and (not is_array(bias) or tuple(bias.shape) != (kernel.shape[1],)):
         raise ValueError(f"{where}: bias: expected shape ({kernel.shape[1]},), given {describe(bias)}")
 
@@ -177,9 +174,7 @@ def check_feedback_matrix(feedback: Any, weight: Any, where: str = "feedback") -
     if not jnp.issubdtype(feedback.dtype, jnp.floating):
         raise TypeError(f"{where}: expected a floating-point array, given {describe(feedback)}")
     if tuple(feedback.shape) != tuple(weight.shape):
-        raise ValueError(
-            f"{where}: expected the kernel's shape {tuple(weight.shape)}, given {tuple(feedback.shape)}"
-        )
+        raise ValueError(f"{where}: expected the kernel's shape {tuple(weight.shape)}, given {tuple(feedback.shape)}")
 
 
 def check_floating(value: Any, name: str) -> None:
@@ -193,7 +188,7 @@ def check_targets(outputs: Any, targets: Any) -> None:
     """A target with the outputs' rank must broadcast against them (e.g. MSE, one-hot labels)."""
     if not (is_array(outputs) and is_array(targets)) or outputs.ndim != targets.ndim:
         return
-    for out, tgt in zip(outputs.shape, targets.shape):
+    for out, tgt in zip(outputs.shape, targets.shape, strict=True):
         if out != tgt and 1 not in (out, tgt):
             raise ValueError(
                 f"targets: expected a shape that broadcasts against the model outputs {describe(outputs)}, "
@@ -221,7 +216,7 @@ def check_conv_args(x: Any, kernel: Any, bias: Any, strides: Any, padding: Any, 
     if (
         not isinstance(steps, (tuple, list))
         or len(steps) != spatial
-        or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in steps)
+        or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and int(s) >= 1 for s in steps)
     ):
         raise ValueError(f"{where}: strides: expected a positive int or {spatial} positive ints, given {strides!r}")
     if isinstance(padding, str) and padding.upper() not in ("SAME", "VALID", "SAME_LOWER"):

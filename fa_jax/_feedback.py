@@ -10,7 +10,8 @@ rules that learn it (Kolen–Pollack).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -135,15 +136,20 @@ def shard_feedback(feedback: Feedback, params: Any) -> Feedback:
             mesh = sharding.mesh
             break
     if mesh is None:
-        raise ValueError("params: expected arrays placed with a NamedSharding (jax.device_put(x, NamedSharding(mesh, spec)))")
+        raise ValueError(
+            "params: expected arrays placed with a NamedSharding (jax.device_put(x, NamedSharding(mesh, spec)))"
+        )
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def place(path, leaf):
         param = placed.get(path)
-        like = param is not None and not _checks.is_key(leaf) and tuple(leaf.shape) == tuple(param.shape)
-        return jax.device_put(leaf, param.sharding if like else replicated)
+        if param is not None and not _checks.is_key(leaf) and tuple(leaf.shape) == tuple(param.shape):
+            return jax.device_put(leaf, param.sharding)
+        return jax.device_put(leaf, replicated)
 
-    weights = {path: jax.tree.map(lambda leaf, p=path: place(p, leaf), value) for path, value in feedback.weights.items()}
+    weights = {
+        path: jax.tree.map(lambda leaf, p=path: place(p, leaf), value) for path, value in feedback.weights.items()
+    }
     taps = jax.tree.map(lambda leaf: jax.device_put(leaf, replicated), feedback.taps)
     return dataclasses.replace(feedback, weights=weights, taps=taps)
 
@@ -191,7 +197,8 @@ def check(program: _program.Program, rule: Rule, feedback: Any) -> Feedback:
     for path, struct in want.items():
         if not _same_kind(struct, given[path]):
             raise ValueError(
-                f"feedback for {path!r}: rule {rule.name!r} expected {_describe(struct)}, given {_describe(given[path])}"
+                f"feedback for {path!r}: rule {rule.name!r} expected {_describe(struct)}, "
+                f"given {_describe(given[path])}"
             )
     if rule.cuts:
         if feedback.layout is None:
@@ -205,17 +212,21 @@ def check(program: _program.Program, rule: Rule, feedback: Any) -> Feedback:
 
 def _same_kind(want: Any, leaf: Any) -> bool:
     """The same tree of arrays, each of the same shape and the same kind (key or not); dtypes may differ."""
-    if jax.tree.structure(want) != jax.tree.structure(leaf):
+    if jax.tree.structure(want) != jax.tree.structure(leaf):  # type: ignore[operator]  # jax PyTreeDef stub unresolved
         return False
     return all(
         _checks.is_array(b) and _checks.is_key(a) == _checks.is_key(b) and tuple(a.shape) == tuple(b.shape)
-        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(leaf))
+        for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(leaf), strict=True)
     )
 
 
 def _describe(tree: Any) -> str:
     leaves = jax.tree.leaves(tree)
-    return _checks.describe(tree) if _checks.is_array(tree) else f"{jax.tree.structure(tree)} of {[_checks.describe(l) for l in leaves]}"
+    return (
+        _checks.describe(tree)
+        if _checks.is_array(tree)
+        else f"{jax.tree.structure(tree)} of {[_checks.describe(leaf) for leaf in leaves]}"
+    )
 
 
 def check_layout(program: _program.Program, rule: Rule, layout: TapLayout) -> None:
@@ -224,14 +235,16 @@ def check_layout(program: _program.Program, rule: Rule, layout: TapLayout) -> No
     names, given = [t.name for t in layout.taps], [t.name for t in now.taps]
     if names != given:
         raise ValueError(f"feedback: rule {rule.name!r}: expected taps {names}, the model now has {given}")
-    for want, got in zip(layout.taps, now.taps):
+    for want, got in zip(layout.taps, now.taps, strict=True):
         if (want.shape, want.stack) != (got.shape, got.stack):
             raise ValueError(
                 f"feedback: tap {want.name!r}: expected feature shape {want.shape} (stack {want.stack}), "
                 f"given {got.shape} (stack {got.stack})"
             )
     if now.output != layout.output:
-        raise ValueError(f"feedback: model output: expected feature shape {layout.output.shape}, given {now.output.shape}")
+        raise ValueError(
+            f"feedback: model output: expected feature shape {layout.output.shape}, given {now.output.shape}"
+        )
     out = _program.single_output(program)
     for _, name, aval, _ in program.taps(rule.taps):
         if tuple(aval.shape[: layout.batch_dims]) != tuple(out.shape[: layout.batch_dims]):

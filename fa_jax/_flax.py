@@ -22,7 +22,8 @@ and run the rule with ``taps="marked"``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, cast
 
 import jax
 
@@ -37,7 +38,9 @@ def check_placement(taps: Any, blocks: Any, attention: Any, where: str) -> tuple
     """``(taps, blocks, attention)`` normalised: paths as tuples, attention as a tuple of types."""
     if isinstance(taps, str):
         if taps not in PLACEMENTS:
-            raise ValueError(f"{where}: taps: expected one of {list(PLACEMENTS)} or a list of module paths, given {taps!r}")
+            raise ValueError(
+                f"{where}: taps: expected one of {list(PLACEMENTS)} or a list of module paths, given {taps!r}"
+            )
     elif isinstance(taps, Sequence) and taps and all(isinstance(t, str) for t in taps):
         taps = tuple(taps)
     else:
@@ -52,13 +55,16 @@ def check_placement(taps: Any, blocks: Any, attention: Any, where: str) -> tuple
             blocks = (blocks,)
         elif isinstance(blocks, type):
             pass
-        elif isinstance(blocks, Sequence) and blocks and (
-            all(isinstance(b, type) for b in blocks) or all(isinstance(b, str) for b in blocks)
+        elif (
+            isinstance(blocks, Sequence)
+            and blocks
+            and (all(isinstance(b, type) for b in blocks) or all(isinstance(b, str) for b in blocks))
         ):
             blocks = tuple(blocks)
         else:
             raise TypeError(
-                f"{where}: blocks: expected a module type, a tuple of types, or a list of module paths, given {blocks!r}"
+                f"{where}: blocks: expected a module type, a tuple of types, or a list of module paths, "
+                f"given {blocks!r}"
             )
     attention = attention if isinstance(attention, tuple) else (attention,)
     if not attention or not all(isinstance(a, type) for a in attention):
@@ -88,7 +94,8 @@ def placed_rule(rule: Rule, taps: Any, where: str) -> Rule:
             f"taps={want!r}), but the rule {rule.name!r} was built with taps={rule.taps!r}; leave one of them at 'auto'"
         )
     try:
-        return dataclasses.replace(rule, taps=want)
+        # Rule is not a dataclass, its subclasses are; one that is not raises TypeError, caught below
+        return dataclasses.replace(cast(Any, rule), taps=want)
     except (TypeError, ValueError) as error:
         raise TypeError(
             f"{where}: rule {rule.name!r} cuts at taps but has no dataclass field 'taps' to set to {want!r} ({error}); "
@@ -127,7 +134,7 @@ def split_leaves(tree: Any) -> tuple[list[Any], Any]:
 
     def rebuild(values: list[Any]) -> Any:
         full = list(leaves)
-        for i, value in zip(dynamic, values):
+        for i, value in zip(dynamic, values, strict=True):
             full[i] = value
         return jax.tree_util.tree_unflatten(treedef, full)
 

@@ -11,7 +11,8 @@ and ``jax.jacrev`` of the update itself.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -42,12 +43,14 @@ def forward(model: Model, rule: Rule | str, *, model_has_aux: bool = False) -> C
         has_weights = feedback is not None and bool(getattr(feedback, "weights", None))
         if not (rule.cuts or has_weights):
             # Nothing to route: the program itself (BP, or an empty feedback checked below).
-            program = _program.analyse(model, params, inputs, exact=getattr(feedback, "exact", ()),
-                                       model_has_aux=model_has_aux)
+            program = _program.analyse(
+                model, params, inputs, exact=getattr(feedback, "exact", ()), model_has_aux=model_has_aux
+            )
             _feedback.check(program, rule, feedback)
             return model(params, inputs)
-        program = _program.analyse(model, params, inputs, exact=feedback.exact if feedback is not None else (),
-                                   model_has_aux=model_has_aux)
+        program = _program.analyse(
+            model, params, inputs, exact=feedback.exact if feedback is not None else (), model_has_aux=model_has_aux
+        )
         feedback = _feedback.check(program, rule, feedback)
         return _program.run(program, rule, params, feedback, inputs, step=step, targets=targets)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 
@@ -15,7 +16,7 @@ def _describe(leaf: Any) -> str:
     if _checks.is_array(leaf):
         return _checks.describe(leaf)
     leaves = jax.tree.leaves(leaf)
-    return "nothing stored" if not leaves else ", ".join(_checks.describe(l) for l in leaves)
+    return "nothing stored" if not leaves else ", ".join(_checks.describe(one) for one in leaves)
 
 
 class ParamPlan(NamedTuple):
@@ -72,12 +73,12 @@ def plan(model: Callable, params: Any, inputs: Any, rule: Rule | str = "fa", *, 
     program = _program.analyse(model, params, inputs, exact=exact)
     rows = []
     key = jax.random.key(0)
-    refusals = {}
+    refusals: dict[int, str] = {}
     for bases, what, _ in _program.refused(program, rule):
         for index in bases:
             refusals.setdefault(index, what)
     kept = "Wᵀ within its block (cut at taps)" if rule.cuts else "Wᵀ, exact"
-    for i, (path, aval) in enumerate(zip(program.paths, program.avals)):
+    for i, (path, aval) in enumerate(zip(program.paths, program.avals, strict=True)):
         uses = list(program.uses.get(i, []))
         if i in program.specs:
             spec = program.specs[i]
@@ -86,12 +87,14 @@ def plan(model: Callable, params: Any, inputs: Any, rule: Rule | str = "fa", *, 
             how = f"feedback ({spec.kind}{layers}): {_describe(leaf)}" if leaf is not None else kept
             uses = [how] + [u for u in uses if not u.startswith("feedback")]
         if i in refusals:
-            uses = ["REFUSED: " + refusals[i]] + uses
+            uses = ["REFUSED: " + refusals[i], *uses]
         rows.append(ParamPlan(path, tuple(aval.shape), str(aval.dtype), "; ".join(uses) or "unused"))
-    taps, batch_dims = (), None
+    taps: tuple[TapPlan, ...] = ()
+    batch_dims: int | None = None
     if rule.cuts:
-        batch_dims = _program.find_batch_dims(model, params, inputs, program, rule.taps, exact=exact,
-                                              asked=rule.batch_dims, mix=rule.mix_batch)
+        batch_dims = _program.find_batch_dims(
+            model, params, inputs, program, rule.taps, exact=exact, asked=rule.batch_dims, mix=rule.mix_batch
+        )
         layout = _program.tap_layout(program, rule.taps, batch_dims)
         taps = tuple(TapPlan(t.name, t.shape, t.stack) for t in layout.taps)
     return Plan(rule.name, tuple(rows), taps, batch_dims)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +95,7 @@ class WeightSpec(NamedTuple):
             receptive = math.prod(layer.shape[:-2])
             return layer.shape[-2] * receptive if len(layer.shape) > 1 else 1, layer.shape[-1] * receptive
         size = dict.fromkeys(ROLES, 1)
-        for n, role in zip(layer.shape, layer.roles):
+        for n, role in zip(layer.shape, layer.roles, strict=True):
             size[role] *= n
         return size["in"] * size["window"], size["out"] * size["window"]
 
@@ -111,7 +112,9 @@ class WeightSpec(NamedTuple):
         return map_stack(lambda key: _draw_layer(init, key, layer.shape, layer.roles, dtype), keys)
 
 
-def _draw_layer(init: Init, key: jax.Array, shape: tuple[int, ...], roles: tuple[str, ...] | None, dtype: Any) -> jax.Array:
+def _draw_layer(
+    init: Init, key: jax.Array, shape: tuple[int, ...], roles: tuple[str, ...] | None, dtype: Any
+) -> jax.Array:
     if roles is None or all(r == "stack" for r in roles):
         return init(key, shape, dtype)
     order = [[i for i, r in enumerate(roles) if r == role] for role in ("stack", "window", "in", "out")]
@@ -128,7 +131,7 @@ def _draw_layer(init: Init, key: jax.Array, shape: tuple[int, ...], roles: tuple
     drawn = map_stack(one, stack_keys(key, tuple(shape[i] for i in stacked)))
     full = drawn.reshape(*[shape[i] for i in stacked + window + inputs + outputs])
     permutation = stacked + window + inputs + outputs
-    return jnp.transpose(full, np.argsort(permutation))
+    return jnp.transpose(full, tuple(int(i) for i in np.argsort(permutation)))
 
 
 class TapSpec(NamedTuple):

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +107,9 @@ def nokland_zero_hidden(params: Any, *, model: Callable, inputs: Any) -> Any:
     program = _program.analyse(model, params, inputs)
     weights = list(program.specs)
     if len(weights) < 2:
-        raise ValueError(f"params: nokland_zero_hidden needs at least two weights (hidden + output), found {len(weights)}")
+        raise ValueError(
+            f"params: nokland_zero_hidden needs at least two weights (hidden + output), found {len(weights)}"
+        )
     hidden = {program.paths[i] for i in weights[:-1]}
     return jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.zeros_like(x) if _program.param_path(p) in hidden else x, params
@@ -140,7 +143,9 @@ class Tiled:
         if not isinstance(self.rows, int) or self.rows < 1:
             raise ValueError(f"Tiled.rows: expected a positive int, given {self.rows!r}")
         if self.distribution not in ("truncated_normal", "normal", "uniform"):
-            raise ValueError(f"Tiled.distribution: expected 'truncated_normal', 'normal' or 'uniform', given {self.distribution!r}")
+            raise ValueError(
+                f"Tiled.distribution: expected 'truncated_normal', 'normal' or 'uniform', given {self.distribution!r}"
+            )
         if self.mode not in ("fan_in", "fan_out", "fan_avg"):
             raise ValueError(f"Tiled.mode: expected 'fan_in', 'fan_out' or 'fan_avg', given {self.mode!r}")
 

@@ -44,7 +44,8 @@ identity with a zero backward, not by ``stop_gradient``.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import flax.errors
 import flax.linen as nn
@@ -117,8 +118,10 @@ class _Marker:
             if missing:
                 raise ValueError(f"fa_jax.linen: taps: {missing} name no module; modules met: {sorted(self.seen)[:20]}")
             if not self.met:
-                raise ValueError(f"fa_jax.linen: taps={self.taps!r}: no module called matches blocks={self.blocks!r}; "
-                                 f"modules met: {sorted(self.seen)[:20]}")
+                raise ValueError(
+                    f"fa_jax.linen: taps={self.taps!r}: no module called matches blocks={self.blocks!r}; "
+                    f"modules met: {sorted(self.seen)[:20]}"
+                )
         expected = self.taps if isinstance(self.taps, tuple) else (tuple(self.met) or (f"the {self.taps} blocks",))
         _flax.check_marked(self.taps, expected, self.met, "fa_jax.linen", _TRAP)
 
@@ -211,8 +214,15 @@ def adapt(
         for _ in range(16):  # one more rng stream per round
             arrays, rebuild = _flax.split_leaves((args, kwargs))
             try:
-                return fa_jax.init_feedback(rule, params, key=key, model=program(rebuild), inputs=(arrays, rest),
-                                            exact=exact, model_has_aux=_mutable(kwargs))
+                return fa_jax.init_feedback(
+                    rule,
+                    params,
+                    key=key,
+                    model=program(rebuild),
+                    inputs=(arrays, rest),
+                    exact=exact,
+                    model_has_aux=_mutable(kwargs),
+                )
             except flax.errors.InvalidRngError as error:
                 name = re.search(r'needs PRNG for "([^"]+)"', str(error))
                 if not placeholders or name is None or name.group(1) in kwargs.get("rngs", {}):

@@ -7,7 +7,7 @@ identity under every rule that does not cut).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +37,7 @@ def init_mlp(sizes: Sequence[int], *, key: jax.Array, dtype=jnp.float32) -> list
     init = jax.nn.initializers.lecun_normal()
     return [
         {"kernel": init(k, (fan_in, fan_out), dtype), "bias": jnp.zeros((fan_out,), dtype)}
-        for k, fan_in, fan_out in zip(keys, sizes[:-1], sizes[1:])
+        for k, fan_in, fan_out in zip(keys, sizes[:-1], sizes[1:], strict=True)
     ]
 
 
@@ -66,16 +66,21 @@ def _check_mlp(params, x) -> None:
         raise TypeError(f"params: expected a non-empty list of layers from init_mlp, given {_checks.describe(params)}")
     for index, layer in enumerate(params):
         if not isinstance(layer, dict) or set(layer) != {"kernel", "bias"}:
-            raise ValueError(f"params[{index}]: expected a dict with 'kernel' and 'bias', given {_checks.describe(layer)}")
+            raise ValueError(
+                f"params[{index}]: expected a dict with 'kernel' and 'bias', given {_checks.describe(layer)}"
+            )
         if getattr(layer["kernel"], "ndim", None) != 2:
             raise ValueError(
-                f"params[{index}]['kernel']: expected shape (fan_in, fan_out), given {_checks.describe(layer['kernel'])}"
+                f"params[{index}]['kernel']: expected shape (fan_in, fan_out), "
+                f"given {_checks.describe(layer['kernel'])}"
             )
     if not _checks.is_array(x):
         raise TypeError(f"inputs: expected an array (*batch, d_in), given {_checks.describe(x)}")
     width = params[0]["kernel"].shape[0]
     if x.ndim < 1 or x.shape[-1] != width:
-        raise ValueError(f"inputs: expected shape (*batch, {width}) for params[0]['kernel'], given {_checks.describe(x)}")
+        raise ValueError(
+            f"inputs: expected shape (*batch, {width}) for params[0]['kernel'], given {_checks.describe(x)}"
+        )
     for index in range(1, len(params)):
         want, got = params[index - 1]["kernel"].shape[1], params[index]["kernel"].shape[0]
         if want != got:

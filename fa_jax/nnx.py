@@ -56,7 +56,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -66,8 +67,28 @@ import fa_jax
 from fa_jax import _checks, _flax
 from fa_jax.rules import Rule, get_rule
 
-__all__ = ["Feedback", "convert", "call", "split", "value_and_grad", "feedback_of", "update_feedback",
-           "optimizer_update", "rule_of"]
+if TYPE_CHECKING:  # the attributes convert() sets on modules, for the type checker only
+
+    class _Converted(nnx.Module):
+        fa_feedback: Feedback
+        fa_rule: Rule
+        fa_placement: tuple[Any, tuple[str, ...]]  # (taps, the marked module paths)
+
+    class _Tapped(nnx.Module):
+        fa_tap: str
+
+
+__all__ = [
+    "Feedback",
+    "convert",
+    "call",
+    "split",
+    "value_and_grad",
+    "feedback_of",
+    "update_feedback",
+    "optimizer_update",
+    "rule_of",
+]
 
 
 class Feedback(nnx.Variable):
@@ -144,8 +165,9 @@ def _tapped_class(base: type) -> type:
                 stack[-1].append(self.fa_tap)
             return outputs
 
-        _TAPPED[base] = type(f"Tapped{base.__name__}", (base,), {"__call__": __call__, "__module__": __name__,
-                                                                 "_fa_base": base})
+        _TAPPED[base] = type(
+            f"Tapped{base.__name__}", (base,), {"__call__": __call__, "__module__": __name__, "_fa_base": base}
+        )
     return _TAPPED[base]
 
 
@@ -175,7 +197,7 @@ def _tap_modules(model: nnx.Module, taps: Any, blocks: Any, attention: tuple) ->
                     f"convert: taps='micro': block {block_path!r} holds no attention module of type "
                     f"{[a.__name__ for a in attention]}; pass attention= or use taps='macro'"
                 )
-            sites += inner + [(block_path, block)]
+            sites += [*inner, (block_path, block)]
         return sites
     missing = [t for t in taps if t not in known]
     if missing:
@@ -216,20 +238,22 @@ def _root_class(base: type) -> type:
         def __call__(self, *args, **kwargs):
             return _converted_call(self, base, args, kwargs)
 
-        _ROOTS[base] = type(f"Converted{base.__name__}", (base,), {"__call__": __call__, "__module__": __name__,
-                                                                   "_fa_base": base})
+        _ROOTS[base] = type(
+            f"Converted{base.__name__}", (base,), {"__call__": __call__, "__module__": __name__, "_fa_base": base}
+        )
     return _ROOTS[base]
 
 
-def _converted_call(model: nnx.Module, base: type, args: tuple, kwargs: dict) -> Any:
+def _converted_call(model: _Converted, base: type, args: tuple, kwargs: dict) -> Any:
     rule, placement = model.fa_rule, model.fa_placement
     context = _call_inputs()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = split(model)
     arg_graphdef, arg_state = nnx.split((args, kwargs))
     fn = _program(base, graphdef, arg_graphdef, placement[1], placement[0])
     run = fa_jax.forward(fn, rule, model_has_aux=True)
-    outputs, (state, arg_state) = run(params, model.fa_feedback.get_value(), (arg_state, rest),
-                                      step=context.step, targets=context.targets)
+    outputs, (state, arg_state) = run(
+        params, model.fa_feedback.get_value(), (arg_state, rest), step=context.step, targets=context.targets
+    )
     nnx.update(model, state)
     nnx.update((args, kwargs), arg_state)
     return outputs
@@ -280,31 +304,34 @@ def convert(
             "to read its program; given none"
         )
     rule = _flax.placed_rule(rule, taps, "convert")
-    retyped: list[tuple[nnx.Module, type]] = []
-    expected: tuple = ()
+    retyped: list[tuple[_Tapped, type]] = []
+    expected: tuple[str, ...] = ()
     if rule.cuts and _flax.marks_modules(taps):
         for path, module in _tap_modules(model, taps, blocks, attention):
-            retyped.append((module, type(module)))
-            module.fa_tap = path
+            tapped = cast("_Tapped", module)
+            retyped.append((tapped, type(module)))
+            tapped.fa_tap = path
             module.__class__ = _tapped_class(type(module))
         expected = tuple(m.fa_tap for m, _ in retyped)
     base = type(model)
     try:
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        graphdef, params, rest = split(model)
         arg_graphdef, arg_state = nnx.split(((inputs,), call_kwargs))
         fn = _program(base, graphdef, arg_graphdef, expected, taps)
-        feedback = fa_jax.init_feedback(rule, params, key=key, model=fn, inputs=(arg_state, rest), exact=exact,
-                                        model_has_aux=True)
+        feedback = fa_jax.init_feedback(
+            rule, params, key=key, model=fn, inputs=(arg_state, rest), exact=exact, model_has_aux=True
+        )
     except Exception:
         for module, cls in retyped:
             module.__class__ = cls
             del module.fa_tap
         raise
-    model.fa_feedback = Feedback(feedback)
-    model.fa_rule = rule
-    model.fa_placement = (taps, expected)
-    model.__class__ = _root_class(base)
-    return model
+    converted = cast("_Converted", model)
+    converted.fa_feedback = Feedback(feedback)
+    converted.fa_rule = rule
+    converted.fa_placement = (taps, expected)
+    converted.__class__ = _root_class(base)
+    return converted
 
 
 def rule_of(model: nnx.Module) -> Rule:
@@ -321,8 +348,13 @@ def feedback_of(model: nnx.Module) -> nnx.State:
 
 
 def split(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State]:
-    """``(graphdef, params, state)`` = ``nnx.split(model, nnx.Param, ...)``; ``state`` holds the feedback and every other non-Param."""
-    return nnx.split(model, nnx.Param, ...)
+    """``(graphdef, params, state)`` = ``nnx.split(model, nnx.Param, ...)``.
+
+    ``state`` holds the feedback and every other non-Param.
+    """
+    graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
+    (state,) = rest  # the one filter after nnx.Param, `...`, gives one state
+    return graphdef, params, state
 
 
 def value_and_grad(graphdef: Any, loss: Callable, *, has_aux: bool = False, **call_kwargs: Any) -> Callable:
@@ -381,8 +413,10 @@ def update_feedback(rule: Rule | str, state: nnx.State, updates: Any, params: An
         none = fa_jax.Feedback()
         if fa_jax.update_feedback(rule, none, _pure(updates), _pure(params)) is none:
             return state  # an unconverted model (BP): the rule has no feedback to change
-        raise ValueError("state: expected the non-Param state of a converted model (from fa_jax.nnx.split), "
-                         "given one without its fa_feedback")
+        raise ValueError(
+            "state: expected the non-Param state of a converted model (from fa_jax.nnx.split), "
+            "given one without its fa_feedback"
+        )
     before = found[0][1].get_value()
     after = fa_jax.update_feedback(rule, before, _pure(updates), _pure(params))
     if after is before:  # fixed feedback
@@ -403,7 +437,8 @@ def optimizer_update(optimizer: nnx.Optimizer, model: nnx.Module, grads: Any) ->
     before = _pure(nnx.state(model, nnx.Param))  # arrays, kept while optimizer.update replaces the values
     optimizer.update(model, grads)
     updates = jax.tree.map(jnp.subtract, _pure(nnx.state(model, nnx.Param)), before)
-    feedback = model.fa_feedback.get_value()
-    new = fa_jax.update_feedback(model.fa_rule, feedback, updates, before)
+    converted = cast("_Converted", model)
+    feedback = converted.fa_feedback.get_value()
+    new = fa_jax.update_feedback(converted.fa_rule, feedback, updates, before)
     if new is not feedback:
-        model.fa_feedback.set_value(new)
+        converted.fa_feedback.set_value(new)

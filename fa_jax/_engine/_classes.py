@@ -161,9 +161,27 @@ def axis_origin(view: View, ndim: int) -> list[tuple[Base, int] | None]:
         return [None] * ndim
     inner_ndim = len(view.shape_in)
     src = axis_origin(inner, inner_ndim)
-    if name in ("convert_element_type", "copy", "copy_p", "reduce_precision", "neg", "mul", "div", "slice",
-                "dynamic_slice", "sharding_constraint", "mesh_cast", "reshard", "device_put", "rev", "pad",
-                "add", "sub", "add_any", "select_n"):
+    if name in (
+        "convert_element_type",
+        "copy",
+        "copy_p",
+        "reduce_precision",
+        "neg",
+        "mul",
+        "div",
+        "slice",
+        "dynamic_slice",
+        "sharding_constraint",
+        "mesh_cast",
+        "reshard",
+        "device_put",
+        "rev",
+        "pad",
+        "add",
+        "sub",
+        "add_any",
+        "select_n",
+    ):
         return src if len(src) == ndim else [None] * ndim
     if name == "transpose":
         return [src[p] for p in params["permutation"]]
@@ -187,8 +205,9 @@ def axis_origin(view: View, ndim: int) -> list[tuple[Base, int] | None]:
 
 def _reshape_origin(src, shape_in, new_sizes):
     """A reshape that only inserts or removes size-1 axes keeps the other axes' origins."""
-    kept = [(n, s) for n, s in zip(shape_in, src) if n != 1]
-    out, it = [], iter(kept)
+    kept = [(n, s) for n, s in zip(shape_in, src, strict=True) if n != 1]
+    out: list[Any] = []
+    it = iter(kept)
     for n in new_sizes:
         if n == 1:
             out.append(None)

@@ -32,7 +32,7 @@ def like(value: jax.Array, aval: Any) -> jax.Array:
     """``value`` laid out as ``aval`` under an explicit-sharding mesh (a cotangent must keep its primal's type)."""
     sharding = getattr(aval, "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types):
+    if sharding is None or mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in tuple(mesh.axis_types):
         return value
     if jax.typeof(value).sharding.spec == sharding.spec:
         return value
@@ -81,8 +81,16 @@ class Backward(NamedTuple):
     specs: tuple[WeightSpec, ...]  # each base's spec at its slicing
 
 
-def feedback_product(product: Product, backward: Backward, x: jax.Array, w: jax.Array,
-                     leaves: tuple, weights: tuple, consts: tuple, step: Any) -> jax.Array:
+def feedback_product(
+    product: Product,
+    backward: Backward,
+    x: jax.Array,
+    w: jax.Array,
+    leaves: tuple,
+    weights: tuple,
+    consts: tuple,
+    step: Any,
+) -> jax.Array:
     """``product(x, w)`` whose ``dx`` uses the rule's matrix in the place of ``w``.
 
     Args:
@@ -107,18 +115,24 @@ def feedback_product(product: Product, backward: Backward, x: jax.Array, w: jax.
         dx = None
         if len(backward.bases) == 1 and isinstance(backward.view, _classes.Leaf) and backward.bases[0].given < 0:
             dx = rule.input_gradient(
-                g, weight=weights[0] if rule.reads_weight else w_type, feedback=leaves[0],
-                spec=backward.specs[0], step=step, product=product if product.is_dense(x, w_type) else None,
+                g,
+                weight=weights[0] if rule.reads_weight else w_type,
+                feedback=leaves[0],
+                spec=backward.specs[0],
+                step=step,
+                product=product if product.is_dense(x, w_type) else None,
             )
         if dx is None:
             matrices = {}
-            for base, spec, leaf, weight in zip(backward.bases, backward.specs, leaves, weights):
+            for base, spec, leaf, weight in zip(backward.bases, backward.specs, leaves, weights, strict=True):
                 if base.given >= 0:  # materialized in the forward: the leaf is the matrix
                     matrices[base] = leaf
                 else:
                     matrix = rule.backward_matrix(
                         weight if rule.reads_weight else jax.ShapeDtypeStruct(spec.shape, spec.dtype),
-                        leaf, spec=spec, step=step,
+                        leaf,
+                        spec=spec,
+                        step=step,
                     )
                     if tuple(matrix.shape) != tuple(spec.shape):
                         raise ValueError(

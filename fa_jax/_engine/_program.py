@@ -12,7 +12,8 @@ the head that feeds the taps.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -100,8 +101,22 @@ def analyse(model: Callable, params: Any, inputs: Any, *, exact: Any = (), model
     analysis.run(closed.jaxpr, [_walk.Val(c, Cls.CONST) for c in closed.consts], args, ())
     specs = _weight_specs(analysis, paths, avals)
     sites = {"marked": _explicit_sites(analysis), "layer": _layer_sites(analysis, paths)}
-    return Program(closed, paths, avals, marked, out_tree, out_flat, specs, analysis.uses, sites,
-                   analysis.carry_classes, analysis.out_classes, len(leaves), model_has_aux, analysis.refusals)
+    return Program(
+        closed,
+        paths,
+        avals,
+        marked,
+        out_tree,
+        out_flat,
+        specs,
+        analysis.uses,
+        sites,
+        analysis.carry_classes,
+        analysis.out_classes,
+        len(leaves),
+        model_has_aux,
+        analysis.refusals,
+    )
 
 
 def refused(program: Program, rule: Any) -> list[tuple[frozenset, str, str]]:
@@ -156,12 +171,18 @@ def _weight_specs(analysis: _walk.Analysis, paths: list[str], avals: list[Any]) 
             if axes is not None:
                 per_layer = len(aval.shape) - base.depth
                 roles = ("stack",) * base.depth + tuple(axes.get(k, "stack") for k in range(per_layer))
-            specs[base.param] = WeightSpec(paths[base.param], tuple(aval.shape), aval.dtype, roles, 0, record.product.kind)
+            specs[base.param] = WeightSpec(
+                paths[base.param], tuple(aval.shape), aval.dtype, roles, 0, record.product.kind
+            )
     return {i: s._replace(depth=depth[i]) for i, s in specs.items()}
 
 
 def _stack(analysis: _walk.Analysis, site: Any) -> tuple[int, ...]:
-    return tuple(analysis.scan_lengths[site.ctx[:k]] for k in range(1, len(site.ctx) + 1) if site.ctx[:k] in analysis.scan_lengths)
+    return tuple(
+        analysis.scan_lengths[site.ctx[:k]]
+        for k in range(1, len(site.ctx) + 1)
+        if site.ctx[:k] in analysis.scan_lengths
+    )
 
 
 def _explicit_sites(analysis: _walk.Analysis) -> dict:
@@ -170,7 +191,9 @@ def _explicit_sites(analysis: _walk.Analysis) -> dict:
     for index, (site, name) in enumerate(analysis.explicit):
         name = f"tap_{index}" if name is None else name
         if name in names:
-            raise ValueError(f"tap name {name!r} is used twice; each tap needs its own feedback, so names must be unique")
+            raise ValueError(
+                f"tap name {name!r} is used twice; each tap needs its own feedback, so names must be unique"
+            )
         names.add(name)
         sites[site] = (name, analysis.site_avals[site], _stack(analysis, site))
     return sites
@@ -197,7 +220,9 @@ def _layer_sites(analysis: _walk.Analysis, paths: list[str]) -> dict:
 
 def tap_layout(program: Program, placement: str, batch_dims: int) -> TapLayout:
     """The taps a rule with ``placement`` cuts, as specs after ``batch_dims`` leading batch dims."""
-    taps = tuple(TapSpec(name, tuple(aval.shape[batch_dims:]), stack) for _, name, aval, stack in program.taps(placement))
+    taps = tuple(
+        TapSpec(name, tuple(aval.shape[batch_dims:]), stack) for _, name, aval, stack in program.taps(placement)
+    )
     return TapLayout(taps, OutputSpec(tuple(single_output(program).shape[batch_dims:])), batch_dims)
 
 
@@ -210,15 +235,25 @@ def single_output(program: Program) -> Any:
     return program.outs[0]
 
 
-def find_batch_dims(model: Callable, params: Any, inputs: Any, program: Program, placement: str, *, exact: Any,
-                    asked: int | None, mix: bool) -> int:
+def find_batch_dims(
+    model: Callable,
+    params: Any,
+    inputs: Any,
+    program: Program,
+    placement: str,
+    *,
+    exact: Any,
+    asked: int | None,
+    mix: bool,
+) -> int:
     """The leading dims the output and every tap share as batch (or sequence) axes.
 
     Output axis ``i`` (of size ``n``, the same in every tap) is a batch axis when the
     model, traced again with its input axes of size ``n`` resized (doubled, else
     shortened by one; all of them, as a symbolic dimension would be, else all but one,
-    else one at a time), changes axis ``i`` of the output and of every tap together. A leading shape that only coincides (a batch of 10 and
-    10 classes) does not grow and does not count. When no input axis of that size can
+    else one at a time), changes axis ``i`` of the output and of every tap together. A
+    leading shape that only coincides (a batch of 10 and 10 classes) does not grow and
+    does not count. When no input axis of that size can
     be resized (a fixed positional table), the answer is unknown: ``asked`` (the
     rule's ``batch_dims``) must then say it, and an explicit ``asked`` is checked
     against what was found.
@@ -261,17 +296,23 @@ def _is_batch_axis(model, params, inputs, placement, exact, model_has_aux, base,
     """Does output axis ``axis`` grow with an input axis of its size, with every tap? ``None``: unknown."""
     size = base["output"][axis]
     leaves, treedef = jax.tree_util.tree_flatten(inputs)
-    candidates = [(i, a) for i, leaf in enumerate(leaves) for a, n in enumerate(getattr(leaf, "shape", ())) if n == size]
+    candidates = [
+        (i, a) for i, leaf in enumerate(leaves) for a, n in enumerate(getattr(leaf, "shape", ())) if n == size
+    ]
     if not candidates:
         return False
 
     def resized(chosen, new_size):
         structs = [
-            jax.ShapeDtypeStruct(tuple(new_size if (i, a) in chosen else n for a, n in enumerate(leaf.shape)), leaf.dtype)
+            jax.ShapeDtypeStruct(
+                tuple(new_size if (i, a) in chosen else n for a, n in enumerate(leaf.shape)), leaf.dtype
+            )
             for i, leaf in enumerate(leaves)
         ]
         try:
-            program = analyse(model, params, treedef.unflatten(structs), exact=exact, model_has_aux=model_has_aux)
+            program = analyse(
+                model, params, jax.tree_util.tree_unflatten(treedef, structs), exact=exact, model_has_aux=model_has_aux
+            )
             return _shapes(program, placement)
         except Exception:  # the model cannot run at that size along these axes
             return None
@@ -284,8 +325,10 @@ def _is_batch_axis(model, params, inputs, placement, exact, model_has_aux, base,
         other = cache[chosen]
         if other is None:
             return None
-        return all(name in other and len(other[name]) > axis and other[name][axis] != shape[axis]
-                   for name, shape in base.items())
+        return all(
+            name in other and len(other[name]) > axis and other[name][axis] != shape[axis]
+            for name, shape in base.items()
+        )
 
     joint = grows(candidates)
     if joint is not None:
@@ -315,8 +358,18 @@ def _no_taps(placement: str) -> str:
 # --------------------------------------------------------------------------- running it
 
 
-def run(program: Program, rule: Any, params: Any, feedback: Any, inputs: Any, *, step: Any, targets: Any,
-        probes: Sequence[jax.Array] | None = None, placement: str | None = None) -> Any:
+def run(
+    program: Program,
+    rule: Any,
+    params: Any,
+    feedback: Any,
+    inputs: Any,
+    *,
+    step: Any,
+    targets: Any,
+    probes: Sequence[jax.Array] | None = None,
+    placement: str | None = None,
+) -> Any:
     """The model's outputs, differentiable under ``rule``: feedback products, cut taps and the head.
 
     ``probes``: one array per tap of ``program.taps(placement or rule.taps)``, shaped
@@ -326,7 +379,7 @@ def run(program: Program, rule: Any, params: Any, feedback: Any, inputs: Any, *,
     flat_params = jax.tree_util.tree_leaves(params)
     leaves, weights = {}, {}
     weight_leaves = feedback.weight_leaves(program.paths) if feedback is not None else [None] * len(flat_params)
-    for i, (p, leaf) in enumerate(zip(flat_params, weight_leaves)):
+    for i, (p, leaf) in enumerate(zip(flat_params, weight_leaves, strict=True)):
         if leaf is not None:
             leaves[Base(i)] = leaf
         weights[Base(i)] = p
@@ -335,13 +388,18 @@ def run(program: Program, rule: Any, params: Any, feedback: Any, inputs: Any, *,
     sites = {site: k for k, (site, *_) in enumerate(taps)}
     probed = {}
     if probes is not None:
-        probed = {site: p for (site, *_), p in zip(program.taps(placement or rule.taps), probes)}
+        probed = {site: p for (site, *_), p in zip(program.taps(placement or rule.taps), probes, strict=True)}
     evaluation = _walk.Evaluation(program, rule, leaves, weights, step, sites, probed)
     args = _args(flat_params, (), symbolic=False, inputs=jax.tree_util.tree_leaves(inputs))
     outs = evaluation.run(program.closed.jaxpr, [_walk.Val(c, Cls.CONST) for c in program.closed.consts], args, ())
     outputs = jax.tree_util.tree_unflatten(program.out_tree, [o.value for o in outs])
     if not rule.cuts:
         return outputs
+    if feedback is None or layout is None:
+        raise ValueError(
+            f"feedback: rule {rule.name!r} cuts the model at taps; expected a Feedback with their layout from "
+            "init_feedback, given none"
+        )
     values = [evaluation.taps[site] for site, *_ in taps]
     fed = outputs[0] if program.model_has_aux else outputs
     fed = _taps.head(fed, values, rule=rule, feedback=feedback.taps, layout=layout, targets=targets, step=step)

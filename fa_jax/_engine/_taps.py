@@ -14,7 +14,8 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,8 +71,9 @@ class TapLayout(NamedTuple):
     batch_dims: int
 
 
-def check_batch_dims(output: Any, taps: Sequence[tuple[str, Any, tuple[int, ...]]], asked: int, found: int,
-                     *, mix: bool = False) -> int:
+def check_batch_dims(
+    output: Any, taps: Sequence[tuple[str, Any, tuple[int, ...]]], asked: int, found: int, *, mix: bool = False
+) -> int:
     """Check a rule's explicit ``batch_dims`` against the taps and against the ``found`` ones.
 
     A value the shapes do not share raises, naming the tap; a value smaller than
@@ -81,7 +83,7 @@ def check_batch_dims(output: Any, taps: Sequence[tuple[str, Any, tuple[int, ...]
     out = tuple(output.shape)
     if asked > len(out):
         raise ValueError(f"batch_dims={asked}: the model output {out} has only {len(out)} dims")
-    for name, aval, stack in taps:
+    for name, aval, _stack in taps:
         shape = tuple(aval.shape)
         if shape[:asked] != out[:asked]:
             raise ValueError(
@@ -110,8 +112,16 @@ def to_tap(block: jax.Array, spec: TapSpec, value: Any) -> jax.Array:
     return per_layer.reshape(*spec.stack, *batch, *spec.shape).astype(value.dtype)
 
 
-def head(outputs: jax.Array, tap_values: list[jax.Array], *, rule: Any, feedback: Any, layout: TapLayout,
-         targets: Any, step: Any) -> jax.Array:
+def head(
+    outputs: jax.Array,
+    tap_values: list[jax.Array],
+    *,
+    rule: Any,
+    feedback: Any,
+    layout: TapLayout,
+    targets: Any,
+    step: Any,
+) -> jax.Array:
     """Identity on ``outputs``; its backward sends ``rule.tap_signals(...)`` to each tap value.
 
     The output's own cotangent ``e = ∂L/∂y`` passes through, so the last block
@@ -133,8 +143,8 @@ def head(outputs: jax.Array, tap_values: list[jax.Array], *, rule: Any, feedback
         signals = list(signals)
         if len(signals) != len(structs):
             raise ValueError(f"rule {rule.name!r}: tap_signals gave {len(signals)} signals for {len(structs)} taps")
-        cotangents = []
-        for spec, struct, signal in zip(layout.taps, structs, signals):
+        cotangents: list[jax.Array | None] = []
+        for spec, struct, signal in zip(layout.taps, structs, signals, strict=True):
             if signal is None:
                 cotangents.append(None)
                 continue

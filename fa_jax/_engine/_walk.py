@@ -34,9 +34,28 @@ from fa_jax._engine._classes import Base, Cls, Const, Op, depends_on_inputs, is_
 
 # Linear in a WEIGHT operand, the other operands constant: the result is still a WEIGHT (a view).
 _UNARY_LINEAR = {
-    "convert_element_type", "copy", "copy_p", "reshape", "transpose", "broadcast_in_dim", "squeeze",
-    "expand_dims", "slice", "dynamic_slice", "gather", "rev", "pad", "neg", "reduce_sum", "sharding_constraint",
-    "reduce_precision", "tile", "mesh_cast", "reshard", "device_put", "split",
+    "convert_element_type",
+    "copy",
+    "copy_p",
+    "reshape",
+    "transpose",
+    "broadcast_in_dim",
+    "squeeze",
+    "expand_dims",
+    "slice",
+    "dynamic_slice",
+    "gather",
+    "rev",
+    "pad",
+    "neg",
+    "reduce_sum",
+    "sharding_constraint",
+    "reduce_precision",
+    "tile",
+    "mesh_cast",
+    "reshard",
+    "device_put",
+    "split",
 }
 _ALL_LINEAR = {"add", "sub", "add_any", "concatenate", "select_n", "dynamic_update_slice"}
 _SCALED = {"mul", "div"}  # a WEIGHT times (or over) a constant
@@ -44,13 +63,43 @@ _PRODUCTS = {"dot_general", "conv_general_dilated"}
 # Where an activation may meet a parameter with an exact gradient: elementwise (a bias, a
 # normalisation scale), a lookup (an embedding table), placement (a learned token concatenated in).
 _ELEMENTWISE = {
-    "add", "sub", "add_any", "mul", "div", "max", "min", "pow", "atan2", "rem", "nextafter", "clamp",
-    "select_n", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "xor", "complex",
+    "add",
+    "sub",
+    "add_any",
+    "mul",
+    "div",
+    "max",
+    "min",
+    "pow",
+    "atan2",
+    "rem",
+    "nextafter",
+    "clamp",
+    "select_n",
+    "eq",
+    "ne",
+    "lt",
+    "le",
+    "gt",
+    "ge",
+    "and",
+    "or",
+    "xor",
+    "complex",
 }
 _MULTIPLICATIVE = {"mul", "div", "pow", "atan2"}
 _LOOKUP = {"gather", "dynamic_slice"}
-_PLACEMENT = {"concatenate", "pad", "dynamic_update_slice", "scatter", "scatter_add", "scatter_sub", "scatter_max",
-              "scatter_min", "sort"}
+_PLACEMENT = {
+    "concatenate",
+    "pad",
+    "dynamic_update_slice",
+    "scatter",
+    "scatter_add",
+    "scatter_sub",
+    "scatter_max",
+    "scatter_min",
+    "sort",
+}
 _CALLS = {"jit", "pjit", "closed_call", "core_call"}
 _CUSTOM = {"custom_jvp_call", "custom_vjp_call"}
 
@@ -103,15 +152,15 @@ class Walker:
             if not isinstance(var, jcore.DropVar):
                 env[var] = self.at_site(Site(ctx, var), val)
 
-        for var, val in zip(jaxpr.constvars, consts):
+        for var, val in zip(jaxpr.constvars, consts, strict=True):
             write(var, val)
-        for var, val in zip(jaxpr.invars, args):
+        for var, val in zip(jaxpr.invars, args, strict=True):
             write(var, val)
         for index, eqn in enumerate(jaxpr.eqns):
             invals = [read(v) for v in eqn.invars]
             with eqn.ctx.manager:
                 outs = self.eqn(eqn, invals, ctx, index)
-            for var, val in zip(eqn.outvars, outs):
+            for var, val in zip(eqn.outvars, outs, strict=True):
                 write(var, val)
         return [read(v) for v in jaxpr.outvars]
 
@@ -119,7 +168,7 @@ class Walker:
         return val
 
     def eqn(self, eqn, invals: list[Val], ctx: tuple, index: int) -> list[Val]:
-        name, here = eqn.primitive.name, ctx + (index,)
+        name, here = eqn.primitive.name, (*ctx, index)
         if name == _taps.tap_p.name:
             return [self.explicit_tap(Site(ctx, eqn.outvars[0]), eqn.params["name"], invals[0])]
         if name in _CALLS:
@@ -229,9 +278,12 @@ class Walker:
             if derived.bases <= self.exact:
                 self.use(derived.bases, "exact (marked)")
             else:
-                self.refuse(derived.bases, eqn.primitive.name,
-                            f"is transformed non-linearly (by {how}) before this product, so no feedback matrix can "
-                            "stand for it")
+                self.refuse(
+                    derived.bases,
+                    eqn.primitive.name,
+                    f"is transformed non-linearly (by {how}) before this product, so no feedback matrix can "
+                    "stand for it",
+                )
                 self.use(derived.bases, f"Wᵀ (transformed by {how} before a product)")
             return Val(self.bind(eqn, invals)[0], Cls.ACT)
         return self.first_order(eqn, invals)[0]
@@ -263,8 +315,11 @@ class Walker:
         """A higher-order primitive the engine does not rebuild: run as it is, unless parameters go in."""
         params_in = [v for v in invals if is_param_only(v.cls)]
         if params_in:
-            self.refuse(frozenset().union(*(v.bases for v in params_in)), eqn.primitive.name,
-                        "enters a higher-order primitive that fa_jax cannot rebuild")
+            self.refuse(
+                frozenset().union(*(v.bases for v in params_in)),
+                eqn.primitive.name,
+                "enters a higher-order primitive that fa_jax cannot rebuild",
+            )
         return [Val(v, join(v_.cls for v_ in invals)) for v in self.bind(eqn, invals)]
 
 
@@ -338,9 +393,12 @@ class Analysis(Walker):
                 layer_shapes[base.param] = self.avals[base.param].shape[base.depth :]
         matrix = [p for p, shape in layer_shapes.items() if p not in self.exact and sum(n > 1 for n in shape) >= 2]
         if matrix:
-            self.refuse(frozenset(matrix), name,
-                        "multiplies an activation elementwise over two or more axes (a product written by hand, "
-                        "x[..., None] * W summed, hides its Wᵀ from the rule)")
+            self.refuse(
+                frozenset(matrix),
+                name,
+                "multiplies an activation elementwise over two or more axes (a product written by hand, "
+                "x[..., None] * W summed, hides its Wᵀ from the rule)",
+            )
 
     def weight_product(self, product, x, w, site, out_aval):
         bases = tuple(_classes.view_bases(w.view))
@@ -353,7 +411,9 @@ class Analysis(Walker):
         if self.recording:
             roles = _roles(product, w, bases)
             self.records.append(ProductRecord(product, bases, roles, site, x.cls, all(marked)))
-            self.use(frozenset(b.param for b in bases), "exact (marked)" if all(marked) else f"feedback ({product.kind})")
+            self.use(
+                frozenset(b.param for b in bases), "exact (marked)" if all(marked) else f"feedback ({product.kind})"
+            )
         return out_aval
 
     def explicit_tap(self, site, name, val):
@@ -364,10 +424,10 @@ class Analysis(Walker):
 
     # -- higher-order primitives, symbolically ----------------------------------------------------
 
-    def quietly(self, fn):
+    def quietly(self, fn, *args):
         recording, self.recording = self.recording, False
         try:
-            return fn()
+            return fn(*args)
         finally:
             self.recording = recording
 
@@ -379,20 +439,25 @@ class Analysis(Walker):
         body_xs = [self.slice_in(v, ctx) for v in xs]
         classes = [c if c != Cls.WEIGHT else Cls.DERIVED for c in (v.cls for v in carry)]
         for _ in range(len(Cls) + 1):  # classes only rise: a fixed point comes within |Cls| rounds
-            carry_in = [Val(var.aval, c, v.bases) for var, c, v in zip(body.jaxpr.invars[nc:], classes, carry)]
-            outs = self.quietly(lambda: self.run(body.jaxpr, self.consts(body), consts + carry_in + body_xs, ctx))
-            new = [join([a, b.cls]) if a != b.cls else a for a, b in zip(classes, outs[:nk])]
+            carry_in = [
+                Val(var.aval, c, v.bases)
+                for var, c, v in zip(body.jaxpr.invars[nc : nc + nk], classes, carry, strict=True)
+            ]
+            outs = self.quietly(self.run, body.jaxpr, self.consts(body), consts + carry_in + body_xs, ctx)
+            new = [join([a, b.cls]) if a != b.cls else a for a, b in zip(classes, outs[:nk], strict=True)]
             new = [c if c != Cls.WEIGHT else Cls.DERIVED for c in new]
             if new == classes:
                 break
             classes = new
         self.carry_classes[ctx] = classes
         self.scan_lengths[ctx] = p["length"]
-        carry_in = [Val(var.aval, c, v.bases) for var, c, v in zip(body.jaxpr.invars[nc:], classes, carry)]
+        carry_in = [
+            Val(var.aval, c, v.bases) for var, c, v in zip(body.jaxpr.invars[nc : nc + nk], classes, carry, strict=True)
+        ]
         outs = self.run(body.jaxpr, self.consts(body), consts + carry_in + body_xs, ctx)
         out_classes = classes + [o.cls if o.cls != Cls.WEIGHT else Cls.DERIVED for o in outs[nk:]]
         self.out_classes[ctx] = out_classes
-        return [Val(var.aval, c) for var, c in zip(eqn.outvars, out_classes)]
+        return [Val(var.aval, c) for var, c in zip(eqn.outvars, out_classes, strict=True)]
 
     def slice_in(self, val: Val, ctx: tuple) -> Val:
         """An ``xs`` operand as the scan body sees it: one slice; a stacked weight becomes one layer per step."""
@@ -401,8 +466,12 @@ class Analysis(Walker):
         if val.cls != Cls.WEIGHT:
             return Val(sliced, val.cls, val.bases, why=val.why)
         if not _classes.is_leaf_chain(val.view):
-            self.refuse(val.bases, "scan", "enters lax.scan through other operations than a dtype cast, so its "
-                        "layers cannot keep their own feedback; scan over the stacked parameter itself")
+            self.refuse(
+                val.bases,
+                "scan",
+                "enters lax.scan through other operations than a dtype cast, so its "
+                "layers cannot keep their own feedback; scan over the stacked parameter itself",
+            )
             return Val(sliced, Cls.DERIVED, val.bases, why="scan")
         (base,) = _classes.view_bases(val.view)
         inner = Base(base.param, base.depth + 1)
@@ -415,20 +484,27 @@ class Analysis(Walker):
     def _opaque_outs(self, ctx, eqn, outs):
         classes = [o.cls if o.cls != Cls.WEIGHT else Cls.DERIVED for o in outs]
         self.out_classes[ctx] = classes
-        return [Val(var.aval, c, o.bases, why=o.why or eqn.primitive.name) for var, c, o in zip(eqn.outvars, classes, outs)]
+        return [
+            Val(var.aval, c, o.bases, why=o.why or eqn.primitive.name)
+            for var, c, o in zip(eqn.outvars, classes, outs, strict=True)
+        ]
 
     def cond(self, eqn, invals, ctx):
         index, operands = invals[0], invals[1:]
         results = []
         for b, branch in enumerate(eqn.params["branches"]):
             before = len(self.explicit)
-            results.append(self.run(branch.jaxpr, self.consts(branch), operands, ctx + (b,)))
+            results.append(self.run(branch.jaxpr, self.consts(branch), operands, (*ctx, b)))
             self.no_taps_inside(before, ctx, "a lax.cond / lax.switch branch")
-        classes = [join([index.cls] + [o.cls for o in outs]) if depends_on_inputs(index.cls) else
-                   _join_branches([o.cls for o in outs]) for outs in zip(*results)]
+        classes = [
+            join([index.cls] + [o.cls for o in outs])
+            if depends_on_inputs(index.cls)
+            else _join_branches([o.cls for o in outs])
+            for outs in zip(*results, strict=True)
+        ]
         self.out_classes[ctx] = classes
-        bases = [frozenset().union(*(o.bases for o in outs)) for outs in zip(*results)]
-        return [Val(var.aval, c, b, why="cond") for var, c, b in zip(eqn.outvars, classes, bases)]
+        bases = [frozenset().union(*(o.bases for o in outs)) for outs in zip(*results, strict=True)]
+        return [Val(var.aval, c, b, why="cond") for var, c, b in zip(eqn.outvars, classes, bases, strict=True)]
 
     def while_loop(self, eqn, invals, ctx):
         p = eqn.params
@@ -437,19 +513,19 @@ class Analysis(Walker):
         classes = [c if c != Cls.WEIGHT else Cls.DERIVED for c in (v.cls for v in carry)]
         body = p["body_jaxpr"]
         for _ in range(len(Cls) + 1):
-            carry_in = [Val(var.aval, c, v.bases) for var, c, v in zip(eqn.outvars, classes, carry)]
-            outs = self.quietly(lambda: self.run(body.jaxpr, self.consts(body), body_consts + carry_in, ctx + (1,)))
-            new = [join([a, o.cls]) if a != o.cls else a for a, o in zip(classes, outs)]
+            carry_in = [Val(var.aval, c, v.bases) for var, c, v in zip(eqn.outvars, classes, carry, strict=True)]
+            outs = self.quietly(self.run, body.jaxpr, self.consts(body), body_consts + carry_in, (*ctx, 1))
+            new = [join([a, o.cls]) if a != o.cls else a for a, o in zip(classes, outs, strict=True)]
             new = [c if c != Cls.WEIGHT else Cls.DERIVED for c in new]
             if new == classes:
                 break
             classes = new
         before = len(self.explicit)
-        carry_in = [Val(var.aval, c, v.bases) for var, c, v in zip(eqn.outvars, classes, carry)]
-        self.run(body.jaxpr, self.consts(body), body_consts + carry_in, ctx + (1,))
+        carry_in = [Val(var.aval, c, v.bases) for var, c, v in zip(eqn.outvars, classes, carry, strict=True)]
+        self.run(body.jaxpr, self.consts(body), body_consts + carry_in, (*ctx, 1))
         self.no_taps_inside(before, ctx, "a lax.while_loop / fori_loop body")
         self.out_classes[ctx] = classes
-        return [Val(var.aval, c, v.bases) for var, c, v in zip(eqn.outvars, classes, carry)]
+        return [Val(var.aval, c, v.bases) for var, c, v in zip(eqn.outvars, classes, carry, strict=True)]
 
     def custom(self, eqn, invals, ctx):
         call = eqn.params["call_jaxpr"]
@@ -459,9 +535,12 @@ class Analysis(Walker):
         inner = [r for r in self.records[records:] if not r.exact]
         if inner:
             bases = frozenset(b.param for r in inner for b in r.bases)
-            self.refuse(bases, eqn.primitive.name,
-                        "feeds a weight product inside a custom_jvp / custom_vjp function, whose own derivative "
-                        "rule fa_jax cannot replace")
+            self.refuse(
+                bases,
+                eqn.primitive.name,
+                "feeds a weight product inside a custom_jvp / custom_vjp function, whose own derivative "
+                "rule fa_jax cannot replace",
+            )
         self.no_taps_inside(before, ctx, f"a {eqn.primitive.name} function")
         return self._opaque_outs(ctx, eqn, outs)
 
@@ -472,7 +551,6 @@ class Analysis(Walker):
                 f"taps {names} are inside {where} (equation {ctx}); a tap rule cannot feed a tap from there. "
                 "Tap the value outside it"
             )
-
 
 
 def _join_branches(classes: list[Cls]) -> Cls:
@@ -497,7 +575,7 @@ def _roles(product: _product.Product, w: Val, bases: tuple) -> dict:
     origin = _classes.axis_origin(w.view, ndim)
     roles = {}
     for base in bases:
-        axes = {o[1]: role for o, role in zip(origin, operand) if o is not None and o[0] == base}
+        axes = {o[1]: role for o, role in zip(origin, operand, strict=True) if o is not None and o[0] == base}
         roles[base] = axes or None  # base axis -> role; axes not reached were indexed away
     return roles
 
@@ -510,13 +588,23 @@ class Evaluation(Walker):
 
     symbolic = False
 
-    def __init__(self, program: Any, rule: Any, leaves: dict, weights: dict, step: Any, tap_sites: dict,
-                 probes: dict | None = None):
+    def __init__(
+        self,
+        program: Any,
+        rule: Any,
+        leaves: dict,
+        weights: dict,
+        step: Any,
+        tap_sites: dict,
+        probes: dict | None = None,
+    ):
         super().__init__(program.paths, program.exact)
         self.program, self.rule, self.step = program, rule, step
         self.leaves, self.weights = leaves, weights  # Base -> feedback leaf, Base -> W
         self.tap_sites = tap_sites  # Site -> tap index (only under a cutting rule)
-        self.probes = dict(probes or {})  # Site -> an array added there, before any cut (its cotangent: the tap's signal)
+        self.probes = dict(
+            probes or {}
+        )  # Site -> an array added there, before any cut (its cotangent: the tap's signal)
         self.taps: dict[Site, Any] = {}
 
     def at_site(self, site, val):
@@ -550,7 +638,7 @@ class Evaluation(Walker):
         return [Val(v, join(v_.cls for v_ in invals)) for v in self.bind(eqn, invals)]
 
     def _classed(self, ctx, values):
-        return [Val(v, c) for v, c in zip(values, self.program.out_classes[ctx])]
+        return [Val(v, c) for v, c in zip(values, self.program.out_classes[ctx], strict=True)]
 
     def scan(self, eqn, invals, ctx):
         p = eqn.params
@@ -570,12 +658,12 @@ class Evaluation(Walker):
 
         def step(carry_values, x_values):
             xs_values, extra_values, probe_values = x_values
-            self.probes.update(zip(probes, probe_values))
-            for (_, _, inner), (leaf, weight) in zip(stacked, extra_values):
+            self.probes.update(zip(probes, probe_values, strict=True))
+            for (_, _, inner), (leaf, weight) in zip(stacked, extra_values, strict=True):
                 self.leaves[inner], self.weights[inner] = leaf, weight
-            carry_in = [Val(value, c) for value, c in zip(carry_values, classes)]
+            carry_in = [Val(value, c) for value, c in zip(carry_values, classes, strict=True)]
             inner_xs = []
-            for v, value in zip(xs, xs_values):
+            for v, value in zip(xs, xs_values, strict=True):
                 if v.cls == Cls.WEIGHT:
                     (base,) = _classes.view_bases(v.view)
                     inner = Base(base.param, base.depth + 1)
@@ -590,11 +678,15 @@ class Evaluation(Walker):
             return [o.value for o in outs[:nk]], ([o.value for o in outs[nk:]], list(inner_taps.values()))
 
         carry_out, (ys, tapped) = lax.scan(
-            step, [v.value for v in carry], ([v.value for v in xs], extras, list(probes.values())),
-            length=p["length"], reverse=p["reverse"], unroll=p["unroll"],
+            step,
+            [v.value for v in carry],
+            ([v.value for v in xs], extras, list(probes.values())),
+            length=p["length"],
+            reverse=p["reverse"],
+            unroll=p["unroll"],
         )
         self.probes.update(probes)  # the stacked probes again, for what follows the scan
-        self.taps.update(zip(found, tapped))
+        self.taps.update(zip(found, tapped, strict=True))
         return self._classed(ctx, list(carry_out) + list(ys))
 
     def remat(self, eqn, invals, ctx):
@@ -602,7 +694,7 @@ class Evaluation(Walker):
         found: list[Site] = []
 
         def fn(*values):
-            vals = [dataclasses.replace(v, value=value) for v, value in zip(invals, values)]
+            vals = [dataclasses.replace(v, value=value) for v, value in zip(invals, values, strict=True)]
             before, self.taps = self.taps, {}
             outs = self.run(p["jaxpr"], [], vals, ctx)
             inner, self.taps = self.taps, before
@@ -610,7 +702,7 @@ class Evaluation(Walker):
             return [o.value for o in outs], list(inner.values())
 
         outs, tapped = jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(*[v.value for v in invals])
-        self.taps.update(zip(found, tapped))
+        self.taps.update(zip(found, tapped, strict=True))
         return self._classed(ctx, outs)
 
     def cond(self, eqn, invals, ctx):
@@ -618,8 +710,9 @@ class Evaluation(Walker):
 
         def branch_fn(b, branch):
             def fn(*values):
-                vals = [dataclasses.replace(v, value=value) for v, value in zip(operands, values)]
-                return [o.value for o in self.run(branch.jaxpr, self.consts(branch), vals, ctx + (b,))]
+                vals = [dataclasses.replace(v, value=value) for v, value in zip(operands, values, strict=True)]
+                return [o.value for o in self.run(branch.jaxpr, self.consts(branch), vals, (*ctx, b))]
+
             return fn
 
         branches = [branch_fn(b, branch) for b, branch in enumerate(eqn.params["branches"])]
@@ -634,12 +727,13 @@ class Evaluation(Walker):
             raise ValueError(f"a probed tap lies inside a lax.while_loop (equation {ctx}); tap the value outside it")
 
         def cond_fn(values):
-            vals = [Val(value, c) for value, c in zip(values, classes)]
-            return self.run(p["cond_jaxpr"].jaxpr, self.consts(p["cond_jaxpr"]), cond_consts + vals, ctx + (0,))[0].value
+            vals = [Val(value, c) for value, c in zip(values, classes, strict=True)]
+            (out,) = self.run(p["cond_jaxpr"].jaxpr, self.consts(p["cond_jaxpr"]), cond_consts + vals, (*ctx, 0))
+            return out.value
 
         def body_fn(values):
-            vals = [Val(value, c) for value, c in zip(values, classes)]
-            outs = self.run(p["body_jaxpr"].jaxpr, self.consts(p["body_jaxpr"]), body_consts + vals, ctx + (1,))
+            vals = [Val(value, c) for value, c in zip(values, classes, strict=True)]
+            outs = self.run(p["body_jaxpr"].jaxpr, self.consts(p["body_jaxpr"]), body_consts + vals, (*ctx, 1))
             return [o.value for o in outs]
 
         return self._classed(ctx, lax.while_loop(cond_fn, body_fn, [v.value for v in carry]))

@@ -11,5 +11,18 @@ from fa_jax.rules.fa import FA
 from fa_jax.rules.kolen_pollack import KolenPollack
 from fa_jax.rules.sign import BRSF, FRSF, USF
 
-__all__ = ["RULES", "Rule", "get_rule", "register", "BP", "FA", "DFA", "Shallow", "USF", "FRSF", "BRSF",
-           "KolenPollack", "DRTP"]
+__all__ = [
+    "RULES",
+    "Rule",
+    "get_rule",
+    "register",
+    "BP",
+    "FA",
+    "DFA",
+    "Shallow",
+    "USF",
+    "FRSF",
+    "BRSF",
+    "KolenPollack",
+    "DRTP",
+]

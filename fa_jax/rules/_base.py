@@ -27,7 +27,8 @@ What a rule decides, and where:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import jax
 
@@ -50,26 +51,29 @@ class Rule:
     reads_weight: ClassVar[bool] = False
     #: Taps are cut: no error crosses them by backpropagation; :meth:`tap_signals` feeds them.
     cuts: ClassVar[bool] = False
+    # taps, batch_dims and mix_batch are not ClassVars: tap rules (DFA, DRTP, Shallow) make them
+    # dataclass fields, options set per instance.
     #: Where a cutting rule cuts: ``"auto"`` (the ``fa_jax.tap`` marks if the model has any, else
     #: ``"layer"``), ``"layer"`` (the activation entering every weight product) or ``"marked"``.
-    taps: ClassVar[str] = "auto"
+    taps: str = "auto"
     #: Leading dims shared by the output and every tap; ``None`` finds them (see ``fa_jax.plan``).
-    batch_dims: ClassVar[int | None] = None
+    batch_dims: int | None = None
     #: Allow a ``batch_dims`` smaller than the found one (a projection mixing samples or tokens).
-    mix_batch: ClassVar[bool] = False
+    mix_batch: bool = False
     #: Tap signals are computed from the output error ``e`` (DFA), so a loss linear in the
     #: outputs (whose ``e`` never changes) is reported.
     projects_error: ClassVar[bool] = False
 
     # --- weight products ----------------------------------------------------------------
 
-    def init_weight(self, spec: WeightSpec, *, key: jax.Array) -> Any:
+    def init_weight(self, spec: WeightSpec, *, key: jax.Array | None) -> Any:
         """The feedback stored for one weight: a pytree of arrays (``()`` when nothing needs
         storing), or ``None``, which keeps ``Wᵀ`` in its products.
 
         Args:
           spec: the weight, with the roles of its axes in its product.
-          key: ``layer_key(feedback key, spec.path)``.
+          key: ``layer_key(feedback key, spec.path)``; ``None`` when no key was given
+            (a rule that draws raises, naming ``key``).
         """
         del spec, key
         return None
@@ -85,7 +89,9 @@ class Rule:
         """
         raise NotImplementedError(f"rule {self.name!r} keeps Wᵀ, so it has no backward matrix")
 
-    def input_gradient(self, g: jax.Array, *, weight: Any, feedback: Any, spec: WeightSpec, step: Any, product: Any) -> jax.Array | None:
+    def input_gradient(
+        self, g: jax.Array, *, weight: Any, feedback: Any, spec: WeightSpec, step: Any, product: Any
+    ) -> jax.Array | None:
         """``dx`` computed without a whole B (e.g. drawn in tiles), or ``None`` to use :meth:`backward_matrix`."""
         del g, weight, feedback, spec, step, product
         return None
@@ -104,7 +110,13 @@ class Rule:
         return None
 
     def tap_signals(
-        self, feedback: Any, layout: TapLayout, *, error: jax.Array, outputs: jax.Array, targets: Any,
+        self,
+        feedback: Any,
+        layout: TapLayout,
+        *,
+        error: jax.Array,
+        outputs: jax.Array,
+        targets: Any,
         taps: Sequence[jax.ShapeDtypeStruct],
     ) -> list[jax.Array | None]:
         """What each tap receives in place of its backpropagated error (``None``: nothing, it stays frozen).
@@ -137,7 +149,9 @@ class Rule:
 
     def config(self) -> dict[str, Any]:
         """The rule's options by field name (what a checkpoint records as its identity)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else {}
+        return (
+            {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} if dataclasses.is_dataclass(self) else {}
+        )
 
 
 RULES: dict[str, type[Rule]] = {}

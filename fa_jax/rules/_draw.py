@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -13,7 +14,9 @@ from fa_jax._specs import WeightSpec, stack_keys
 def require_key(rule: Any, key: Any) -> None:
     """A rule that draws feedback needs one typed key; a missing or raw one would draw nothing reproducible."""
     if key is None:
-        raise TypeError(f"key: rule {rule.name!r} draws feedback; expected a typed PRNG key, jax.random.key(seed), given None")
+        raise TypeError(
+            f"key: rule {rule.name!r} draws feedback; expected a typed PRNG key, jax.random.key(seed), given None"
+        )
     _checks.check_key(key, "key")
 
 

@@ -9,7 +9,8 @@ layout, the first ``d_l`` columns of one ``(output_features, widest tap)`` matri
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,8 +81,13 @@ class Projection(Rule):
         return project(source, feedback, layout, self.init, shared_prefix=self.shared_prefix, taps=taps)
 
 
-def draw(layout: TapLayout, key: jax.Array, init: Callable, *, shared_prefix: bool, dtype: Any = jnp.float32) -> jax.Array:
-    """``[B_1 … B_L]`` of shape ``(output_features, columns)``; ``B_l`` of tap ``l`` is ``(output_features, d_l)`` per layer."""
+def draw(
+    layout: TapLayout, key: jax.Array, init: Callable, *, shared_prefix: bool, dtype: Any = jnp.float32
+) -> jax.Array:
+    """``[B_1 … B_L]`` of shape ``(output_features, columns)``.
+
+    ``B_l`` of tap ``l`` is ``(output_features, d_l)`` per layer.
+    """
     out = layout.output.size
     if shared_prefix:
         widest = max(tap.size for tap in layout.taps)
@@ -89,7 +95,11 @@ def draw(layout: TapLayout, key: jax.Array, init: Callable, *, shared_prefix: bo
     blocks = []
     for tap in layout.taps:
         keys = stack_keys(layer_key(key, tap.name), tap.stack)
-        block = map_stack(lambda k, size=tap.size: init(k, (out, size), dtype), keys)  # (*stack, out, d)
+
+        def draw(k: jax.Array, size: int = tap.size) -> jax.Array:
+            return init(k, (out, size), dtype)
+
+        block = map_stack(draw, keys)  # (*stack, out, d)
         if tap.stack:
             block = jnp.moveaxis(block.reshape(tap.layers, out, tap.size), 0, 1).reshape(out, tap.columns)
         blocks.append(block)
@@ -100,14 +110,18 @@ def matrix(feedback: Any, layout: TapLayout, init: Callable, *, shared_prefix: b
     """The stored projection, or the one regenerated from its key."""
     if _checks.is_key(feedback):
         return draw(layout, feedback, init, shared_prefix=shared_prefix, dtype=dtype)
-    want = (layout.output.size, max(t.size for t in layout.taps) if shared_prefix else sum(t.columns for t in layout.taps))
+    want = (
+        layout.output.size,
+        max(t.size for t in layout.taps) if shared_prefix else sum(t.columns for t in layout.taps),
+    )
     if tuple(feedback.shape) != want:
         raise ValueError(f"feedback: the tap projection has shape {tuple(feedback.shape)}, expected {want}")
     return feedback
 
 
-def project(source: jax.Array, feedback: Any, layout: TapLayout, init: Callable, *, shared_prefix: bool,
-            taps: Sequence[Any]) -> list[jax.Array]:
+def project(
+    source: jax.Array, feedback: Any, layout: TapLayout, init: Callable, *, shared_prefix: bool, taps: Sequence[Any]
+) -> list[jax.Array]:
     """``δ_l = s B_l`` for every tap with **one** GEMM of ``s`` and ``[B_1 … B_L]``.
 
     Args:
@@ -122,7 +136,7 @@ def project(source: jax.Array, feedback: Any, layout: TapLayout, init: Callable,
     projection = jax.lax.stop_gradient(matrix(feedback, layout, init, shared_prefix=shared_prefix, dtype=source.dtype))
     signal = flat @ projection.astype(source.dtype)  # (*batch, columns)
     signals, start = [], 0
-    for spec, value in zip(layout.taps, taps):
+    for spec, value in zip(layout.taps, taps, strict=True):
         if shared_prefix:
             block = jnp.tile(signal[..., : spec.size], (1,) * len(batch) + (spec.layers,))
         else:

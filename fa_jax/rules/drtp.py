@@ -38,7 +38,8 @@ class DRTP(Projection):
         if targets is None:
             raise ValueError(
                 "targets: rule 'drtp' sends the hidden taps a random projection of the targets (Frenkel et al. "
-                "2021); expected targets on the call (fa_jax.nnx.call(..., targets=y), apply(..., targets=y)), given none"
+                "2021); expected targets on the call (fa_jax.nnx.call(..., targets=y), "
+                "apply(..., targets=y)), given none"
             )
         targets = jnp.asarray(targets)
         if jnp.issubdtype(targets.dtype, jnp.integer) and targets.shape == outputs.shape[:-1]:

@@ -4,7 +4,8 @@ support error backpropagation for deep learning")."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax.numpy as jnp
 
@@ -57,7 +57,11 @@ class KolenPollack(Rule):
             raise ValueError(f"updates, params: expected entries for the weights {missing[:5]} of the feedback")
 
         def step(b, u, w):
-            new = b.astype(jnp.float32) + u.astype(jnp.float32) - self.decay * (b.astype(jnp.float32) - w.astype(jnp.float32))
+            new = (
+                b.astype(jnp.float32)
+                + u.astype(jnp.float32)
+                - self.decay * (b.astype(jnp.float32) - w.astype(jnp.float32))
+            )
             return new.astype(b.dtype)
 
         weights = {p: step(b, u[p], w[p]) for p, b in feedback.weights.items()}

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from fa_jax import _checks
-from fa_jax._specs import map_stack
+from fa_jax._specs import map_stack, stack_keys
 from fa_jax.rules._base import Rule, register
 from fa_jax.rules._draw import draw_or_key, materialize, require_key
-from fa_jax._specs import stack_keys
 
 # biotorch draws the magnitudes of frSF/brSF like a Xavier (Glorot) uniform kernel.
 SIGN_DEFAULT_INIT = jax.nn.initializers.glorot_uniform()
