@@ -70,6 +70,42 @@ def make_task(*, steps: int = 48, eval_every: int = 4, seeds: int = 3, optimizer
     )
 
 
+def make_split_task(*, split: str = "test", learning_rate: float = 1e-2, steps: int = 16, eval_every: int = 8,
+                    seeds: int = 2, poison_test: bool = False) -> Task:
+    """The tiny task with a validation split, for the protocol's tests.
+
+    ``split="validation"``: trains on training rows 0-39 and scores rows 40-47 (no test row in its
+    data); ``"test"``: trains on rows 0-47 and scores the 16 test rows (NaN everywhere with
+    ``poison_test``, so a choice that read them could not be made).
+    """
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, SIZES[0])).astype(np.float32)
+    y = np.argmax(x @ rng.normal(size=(SIZES[0], SIZES[-1])), axis=1).astype(np.int32)
+    if split == "validation":
+        train, scored = slice(0, 40), slice(40, N_TRAIN)
+    else:
+        train, scored = slice(0, N_TRAIN), slice(N_TRAIN, None)
+    x_scored = np.full_like(x[scored], np.nan) if poison_test and split == "test" else x[scored]
+    data = {"x_train": jnp.asarray(x[train]), "y_train": jnp.asarray(y[train]),
+            "x_scored": jnp.asarray(x_scored), "y_scored": jnp.asarray(y[scored])}
+    n, net = len(y[train]), mlp("tanh")
+
+    def batch(data, key, step):
+        rows = sample_rows(n, BATCH, key, step)
+        return data["x_train"][rows], data["y_train"][rows]
+
+    def evaluate(params, data):
+        return accuracy(apply(net, params, data["x_scored"]), data["y_scored"])
+
+    return Task(
+        name="tiny_split", metric=f"{split}_accuracy", higher_is_better=True, data=data,
+        init_params=lambda *, key: init_mlp(SIZES, key=key), model=net, loss=cross_entropy, batch=batch,
+        evaluate=evaluate, optimizer=optax.adam(learning_rate), steps=steps, eval_every=eval_every, seeds=seeds,
+        description=f"tiny {'-'.join(map(str, SIZES))} tanh MLP, Adam {learning_rate}, {split} split",
+        options={"split": split, "learning_rate": learning_rate, "poison_test": poison_test},
+    )
+
+
 class Recorded(NamedTuple):
     """State of :func:`recording_sgd`: steps done, and the gradient of each step ``(steps, *param shape)``."""
 

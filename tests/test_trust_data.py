@@ -225,10 +225,11 @@ def test_unlabelled_graph_nodes_are_masked_never_trained_on_nor_scored(tmp_path)
     labels = np.where(np.arange(90) % 3 == 0, -1, np.arange(90) % 2)  # a third unlabelled
     _graph(nodes=90, labels=labels)(tmp_path / "g.npz")
     task = get_task("graph", data=str(tmp_path / "g.npz"), hidden=4, steps=2, eval_every=2)
-    train, test = np.asarray(task.data["train"]), np.asarray(task.data["test"])
+    train, test = np.asarray(task.data["train"]), np.asarray(task.data["scored"])
     unlabelled = labels < 0
     assert not train[unlabelled].any() and not test[unlabelled].any()
-    assert test[~unlabelled].sum() == (~unlabelled).sum() - train.sum() > 0  # every other labelled node is scored
+    # Every other labelled node is scored, but for the validation nodes (held apart for choosing options).
+    assert test[~unlabelled].sum() == (~unlabelled).sum() - train.sum() - task.options["valid_nodes"] > 0
     _, targets = task.batch(task.data, None, 0)
     assert np.all(np.asarray(targets)[unlabelled] == -1)  # masked out of the loss
     assert "30 unlabelled" in task.description

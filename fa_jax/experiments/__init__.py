@@ -19,6 +19,7 @@ TASKS = {
     "field": "fa_jax.experiments.field",
     "lm": "fa_jax.experiments.lm",
     "graph": "fa_jax.experiments.graph",
+    "recsys": "fa_jax.experiments.recsys",
     "teacher": "fa_jax.experiments.teacher",
 }
 

@@ -70,6 +70,99 @@ def _count(limit: int, what: str):
     return parse
 
 
+#: Optimizer flags -> (task option, parse and check one value).
+def _positive(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"expected a finite number > 0, given {text!r}")
+    return value
+
+
+def _nonnegative(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"expected a finite number >= 0, given {text!r}")
+    return value
+
+
+def _open_unit(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise ValueError(f"expected a number in (0, 1), given {text!r}")
+    return value
+
+
+def _factor(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError(f"expected a number in (0, 1], given {text!r}")
+    return value
+
+
+OPTIMIZER_FLAGS = {"lr": ("learning_rate", _positive), "b2": ("b2", _open_unit),
+                   "weight_decay": ("weight_decay", _nonnegative), "plateau": ("plateau", _factor)}
+GRID_FLAGS = {"lr_grid": ("learning_rate", _positive), "wd_grid": ("weight_decay", _nonnegative)}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _parse_spec(text: str, dest: str, rules: list[str]) -> dict[str, float]:
+    """``"3e-3,dfa=1e-3"`` -> ``{rule: value}`` for the rules given a value (a bare value: every rule)."""
+    parse = OPTIMIZER_FLAGS[dest][1]
+    flag, out, common = _flag(dest), {}, None
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise _UsageError(f"{flag} {text!r}: expected VALUE and/or RULE=VALUE items")
+    for item in items:
+        rule, _, value = item.rpartition("=")
+        rule = rule.strip().lower()
+        try:
+            parsed = parse(value.strip())
+        except ValueError as err:
+            raise _UsageError(f"{flag} {text!r}: {item!r}: {err}") from None
+        if not rule:
+            if common is not None:
+                raise _UsageError(f"{flag} {text!r}: two values for every rule; give one, and RULE=VALUE for the others")
+            common = parsed
+        elif rule not in rules:
+            raise _UsageError(f"{flag} {text!r}: rule {rule!r} is not among --rules {','.join(rules)}")
+        elif rule in out:
+            raise _UsageError(f"{flag} {text!r}: rule {rule!r} is given twice")
+        else:
+            out[rule] = parsed
+    return {rule: out.get(rule, common) for rule in rules if out.get(rule, common) is not None}
+
+
+def _parse_grid(text: str, dest: str) -> list[float]:
+    parse, flag = GRID_FLAGS[dest][1], _flag(dest)
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise _UsageError(f"{flag} {text!r}: expected a comma list of values")
+    try:
+        values = [parse(item) for item in items]
+    except ValueError as err:
+        raise _UsageError(f"{flag} {text!r}: {err}") from None
+    if len(set(values)) != len(values):
+        raise _UsageError(f"{flag} {text!r}: values repeat")
+    return values
+
+
+def _settings(options: dict) -> str:
+    """``"lr 0.001"``, plus β2, weight decay and plateau where set: the table's settings column."""
+    if "learning_rate" not in options or options["learning_rate"] is None:
+        return "-"
+    text = f"lr {options['learning_rate']:g}"
+    if options.get("b2") not in (None, 0.999):
+        text += f" b2 {options['b2']:g}"
+    if options.get("weight_decay"):
+        text += f" wd {options['weight_decay']:g}"
+    if options.get("plateau") not in (None, 1.0):
+        text += f" plateau {options['plateau']:g}"
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fa_jax.experiments import TASKS
 
@@ -85,9 +178,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=_count(2**31 - 1, "the step counter is int32"), default=None,
                      help="training steps per run (default: the task's)")
     run.add_argument("--out", default=None, help="output directory (default results/TASK)")
-    run.add_argument("--data", default=None, help="user data file or directory (mnist: IDX dir or .npz; graph: Planetoid .npz)")
+    run.add_argument("--data", default=None, help="user data file or directory (mnist: IDX dir or .npz; graph: Planetoid "
+                     ".npz; recsys: a MovieLens-style ratings file, user item rating timestamp per line)")
     run.add_argument("--dataset", default=None, help="mnist only: mnist_5k (default), digits or mnist1d")
-    run.add_argument("--model", default=None, help="mnist only: mlp (default) or cnn")
+    run.add_argument("--model", default=None, help="mnist: mlp (default) or cnn; graph: gcn (default) or gat; "
+                     "recsys: deepfm (default), fm, tower or dcn")
+    run.add_argument("--taps", default=None, help="lm only: macro (default, one tap per block) or micro (after attention "
+                     "and after the MLP)")
+    run.add_argument("--threshold", type=float, default=None,
+                     help="recsys --data only: a rating at or above this many stars is a positive (default 4)")
+    run.add_argument("--recipe", default=None, help="default (one optimizer setting for every rule) or paper (lm, graph: "
+                     "Launay et al. 2020's settings per rule)")
+    for flag, what in (("--lr", "Adam learning rate"), ("--b2", "Adam beta2"),
+                       ("--weight-decay", "L2 weight decay added to the gradient before Adam"),
+                       ("--plateau", "reduce-on-plateau factor in (0, 1]; 1 is off")):
+        run.add_argument(flag, default=None, metavar="SPEC",
+                         help=f"{what}: a value for every rule, and/or RULE=VALUE for one (e.g. 3e-3,dfa=1e-3)")
+    run.add_argument("--lr-grid", default=None, metavar="LIST",
+                     help="learning rates to choose from per rule on a validation split (e.g. 1e-4,3e-4,1e-3,3e-3); "
+                     "the chosen one is trained and reported on the test split")
+    run.add_argument("--wd-grid", default=None, metavar="LIST",
+                     help="weight decays to choose from per rule on the validation split (with --lr-grid: every pair)")
+    run.add_argument("--grid-seeds", type=_count(2**32, "seeds"), default=None,
+                     help="seeds of each validation run of a grid (default: --seeds)")
     run.add_argument("--strategy", default="auto", choices=("auto", "vmap", "map"), help="how seeds share a device")
     run.add_argument("--devices", type=_count(1 << 16, "devices"), default=None,
                      help="devices to shard the seeds over (default: all; on CPU one host device per core). "
@@ -199,8 +312,22 @@ def _warn(message: str) -> None:
     print(f"fa-jax: warning: {message}", file=sys.stderr)
 
 
+def _task_options(args) -> dict:
+    """The task options the command names (only those given: a task keeps its defaults for the rest)."""
+    named = (("data", args.data), ("dataset", args.dataset), ("model", args.model), ("taps", args.taps),
+             ("threshold", args.threshold), ("recipe", args.recipe))
+    return {k: v for k, v in named if v is not None}
+
+
+def _common(dicts: list[dict]) -> dict:
+    """The items every dict shares with the same value."""
+    first, *rest = dicts
+    return {k: v for k, v in first.items() if all(k in d and d[k] == v for d in rest)}
+
+
 def run(args, progress: _Progress | None = None) -> int:
     from fa_jax.experiments import TASKS, get_task
+    from fa_jax.experiments import protocol
     from fa_jax.experiments import sweep as sweeps
     from fa_jax.experiments.checkpoint import DirectoryLock, data_fingerprint, name_option
     from fa_jax.experiments.divergence import describe as describe_summary
@@ -216,6 +343,21 @@ def run(args, progress: _Progress | None = None) -> int:
                 raise _UsageError(f"{flag} needs --checkpoint-dir (without it nothing is saved)")
     if args.data is not None and args.dataset is not None:
         raise _UsageError(f"--data {args.data!r} and --dataset {args.dataset!r} both name the data; give one")
+    if args.recipe is not None and args.recipe not in ("default", "paper"):
+        raise _UsageError(f"--recipe {args.recipe!r}: expected default or paper")
+    if args.threshold is not None and (args.data is None or not math.isfinite(args.threshold)):
+        raise _UsageError(f"--threshold {args.threshold:g} " + ("must be finite" if args.data is not None else
+                          "binarises the ratings of --data; give a ratings file"))
+    per_rule = {dest: _parse_spec(getattr(args, dest), dest, rules)
+                for dest in OPTIMIZER_FLAGS if getattr(args, dest) is not None}
+    grid = {GRID_FLAGS[dest][0]: _parse_grid(getattr(args, dest), dest)
+            for dest in GRID_FLAGS if getattr(args, dest) is not None}
+    for dest, option in (("lr", "learning_rate"), ("weight_decay", "weight_decay")):
+        if dest in per_rule and option in grid:
+            grid_flag = "--lr-grid" if option == "learning_rate" else "--wd-grid"
+            raise _UsageError(f"{_flag(dest)} and {grid_flag} both set the {option.replace('_', ' ')}; give one")
+    if args.grid_seeds is not None and not grid:
+        raise _UsageError("--grid-seeds needs --lr-grid or --wd-grid (it sets the seeds of their validation runs)")
     out = _directory_target(args.out or os.path.join("results", args.task), "--out")
     for name in OUTPUTS:
         target = os.path.join(out, name)
@@ -229,21 +371,46 @@ def run(args, progress: _Progress | None = None) -> int:
     from fa_jax.experiments.sweep import seed_mesh
 
     mesh = seed_mesh(_devices(args.devices))
-    options = {k: v for k, v in (("data", args.data), ("dataset", args.dataset), ("model", args.model)) if v is not None}
-    try:
-        task = get_task(args.task, **options)
-    except TypeError as err:
-        raise _UsageError(f"task {args.task!r} does not take {sorted(options)}: {err}") from None
+    options = _task_options(args)
+
+    def rule_options(rule: str) -> dict:
+        """What the command asks of ``rule``'s task: the shared options, the recipe's rule, its optimizer values."""
+        mine = dict(options)
+        if options.get("recipe") == "paper":
+            mine["rule"] = rule
+        for dest, values in per_rule.items():
+            if rule in values:
+                mine[OPTIMIZER_FLAGS[dest][0]] = values[rule]
+        return mine
+
+    def build(rule: str, **extra):
+        try:
+            return get_task(args.task, **rule_options(rule), **extra)
+        except TypeError as err:
+            asked = sorted({**rule_options(rule), **extra})
+            raise _UsageError(f"task {args.task!r} does not take {asked}: {err}") from None
+
+    tasks = {rule: build(rule) for rule in rules}
+    task = tasks[rules[0]]
     steps = task.steps if args.steps is None else args.steps
     seeds = task.seeds if args.seeds is None else args.seeds
-    task = task._replace(eval_every=_eval_every(steps, task.eval_every))
+    grid_seeds = seeds if args.grid_seeds is None else args.grid_seeds
+    eval_every = _eval_every(steps, task.eval_every)
+    tasks = {rule: t._replace(eval_every=eval_every) for rule, t in tasks.items()}
+    task = tasks[rules[0]]
     n_evals = steps // task.eval_every
     if args.checkpoint_every is not None and args.checkpoint_every % task.eval_every:
         raise _UsageError(f"--checkpoint-every {args.checkpoint_every} must be a multiple of the eval interval, "
                           f"{task.eval_every} steps")
+    if grid:  # the validation split exists and keeps the test data out: checked before anything trains
+        for rule in rules:
+            try:
+                protocol.validation_task(lambda **kw: build(rule, **kw), protocol.grid_points(grid)[0])
+            except ValueError as err:
+                raise _UsageError(f"--lr-grid/--wd-grid on task {args.task!r}: {err}") from None
     # The whole run's states live at once (every rule prepared before any trains): check their sum.
     rule_objects = [get_rule(r) for r in rules]
-    per_seed = [sweeps.state_bytes_per_seed(task, r, steps) for r in rule_objects]
+    per_seed = [sweeps.state_bytes_per_seed(tasks[r.name], r, steps) for r in rule_objects]
     available = sweeps.available_bytes(mesh)
     padded = math.ceil(seeds / mesh.size) * mesh.size
     need = padded * (sum(per_seed) + (sweeps.MEMORY_FACTOR - 1) * max(per_seed))
@@ -254,15 +421,35 @@ def run(args, progress: _Progress | None = None) -> int:
             "use fewer seeds or rules"
         )
 
-    lock, prepared = None, {}
+    lock, prepared, selections = None, {}, {}
     try:
         if checkpoint_root is not None:
             os.makedirs(checkpoint_root, exist_ok=True)
             lock = DirectoryLock(checkpoint_root, report=_warn).acquire()
+        if grid:
+            # Chosen per rule on the validation split (the test split is never built here), then trained on the
+            # test split. Not checkpointed: a resumed run chooses again, the same way (the runs are deterministic).
+            progress.phase = "selecting"
+            for rule in rules:
+                progress.rule = rule
+
+                def show(point, rule=rule):
+                    if not args.quiet:
+                        values = " ".join(f"{k}={v:g}" for k, v in point.values.items())
+                        print(f"{rule}: {values}: validation {_format(point.mean, point.std, task.metric)}"
+                              + (f" ({len(point.diverged)} seed(s) diverged)" if point.diverged else ""))
+
+                selections[rule] = selection = protocol.select(
+                    lambda rule=rule, **kw: build(rule, **kw)._replace(eval_every=eval_every), rule, grid,
+                    seeds=grid_seeds, steps=steps, strategy=args.strategy, mesh=mesh, on_point=show)
+                tasks[rule] = build(rule, **selection.chosen)._replace(eval_every=eval_every)
+                chosen = ", ".join(f"{k}={v:g}" for k, v in selection.chosen.items())
+                print(f"{rule}: chose {chosen} on the validation split ({selection.metric})")
+            progress.phase = "checking"
         for rule in rules:
             progress.rule, progress.step = rule, 0
             prepared[rule] = sweep = sweeps.prepare_sweep(
-                task, rule, seeds, steps=steps, chunks=n_evals, strategy=args.strategy, mesh=mesh,
+                tasks[rule], rule, seeds, steps=steps, chunks=n_evals, strategy=args.strategy, mesh=mesh,
                 checkpoint_dir=None if checkpoint_root is None else os.path.join(checkpoint_root, rule),
                 checkpoint_every=args.checkpoint_every, restart_if_corrupt=args.restart_if_corrupt, report=_warn,
             )
@@ -299,26 +486,41 @@ def run(args, progress: _Progress | None = None) -> int:
         if lock is not None:
             lock.release()
 
-    rows, summaries = [], {}
+    rows, summaries, reports = [], {}, {}
     for rule, r in results.items():
         summaries[rule] = summary = r.summary()  # diverged seeds are listed, never averaged in
+        reports[rule] = r.report_summary()
         rows.append((rule, summary.mean, summary.std, timings[rule], r.strategy))
     width = max(len(task.metric), 20)
-    lines = [f"{'rule':<8} {task.metric:<{width}} {'time':>8}  strategy  seeds"]
-    lines += [
-        f"{rule:<8} {_format(m, s, task.metric):<{width}} {t:7.1f}s  {strat:<8}  {describe_summary(summaries[rule])}"
-        for rule, m, s, t, strat in rows
-    ]
+    extra = sorted({name for rule in rules for name in reports[rule]})
+    settings = {rule: _settings(tasks[rule].options) for rule in rules}
+    setting_width = max(len("settings"), *(len(v) for v in settings.values()))
+    lines = [f"{'rule':<8} {task.metric:<{width}} {'settings':<{setting_width}} "
+             + "".join(f"{name:<{max(len(name), 16)}} " for name in extra) + f"{'time':>8}  strategy  seeds"]
+    for rule, m, s, t, strat in rows:
+        cells = "".join(f"{_format(reports[rule][n].mean, reports[rule][n].std, n) if n in reports[rule] else '-':<{max(len(n), 16)}} "
+                        for n in extra)
+        lines.append(f"{rule:<8} {_format(m, s, task.metric):<{width}} {settings[rule]:<{setting_width}} {cells}"
+                     f"{t:7.1f}s  {strat:<8}  {describe_summary(summaries[rule])}")
     for name, value in task.baselines.items():
         lines.append(f"{name:<8} {value:<{width}.4f} (baseline)")
     print("\n".join(lines))
 
-    task_options = {k: name_option(v, f"task option {k}") for k, v in sorted(task.options.items())}
+    named = {rule: {k: name_option(v, f"task option {k}") for k, v in sorted(tasks[rule].options.items())}
+             for rule in rules}
+    task_options = _common([named[rule] for rule in rules])
     command = ["python", "-m", "fa_jax", "run", task.name, "--rules", ",".join(sorted(rules)), "--seeds", str(seeds),
                "--steps", str(steps), "--devices", str(mesh.size)]
-    for key in ("data", "dataset", "model"):
-        if task_options.get(key) is not None:
+    for key in ("data", "dataset", "model", "taps", "threshold", "recipe"):
+        if key in options and task_options.get(key) is not None:
             command += [f"--{key}", str(task_options[key])]
+    for dest, values in sorted(per_rule.items()):
+        command += [_flag(dest), ",".join(f"{rule}={values[rule]:g}" for rule in sorted(values))]
+    for dest, (option, _) in sorted(GRID_FLAGS.items()):
+        if option in grid:
+            command += [_flag(dest), ",".join(f"{v:g}" for v in grid[option])]
+    if grid:
+        command += ["--grid-seeds", str(grid_seeds)]
     payload = {
         "task": task.name, "description": task.description, "metric": task.metric,
         "higher_is_better": task.higher_is_better, "steps": steps, "seeds": seeds, "eval_every": task.eval_every,
@@ -331,6 +533,11 @@ def run(args, progress: _Progress | None = None) -> int:
                 "healthy_seeds": summaries[rule].healthy, "diverged": {str(k): v for k, v in summaries[rule].diverged.items()},
                 "steps": results[rule].steps.tolist(), "metrics": results[rule].metrics.tolist(),
                 "losses": results[rule].losses.tolist(),
+                "task_options": named[rule], "description": tasks[rule].description,
+                "learning_rate": tasks[rule].options.get("learning_rate"),
+                "selection": selections[rule].to_json() if rule in selections else None,
+                "report": {name: {"mean": v.mean, "std": v.std, "final": results[rule].report[name].tolist()}
+                           for name, v in reports[rule].items()},
             }
             for rule, m, s, t, strat in rows
         },
@@ -387,6 +594,9 @@ def _plot(results, task, path: str) -> None:
 def _interrupted(progress: _Progress) -> str:
     if progress.phase == "checking":
         return "fa-jax: interrupted before training started; nothing was trained"
+    if progress.phase == "selecting":
+        return (f"fa-jax: rule {progress.rule}: interrupted while choosing its options on the validation split; "
+                "nothing was saved, so re-running the same command chooses again from the start")
     if progress.phase == "writing":
         return "fa-jax: interrupted while writing the results; re-run the same command to write them again"
     where = f"fa-jax: rule {progress.rule}: interrupted at step {progress.step}"

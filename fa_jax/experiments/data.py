@@ -16,6 +16,7 @@ exist raises ``FileNotFoundError`` with the path in the message.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -38,6 +39,35 @@ class Classification(NamedTuple):
     num_classes: int
     name: str
     scale: str = ""
+
+
+def _frozen(value):
+    """``value`` with every NumPy array in it made read-only (a cached result is shared by every caller)."""
+    if isinstance(value, np.ndarray):
+        value.flags.writeable = False
+    elif isinstance(value, tuple):
+        for item in value:
+            _frozen(item)
+    return value
+
+
+def cached(fn):
+    """Memoise a loader of bundled or generated data on its arguments; a call naming a user
+    file (``path``) is never memoised (the file may change between calls).
+
+    The CLI and the validation-split grid build a task once per rule and grid point; bundled
+    and generated data is loaded once. Results are read-only: copy one to change it.
+    """
+    memo = functools.lru_cache(maxsize=4)(lambda *args, **kwargs: _frozen(fn(*args, **kwargs)))
+
+    @functools.wraps(fn)
+    def load(*args, **kwargs):
+        if any(isinstance(a, (str, os.PathLike)) for a in (*args, kwargs.get("path"))):
+            return fn(*args, **kwargs)
+        return memo(*args, **kwargs)
+
+    load.cache_clear = memo.cache_clear
+    return load
 
 
 def _check_path(path: str | os.PathLike) -> str:
@@ -271,6 +301,7 @@ def _load_mnist_path(path: str) -> Classification:
     return check_classification(where, x_train, y_train, x_test, y_test, num_classes=10, name="mnist")
 
 
+@cached
 def load_mnist(path: str | None = None, *, seed: int = 0, test_fraction: float = 0.2) -> Classification:
     """MNIST as flat ``(n, 784)`` pixels in ``[0, 1]``.
 
@@ -428,7 +459,7 @@ def make_csbm(
     return Graph(adjacency, x.astype(np.float32), labels.astype(np.int32), train, test, classes, "csbm")
 
 
-def _csr(path: str, prefix: str, arrays: dict, *, square: bool) -> "scipy.sparse.csr_matrix":
+def _csr(path: str, prefix: str, arrays: dict, *, square: bool):  # -> scipy.sparse.csr_matrix (imported lazily)
     """The CSR matrix ``<prefix>_data, _indices, _indptr, _shape``, every inconsistency one DataError line."""
     import scipy.sparse as sp
 
@@ -508,3 +539,202 @@ def load_planetoid(path: str, *, train_per_class: int = 20, seed: int = 0) -> Gr
     train, test = _planetoid_masks(labels, num_classes, train_per_class, np.random.RandomState(seed))
     name = os.path.splitext(os.path.basename(path))[0]
     return Graph(dense, np.asarray(features, np.float32), labels, train, test, num_classes, name)
+
+
+# ---------------------------------------------------------------------------- click data (recommender systems)
+
+
+class Clicks(NamedTuple):
+    """Click data for the recsys task.
+
+    ``x_*``: ``(n, fields)`` int32 rows of the shared embedding table (field offsets
+    applied, see :func:`hash_fields`); ``y_*``: ``(n,)`` float32 labels 0/1; ``p_test``:
+    the true click probability of each test row (generated data) or ``None``;
+    ``fields``: field names; ``table``: ``(fields,)`` rows each field owns in the table.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    p_test: np.ndarray | None
+    fields: tuple[str, ...]
+    table: tuple[int, ...]
+    name: str
+    detail: str
+
+
+#: Knuth's multiplicative hash constant (2³² / φ), the hash of :func:`hash_fields`.
+_HASH = np.uint64(2654435761)
+
+
+def hash_fields(values: np.ndarray, cardinalities: tuple[int, ...], buckets: int) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Map categorical ``values (n, fields)`` (field ``f`` in ``0..cardinalities[f]-1``) to rows of one table.
+
+    A field with at most ``buckets`` values keeps one row per value; a larger one is hashed
+    into ``buckets`` rows, ``((v · 2654435761 + f) mod 2³²) mod buckets`` (Knuth's multiplicative
+    hash; values that share a row share an embedding, as with the hashing trick on Criteo).
+    Field ``f``'s rows start after those of fields ``0..f-1``.
+
+    Returns:
+      ``(rows (n, fields) int32, table (fields,))``: the row of each value and each field's row count.
+    """
+    table = tuple(int(c) if c <= buckets else int(buckets) for c in cardinalities)
+    offsets = np.concatenate([[0], np.cumsum(table)[:-1]]).astype(np.int64)
+    rows = np.empty(values.shape, np.int64)
+    for f, (c, size) in enumerate(zip(cardinalities, table)):
+        v = values[:, f].astype(np.uint64)
+        rows[:, f] = v if c <= buckets else ((v * _HASH + np.uint64(f)) % np.uint64(2**32)) % np.uint64(size)
+    return (rows + offsets).astype(np.int32), table
+
+
+def _standardize(z: np.ndarray) -> np.ndarray:
+    return (z - z.mean()) / (z.std() + 1e-12)
+
+
+@cached
+def make_clicks(
+    *, train: int = 200_000, test: int = 10_000,
+    cardinalities: tuple[int, ...] = (2_000, 500, 200, 100, 50, 20, 10, 5), buckets: int = 1024, rank: int = 4,
+    positive_rate: float = 0.25, linear: float = 0.8, pairwise: float = 1.0, triple: float = 1.0,
+    zipf: float = 1.1, seed: int = 0,
+) -> Clicks:
+    """Clicks from a latent-factor model with interactions, generated with ``RandomState(seed)``.
+
+    Each row has one value per categorical field; field ``f``'s value is drawn with
+    ``P(v) ∝ (v + 1)^-zipf`` over its ``cardinalities[f]`` values (a few popular values, a
+    long tail). Every value ``(f, v)`` has a weight ``w_fv ~ N(0, 1)`` and a latent vector
+    ``u_fv ~ N(0, I_rank)``, centred so that its mean under ``P`` is 0. A row's click logit is
+
+        ``b + linear · z(Σ_f w_f) + pairwise · z(Σ_{f<g} ⟨u_f, u_g⟩) + triple · z(Σ_{f<g<h} Σ_r u_fr u_gr u_hr)``
+
+    where ``z`` standardises a term over the rows (mean 0, variance 1). The first two terms
+    are what a factorization machine represents; the third-order term has no part a FM
+    can represent (with centred latents its mean given one or two fields' values is 0), so
+    only a model with a trained deep part can learn it. ``b`` is set by bisection so that
+    the mean click probability ``σ(logit)`` is ``positive_rate``; labels are
+    ``Bernoulli(σ(logit))``. Values are then mapped to table rows by :func:`hash_fields`.
+    The first ``train`` rows are the training split, the next ``test`` the test split.
+    """
+    rng = np.random.RandomState(seed)
+    n, fields = train + test, len(cardinalities)
+    values, latents = [], []
+    for c in cardinalities:
+        weights = (np.arange(c) + 1.0) ** -zipf
+        weights /= weights.sum()
+        values.append(rng.choice(c, size=n, p=weights))
+        u = rng.normal(size=(c, rank))
+        latents.append(u - weights @ u)  # mean 0 under the field's value distribution
+    values = np.stack(values, 1)
+    w = sum(rng.normal(size=c)[values[:, f]] for f, c in enumerate(cardinalities))
+    u = np.stack([latents[f][values[:, f]] for f in range(fields)], 1)  # (n, fields, rank)
+    p1, p2, p3 = u.sum(1), (u**2).sum(1), (u**3).sum(1)  # power sums over fields, per rank component
+    pairs = (0.5 * (p1**2 - p2)).sum(-1)  # e2 = Σ_{f<g} u_f u_g
+    triples = ((p1**3 - 3 * p1 * p2 + 2 * p3) / 6).sum(-1)  # e3 = Σ_{f<g<h} u_f u_g u_h (Newton's identities)
+    logit = linear * _standardize(w) + pairwise * _standardize(pairs) + triple * _standardize(triples)
+    low, high = -30.0, 30.0
+    for _ in range(60):  # bisection on the bias: mean σ(logit + b) is increasing in b
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if np.mean(1 / (1 + np.exp(-(logit + mid)))) < positive_rate else (low, mid)
+    p = 1 / (1 + np.exp(-(logit + 0.5 * (low + high))))
+    y = (rng.uniform(size=n) < p).astype(np.float32)
+    rows, table = hash_fields(values, tuple(cardinalities), buckets)
+    names = tuple(f"c{f}" for f in range(fields))
+    detail = (f"{fields} fields of {'/'.join(map(str, cardinalities))} values (Zipf {zipf:g}), table {sum(table)} rows "
+              f"(hashed into {buckets} where larger), positive rate {y[:train].mean():.3f}")
+    return Clicks(rows[:train], y[:train], rows[train:], y[train:], p[train:].astype(np.float32), names, table,
+                  "clicks", detail)
+
+
+#: A MovieLens rating at or above this many stars is a positive ("liked"), below it a negative.
+RATING_THRESHOLD = 4.0
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+        return True
+    except ValueError:
+        return False
+
+
+def _ratings_separator(line: str) -> str | None:
+    return "::" if "::" in line else "," if "," in line else None  # None: any whitespace (u.data is tab-separated)
+
+
+def load_ratings(path: str, *, threshold: float = RATING_THRESHOLD, test_fraction: float = 0.2, buckets: int = 2048,
+                 seed: int = 0) -> Clicks:
+    """A MovieLens-style ratings file as click data: fields ``user`` and ``item``, label ``rating >= threshold``.
+
+    One rating per line, ``user item rating timestamp``: whitespace- or tab-separated
+    (``u.data`` of MovieLens 100k), ``::``-separated (``ratings.dat`` of 1M/10M) or
+    comma-separated with an optional header line (``ratings.csv`` of the later sets). User
+    and item ids are integers, the rating a finite number, the timestamp an integer (read
+    and checked, not used). Ids are renumbered densely in sorted order, then mapped to table rows by :func:`hash_fields` (hashed when a field has more
+    than ``buckets`` ids). The rows are shuffled with ``RandomState(seed)``; the last
+    ``test_fraction`` is the test split.
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      DataError: one line naming the file, the line and the problem (a wrong field count, a
+        non-integer id, a non-finite rating, fewer than 10 ratings, no positive or no negative).
+    """
+    path = _check_path(path)
+    if os.path.isdir(path):
+        _fail(path, None, "is a directory, expected a ratings file (user item rating timestamp per line)")
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as err:
+        _fail(path, None, f"unreadable ({_short(err)})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        _fail(path, None, f"not UTF-8 text (byte {err.start}); expected lines of 'user item rating timestamp'")
+    lines = [(k + 1, line.strip()) for k, line in enumerate(text.splitlines()) if line.strip()]
+    if not lines:
+        _fail(path, None, "holds no ratings (empty file); expected lines of 'user item rating timestamp'")
+    separator = _ratings_separator(lines[0][1])
+    if all(not _is_number(token) for token in lines[0][1].split(separator)):  # a header: userId,movieId,rating,timestamp
+        lines = lines[1:]
+    users, items, ratings = [], [], []
+    for number, line in lines:
+        parts = [p.strip() for p in line.split(separator)]
+        if len(parts) != 4:
+            _fail(path, f"line {number}", f"expected 4 fields (user item rating timestamp), found {len(parts)}: {line[:60]!r}")
+        user, item, rating, stamp = parts
+        for what, token in (("user", user), ("item", item), ("timestamp", stamp)):
+            if not token.isdigit():
+                _fail(path, f"line {number}", f"{what} {token[:30]!r} is not a non-negative integer")
+        try:
+            value = float(rating)
+        except ValueError:
+            _fail(path, f"line {number}", f"rating {rating[:30]!r} is not a number")
+        if not np.isfinite(value):
+            _fail(path, f"line {number}", f"rating {rating!r} is not finite")
+        users.append(int(user))
+        items.append(int(item))
+        ratings.append(value)
+    if len(ratings) < 10:
+        _fail(path, None, f"{len(ratings)} ratings, too few to split into training and test data (at least 10)")
+    ratings = np.asarray(ratings)
+    y = (ratings >= threshold).astype(np.float32)
+    if y.all() or not y.any():
+        side = "at or above" if y.all() else "below"
+        _fail(path, "ratings", f"every rating ({ratings.min():g}..{ratings.max():g}) is {side} the threshold {threshold:g}: "
+              "one class only; choose another threshold")
+    columns = []
+    for ids in (np.asarray(users), np.asarray(items)):
+        _, dense = np.unique(ids, return_inverse=True)
+        columns.append(dense)
+    values = np.stack(columns, 1)
+    cardinalities = tuple(int(c.max()) + 1 for c in columns)
+    rows, table = hash_fields(values, cardinalities, buckets)
+    order = np.random.RandomState(seed).permutation(len(y))
+    rows, y = rows[order], y[order]
+    n_test = max(1, int(round(len(y) * test_fraction)))
+    detail = (f"{len(y):,} ratings of {cardinalities[0]:,} users x {cardinalities[1]:,} items, rating >= {threshold:g} "
+              f"positive ({y.mean():.3f}), table {sum(table)} rows")
+    name = os.path.basename(path)
+    return Clicks(rows[:-n_test], y[:-n_test], rows[-n_test:], y[-n_test:], None, ("user", "item"), table, name, detail)

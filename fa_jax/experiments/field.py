@@ -13,13 +13,16 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fa_jax import apply
 from fa_jax.experiments import data as datasets
 from fa_jax.experiments._task import (
-    Task, check_count, check_positive_float, check_runner_defaults, check_sizes, row_batches,
+    Task, check_count, check_positive_float, check_runner_defaults, check_sizes, check_split, describe_optimizer, holdout,
+    make_optimizer, protocol_options, row_batches,
 )
+
+#: The default recipe (Adam 1e-3 for every rule).
+DEFAULTS = {"learning_rate": 1e-3, "b2": 0.999, "weight_decay": 0.0, "plateau": 1.0}
 from fa_jax.models import init_mlp, mlp
 
 
@@ -38,9 +41,17 @@ def psnr(prediction: jax.Array, target: jax.Array) -> jax.Array:
 
 def make_task(
     *, image: str = "camera", size: int = 64, frequencies: int = 64, sigma: float = 8.0, hidden: Sequence[int] = (128, 128),
-    batch_size: int = 256, learning_rate: float = 1e-3, steps: int = 600, eval_every: int = 100, seeds: int = 4,
+    batch_size: int = 256, learning_rate: float | None = None, b2: float | None = None, weight_decay: float | None = None,
+    plateau: float | None = None, recipe: str = "default", rule=None, split: str = "test", steps: int = 600,
+    eval_every: int = 100, seeds: int = 4,
 ) -> Task:
     """The field task: ``camera`` at 64×64, 128 Fourier features, ReLU MLP 128-128-128-1, Adam 1e-3, 256 pixels a batch.
+
+    ``split="test"`` fits every pixel and scores the whole image (a fitting metric: the
+    scored pixels are the trained ones). ``split="validation"`` holds out a fixed random
+    10% of the pixels (``RandomState(0)``), fits the rest and scores the held-out ones
+    (interpolation), the split a learning rate is chosen on. Optimizer options: see
+    :func:`fa_jax.experiments._task.protocol_options` (default recipe only).
 
     Raises:
       TypeError, ValueError: a bad option, named.
@@ -51,25 +62,38 @@ def make_task(
     sigma = check_positive_float(sigma, "sigma")
     hidden = check_sizes(hidden, "hidden")
     batch_size = check_count(batch_size, "batch_size")
-    learning_rate = check_positive_float(learning_rate, "learning_rate")
     steps, eval_every, seeds = check_runner_defaults(steps=steps, eval_every=eval_every, seeds=seeds)
+    split = check_split(split)
+    optimizer = protocol_options("field", recipe=recipe, rule=rule, learning_rate=learning_rate, b2=b2,
+                                 weight_decay=weight_decay, plateau=plateau, eval_every=eval_every, default=DEFAULTS)
     pixels = datasets.load_image(image, size=size).reshape(-1, 1)
-    arrays = {"x": jnp.asarray(fourier_features(size, frequencies, sigma)), "y": jnp.asarray(pixels)}
+    features = fourier_features(size, frequencies, sigma)
+    if split == "test":
+        arrays = {"x": jnp.asarray(features), "y": jnp.asarray(pixels)}
+        eval_keys, scored = ("x", "y"), "PSNR of the whole image"
+    else:
+        order = np.random.RandomState(0).permutation(len(pixels))
+        held = holdout(len(pixels), "split='validation'")
+        fit, valid = order[:-held], order[-held:]
+        arrays = {"x": jnp.asarray(features[fit]), "y": jnp.asarray(pixels[fit]),
+                  "x_valid": jnp.asarray(features[valid]), "y_valid": jnp.asarray(pixels[valid])}
+        eval_keys, scored = ("x_valid", "y_valid"), f"PSNR of {held} held-out pixels"
     sizes = (2 * frequencies, *hidden, 1)
     net = mlp("relu")
-    n = pixels.shape[0]
+    n = arrays["y"].shape[0]
 
     def evaluate(params, data):
-        return psnr(apply(net, params, data["x"]), data["y"])
+        return psnr(apply(net, params, data[eval_keys[0]]), data[eval_keys[1]])
 
     return Task(
-        name="field", metric="psnr_db", higher_is_better=True, data=arrays,
+        name="field", metric="psnr_db" if split == "test" else "validation_psnr_db", higher_is_better=True, data=arrays,
         init_params=lambda *, key: init_mlp(sizes, key=key), model=net,
         loss=lambda out, y: jnp.mean((out - y) ** 2), batch=row_batches("x", "y", n, batch_size), evaluate=evaluate,
-        optimizer=optax.adam(learning_rate), steps=steps, eval_every=eval_every, seeds=seeds,
+        optimizer=make_optimizer(optimizer), steps=steps, eval_every=eval_every, seeds=seeds,
         baselines={"mean-grey": float(-10 * np.log10(pixels.var()))},
-        description=f"scikit-image {image!r} {size}x{size}, Fourier features {2 * frequencies} (σ={sigma}), "
-        f"ReLU MLP {'-'.join(map(str, sizes))}, Adam {learning_rate}, batch {batch_size} pixels",
+        description=f"scikit-image {image!r} {size}x{size} ({n} pixels fitted, {scored}), Fourier features "
+        f"{2 * frequencies} (σ={sigma}), ReLU MLP {'-'.join(map(str, sizes))}, {describe_optimizer(optimizer)}, "
+        f"batch {batch_size} pixels",
         options={"image": image, "size": size, "frequencies": frequencies, "sigma": sigma, "hidden": list(hidden),
-                 "batch_size": batch_size, "learning_rate": learning_rate},
+                 "batch_size": batch_size, "split": split, **optimizer},
     )

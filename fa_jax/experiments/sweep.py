@@ -44,7 +44,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import fa_jax
 from fa_jax import _checks
-from fa_jax.experiments import divergence
+from fa_jax.experiments import distributed, divergence
 from fa_jax.experiments._task import Task
 
 #: On CPU, steps above this many FLOPs per seed run as ``lax.map`` (batch 4), below it as ``vmap``.
@@ -89,6 +89,7 @@ class Trainer(NamedTuple):
       strategy: ``"vmap"`` or ``"map"`` as used inside each device.
       mesh: the device mesh of the seed axis.
       batch_size: seeds per ``lax.map`` batch under ``"map"`` (unused by ``"vmap"``).
+      data: the task's data, replicated over ``mesh``.
     """
 
     init: Callable
@@ -97,6 +98,7 @@ class Trainer(NamedTuple):
     strategy: str
     mesh: Mesh
     batch_size: int = 1
+    data: Any = None  # the task's data as placed on the mesh (replicated)
 
 
 #: Steps, and the step counter, are int32 inside the jitted loop.
@@ -138,11 +140,13 @@ def _train_step(task: Task, rule: fa_jax.Rule) -> Callable:
     are free of NaN/Inf.
     """
     grad_fn = fa_jax.value_and_grad(task.model, task.loss, rule)
+    # The step's loss goes to the optimizer as ``value`` (reduce-on-plateau reads it; others ignore it).
+    optimizer = optax.with_extra_args_support(task.optimizer)
 
     def step(params, opt_state, feedback, data, key, t):
         inputs, targets = task.batch(data, key, t)
         loss, grads = grad_fn(params, feedback, inputs, targets, step=t)  # brSF redraws M from (seed, step)
-        updates, opt_state = task.optimizer.update(grads, opt_state, params)
+        updates, opt_state = optimizer.update(grads, opt_state, params, value=loss)
         feedback = rule.update_feedback(feedback, updates=updates, params=params)  # params before the update
         params = optax.apply_updates(params, updates)
         return params, opt_state, feedback, loss, divergence.all_finite((loss, grads, params, feedback))
@@ -185,9 +189,24 @@ def _chunk(task: Task, rule: fa_jax.Rule) -> Callable:
     return chunk
 
 
+def check_task_rule(task: Task, rule: fa_jax.Rule) -> None:
+    """Refuse to train a task built for another rule's recipe (its optimizer is that rule's).
+
+    Raises:
+      ValueError: ``task.options["rule"]`` names a rule other than ``rule``.
+    """
+    built_for = (getattr(task, "options", None) or {}).get("rule")
+    if built_for is not None and built_for != rule.name:
+        raise ValueError(
+            f"rule: task {task.name!r} was built with recipe {task.options.get('recipe')!r} for rule {built_for!r}; "
+            f"training it under {rule.name!r} would use {built_for}'s settings; build it with rule={rule.name!r}"
+        )
+
+
 def make_single(task: Task, rule: str | fa_jax.Rule, *, steps: int | None = None) -> Callable:
     """``run(data, seed) -> TrainState``: one jitted run (a ``lax.scan`` over all steps)."""
     rule = fa_jax.get_rule(rule)
+    check_task_rule(task, rule)
     steps = _check_steps(task.steps if steps is None else steps)
     _n_evals(task, steps)
     chunk = _chunk(task, rule)
@@ -250,6 +269,7 @@ def make_trainer(
         to a multiple of its size; padding seeds continue the seed numbering.
     """
     rule = fa_jax.get_rule(rule)
+    check_task_rule(task, rule)
     n_seeds = _checks.check_int(n_seeds, "n_seeds", minimum=1, limit=_checks.SEED_LIMIT + 1)
     steps = _check_steps(task.steps if steps is None else steps)
     _n_evals(task, steps)  # validates steps
@@ -302,7 +322,7 @@ def make_trainer(
             raise ValueError(f"n_steps={n_steps} must be a multiple of eval_every={task.eval_every}")
         return run_all(state, data, n_steps // task.eval_every)
 
-    return Trainer(init, run_chunk, n_seeds, strategy, mesh, batch_size)
+    return Trainer(init, run_chunk, n_seeds, strategy, mesh, batch_size, data)
 
 
 class SweepResult(NamedTuple):
@@ -310,7 +330,8 @@ class SweepResult(NamedTuple):
 
     ``state`` is the final :class:`TrainState` of the asked seeds (leading axis
     ``n_seeds``, padding seeds dropped): params, optimizer state and feedback
-    (e.g. Kolen–Pollack's learned B) after the last step.
+    (e.g. Kolen–Pollack's learned B) after the last step. ``report`` holds the
+    task's extra final metrics (``task.report``), ``{name: (n_seeds,)}``, or ``None``.
     """
 
     rule: str
@@ -321,6 +342,12 @@ class SweepResult(NamedTuple):
     strategy: str
     diverged_at: np.ndarray | None = None  # (n_seeds,) step each seed diverged at, -1 if it did not
     state: TrainState | None = None
+    report: dict | None = None
+
+    def report_summary(self) -> dict[str, divergence.Summary]:
+        """Mean ± std of each ``report`` value over the seeds that did not diverge."""
+        diverged_at = np.full(len(self.seeds), -1) if self.diverged_at is None else self.diverged_at
+        return {k: divergence.summarize(v, diverged_at, self.seeds) for k, v in (self.report or {}).items()}
 
     @property
     def final(self) -> np.ndarray:
@@ -426,15 +453,6 @@ def check_memory(task: Task, rule: fa_jax.Rule, n_seeds: int, steps: int, mesh: 
         )
 
 
-def _to_host(tree: Any) -> Any:
-    """NumPy copies of sharded arrays; across hosts (``jax.distributed``) every process gets all seeds."""
-    if all(leaf.is_fully_addressable for leaf in jax.tree.leaves(tree)):
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
 class Sweep:
     """A sweep ready to train: the trainer built, the state initialised or restored from a checkpoint.
 
@@ -471,13 +489,17 @@ class Sweep:
                 on_chunk(done)
             if self.checkpointer is not None:
                 self.checkpointer.maybe_save(done, state, final=index == self.chunks - 1)
-        metrics, losses, diverged_at = _to_host((state.metrics, state.losses, state.diverged_at))
+        metrics, losses, diverged_at = distributed.gather((state.metrics, state.losses, state.diverged_at))
         n = len(self.seeds)
         addressable = all(leaf.is_fully_addressable for leaf in jax.tree.leaves(state))
+        report = None
+        if self.task.report is not None:
+            values = jax.jit(jax.vmap(self.task.report, in_axes=(0, None)))(state.params, self.trainer.data)
+            report = {k: np.asarray(v, np.float64)[:n] for k, v in distributed.gather(values).items()}
         return SweepResult(
             self.rule.name, self.seeds, np.arange(_n_evals(self.task, self.steps) + 1) * self.task.eval_every,
             np.asarray(metrics)[:n], np.asarray(losses)[:n], self.trainer.strategy, np.asarray(diverged_at)[:n],
-            jax.tree.map(lambda x: x[:n], state) if addressable else None,
+            jax.tree.map(lambda x: x[:n], state) if addressable else None, report,
         )
 
     def close(self) -> None:
@@ -535,6 +557,7 @@ def prepare_sweep(
     if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
         raise TypeError(f"checkpoint_dir: expected a path, given {checkpoint_dir!r}")
     rule = fa_jax.get_rule(rule)
+    check_task_rule(task, rule)
     if checkpoint_dir is not None:
         from fa_jax.experiments.checkpoint import rule_identity
 
@@ -551,8 +574,12 @@ def prepare_sweep(
 
     config = sweep_config(task, rule, seeds, steps, chunks, devices=mesh.size, strategy=trainer.strategy,
                           batch_size=trainer.batch_size)
-    checkpointer = Checkpointer(checkpoint_dir, every=every, config=config, restart_if_corrupt=restart_if_corrupt,
-                                report=report)
+    def open_checkpointer():
+        return Checkpointer(checkpoint_dir, every=every, config=config, restart_if_corrupt=restart_if_corrupt,
+                            report=report)
+
+    # Several processes: process 0 alone reads and writes the directory; the others take part through it.
+    checkpointer = open_checkpointer() if jax.process_count() == 1 else distributed.SharedCheckpointer(open_checkpointer)
     try:
         checkpointer.check()  # another run's or no usable checkpoint: refused before anything compiles
         state = trainer.init(seeds)
@@ -561,7 +588,7 @@ def prepare_sweep(
         checkpointer.close()
         raise
     if restored is not None:
-        state, start = restored, int(np.asarray(jax.device_get(restored.step)).reshape(-1)[0])
+        state, start = restored, int(np.asarray(distributed.gather(restored.step)).reshape(-1)[0])
     return Sweep(task, rule, seeds, steps, chunks, trainer, state, start, checkpointer, config)
 
 
