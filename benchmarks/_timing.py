@@ -11,7 +11,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 
@@ -35,7 +35,7 @@ def block_time(step: Callable[[], object], repeats: int) -> float:
 
 def median_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
     """Median over rounds of ``time(numerator) / time(denominator)`` measured in the same round."""
-    return statistics.median(t / b for t, b in zip(times[numerator], times[denominator]))
+    return statistics.median(t / b for t, b in zip(times[numerator], times[denominator], strict=True))
 
 
 def paired_times(steps: dict[str, Callable[[], object]], rounds: int, repeats: int) -> dict[str, list[float]]:
@@ -55,7 +55,7 @@ def ratio_rows(times: dict[str, list[float]], baseline: str) -> dict:
     """Per variant: median paired ratio to ``baseline``, its quartiles, and the median time."""
     rows = {}
     for name in times:
-        ratios = [t / b for t, b in zip(times[name], times[baseline])]
+        ratios = [t / b for t, b in zip(times[name], times[baseline], strict=True)]
         rows[name] = {
             "median_ratio_to_" + baseline: statistics.median(ratios),
             "ratio_iqr": [float(q) for q in statistics.quantiles(ratios, n=4)[::2]] if len(ratios) > 1 else None,

@@ -100,16 +100,22 @@ def variants(rows: tuple[int, ...]) -> dict[str, tuple]:
     }
     for tile in rows:
         table[f"fa/tiled{tile}_regenerated_rbg"] = (fj.FA(init=fj.Tiled(rows=tile), regenerate=True), None, rbg)
-    table[f"fa/tiled{rows[0]}_regenerated_threefry"] = (fj.FA(init=fj.Tiled(rows=rows[0]), regenerate=True), None, threefry)
-    table.update({
-        "frsf/stored": (fj.FRSF(), None, threefry),
-        "frsf/regenerated_rbg": (fj.FRSF(regenerate=True), None, rbg),
-        f"frsf/tiled{rows[0]}_regenerated_rbg": (fj.FRSF(init=fj.Tiled(rows=rows[0]), regenerate=True), None, rbg),
-        "brsf/whole_rbg": (fj.BRSF(), None, rbg),  # brSF always redraws: keys only, no stored variant
-        f"brsf/tiled{rows[0]}_rbg": (fj.BRSF(init=fj.Tiled(rows=rows[0])), None, rbg),
-        "dfa/stored": (fj.DFA(), None, threefry),
-        "dfa/regenerated": (fj.DFA(regenerate=True), None, threefry),
-    })
+    table[f"fa/tiled{rows[0]}_regenerated_threefry"] = (
+        fj.FA(init=fj.Tiled(rows=rows[0]), regenerate=True),
+        None,
+        threefry,
+    )
+    table.update(
+        {
+            "frsf/stored": (fj.FRSF(), None, threefry),
+            "frsf/regenerated_rbg": (fj.FRSF(regenerate=True), None, rbg),
+            f"frsf/tiled{rows[0]}_regenerated_rbg": (fj.FRSF(init=fj.Tiled(rows=rows[0]), regenerate=True), None, rbg),
+            "brsf/whole_rbg": (fj.BRSF(), None, rbg),  # brSF always redraws: keys only, no stored variant
+            f"brsf/tiled{rows[0]}_rbg": (fj.BRSF(init=fj.Tiled(rows=rows[0])), None, rbg),
+            "dfa/stored": (fj.DFA(), None, threefry),
+            "dfa/regenerated": (fj.DFA(regenerate=True), None, threefry),
+        }
+    )
     return table
 
 
@@ -151,25 +157,45 @@ def main(argv=None):
         if stored is None or row is stored:
             continue
         saved = stored["peak_bytes"] - row["peak_bytes"]
-        checks[name] = {"saved_bytes": saved, "stored_feedback_bytes": stored["feedback_bytes"],
-                        "saved_over_stored_feedback": saved / stored["feedback_bytes"]}
+        checks[name] = {
+            "saved_bytes": saved,
+            "stored_feedback_bytes": stored["feedback_bytes"],
+            "saved_over_stored_feedback": saved / stored["feedback_bytes"],
+        }
 
     title = f"peak memory of one training step, MLP {args.sizes}, tanh, batch {args.batch}, float32"
     print(f"\n{title}  ({jax.default_backend()}, {jax.devices()[0].device_kind})")
-    print(f"{'variant':<32}{'peak MiB':>10}{'temp MiB':>10}{'feedback MiB':>14}{'saved MiB':>11}"
-          f"{'saved / stored B':>18}{'time / stored':>15}")
+    print(
+        f"{'variant':<32}{'peak MiB':>10}{'temp MiB':>10}{'feedback MiB':>14}{'saved MiB':>11}"
+        f"{'saved / stored B':>18}{'time / stored':>15}"
+    )
     for name, row in rows.items():
         check = checks.get(name)
-        saved = f"{check['saved_bytes'] / MiB:>11.2f}{check['saved_over_stored_feedback']:>18.4f}" if check else " " * 29
+        saved = (
+            f"{check['saved_bytes'] / MiB:>11.2f}{check['saved_over_stored_feedback']:>18.4f}" if check else " " * 29
+        )
         timed = f"{row['time_over_stored']:>15.2f}" if "time_over_stored" in row else ""
-        print(f"{name:<32}{row['peak_bytes'] / MiB:>10.1f}{row['temp_bytes'] / MiB:>10.2f}"
-              f"{row['feedback_bytes'] / MiB:>14.2f}{saved}{timed}")
+        print(
+            f"{name:<32}{row['peak_bytes'] / MiB:>10.1f}{row['temp_bytes'] / MiB:>10.2f}"
+            f"{row['feedback_bytes'] / MiB:>14.2f}{saved}{timed}"
+        )
 
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"title": title, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-                   "jax": jax.__version__, "rows": rows, "checks": checks, "checked": CHECKED,
-                   "args": vars(args)}, f, indent=2)
+        json.dump(
+            {
+                "title": title,
+                "backend": jax.default_backend(),
+                "device": jax.devices()[0].device_kind,
+                "jax": jax.__version__,
+                "rows": rows,
+                "checks": checks,
+                "checked": CHECKED,
+                "args": vars(args),
+            },
+            f,
+            indent=2,
+        )
     print(f"wrote {args.out}")
     if not args.quick:  # at smoke-test sizes one tile is a whole B
         assert checks[CHECKED]["saved_over_stored_feedback"] >= 0.99, (CHECKED, checks[CHECKED])

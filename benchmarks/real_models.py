@@ -54,7 +54,10 @@ def digits():
 def plain_mlp():
     keys = jax.random.split(jax.random.key(0), 3)
     sizes = [64, 128, 128, 10]
-    params = [{"w": jax.random.normal(k, (m, n)) / m**0.5, "b": jnp.zeros(n)} for k, m, n in zip(keys, sizes, sizes[1:])]
+    params = [
+        {"w": jax.random.normal(k, (m, n)) / m**0.5, "b": jnp.zeros(n)}
+        for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
+    ]
 
     def model(p, x):
         h = x.reshape(x.shape[0], -1)
@@ -67,8 +70,11 @@ def plain_mlp():
 
 def plain_cnn():
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    params = {"c1": jax.random.normal(k1, (16, 1, 3, 3)) / 3, "c2": jax.random.normal(k2, (32, 16, 3, 3)) / 12,
-              "w": jax.random.normal(k3, (32 * 4 * 4, 10)) / 23}
+    params = {
+        "c1": jax.random.normal(k1, (16, 1, 3, 3)) / 3,
+        "c2": jax.random.normal(k2, (32, 16, 3, 3)) / 12,
+        "w": jax.random.normal(k3, (32 * 4 * 4, 10)) / 23,
+    }
 
     def model(p, x):  # NCHW, OIHW: lax.conv's defaults
         h = jax.nn.relu(jax.lax.conv(x[:, None], p["c1"], (1, 1), "SAME"))
@@ -81,8 +87,11 @@ def plain_cnn():
 def scanned_mlp():
     """Four equal hidden layers stacked and run by ``lax.scan`` (one feedback per layer)."""
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-    params = {"inp": jax.random.normal(k1, (64, 64)) / 8, "stack": jax.random.normal(k2, (4, 64, 64)) / 8,
-              "out": jax.random.normal(k3, (64, 10)) / 8}
+    params = {
+        "inp": jax.random.normal(k1, (64, 64)) / 8,
+        "stack": jax.random.normal(k2, (4, 64, 64)) / 8,
+        "out": jax.random.normal(k3, (64, 10)) / 8,
+    }
 
     def model(p, x):
         h = jnp.tanh(x.reshape(x.shape[0], -1) @ p["inp"])
@@ -100,8 +109,11 @@ def equinox_mlp():
 
 def equinox_cnn():
     keys = jax.random.split(jax.random.key(0), 3)
-    net = [eqx.nn.Conv2d(1, 16, 3, padding=1, key=keys[0]), eqx.nn.Conv2d(16, 32, 3, stride=2, padding=1, key=keys[1]),
-           eqx.nn.Linear(32 * 4 * 4, 10, key=keys[2])]
+    net = [
+        eqx.nn.Conv2d(1, 16, 3, padding=1, key=keys[0]),
+        eqx.nn.Conv2d(16, 32, 3, stride=2, padding=1, key=keys[1]),
+        eqx.nn.Linear(32 * 4 * 4, 10, key=keys[2]),
+    ]
     params, static = eqx.partition(net, eqx.is_inexact_array)
 
     def model(p, x):
@@ -128,7 +140,9 @@ class LoRAClassifier(nnx.Module):
 class LinenNet(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = True):
-        dense = lambda n: nn.Dense(n, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("in", "out")))
+        dense = lambda n: nn.Dense(
+            n, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("in", "out"))
+        )
         h = nn.relu(dense(128)(x.reshape(x.shape[0], -1)))
         h = nn.Dropout(0.1, deterministic=not train)(h)
         return dense(10)(nn.relu(dense(128)(h)))
@@ -136,14 +150,21 @@ class LinenNet(nn.Module):
 
 def plain_transformer(vocab, d=32, seq=32, layers=2):
     ks = iter(jax.random.split(jax.random.key(0), 8))
-    normal = lambda shape, fan: jax.random.normal(next(ks), shape) / fan**0.5  # noqa: E731
-    params = {"embed": normal((vocab, d), d), "pos": normal((seq, d), d),
-              "blocks": {"scale": jnp.ones((layers, d)), "qkv": normal((layers, d, 3 * d), d),
-                         "out": normal((layers, d, d), d), "up": normal((layers, d, 4 * d), d),
-                         "down": normal((layers, 4 * d, d), 4 * d)}}
+    normal = lambda shape, fan: jax.random.normal(next(ks), shape) / fan**0.5
+    params = {
+        "embed": normal((vocab, d), d),
+        "pos": normal((seq, d), d),
+        "blocks": {
+            "scale": jnp.ones((layers, d)),
+            "qkv": normal((layers, d, 3 * d), d),
+            "out": normal((layers, d, d), d),
+            "up": normal((layers, d, 4 * d), d),
+            "down": normal((layers, 4 * d, d), 4 * d),
+        },
+    }
 
     def model(p, ids):
-        b, t = ids.shape
+        t = ids.shape[1]
         h = p["embed"][ids] + p["pos"][:t]
 
         def block(h, q):
@@ -181,9 +202,14 @@ def train(name, params, model, rule, batches, evaluate, steps, learning_rate):
         params, state, feedback, value = step(params, state, feedback, t, x, y)
         losses.append(float(value))
     window = max(1, min(20, steps // 5))
-    return {"model": name, "rule": rule, "loss_start": float(np.mean(losses[:window])),
-            "loss_end": float(np.mean(losses[-window:])), "metric": float(evaluate(params, model)),
-            "finite": bool(np.isfinite(losses).all())}
+    return {
+        "model": name,
+        "rule": rule,
+        "loss_start": float(np.mean(losses[:window])),
+        "loss_end": float(np.mean(losses[-window:])),
+        "metric": float(evaluate(params, model)),
+        "finite": bool(np.isfinite(losses).all()),
+    }
 
 
 def main(argv=None):
@@ -213,7 +239,10 @@ def main(argv=None):
         "Equinox MLP": equinox_mlp(),
         "Equinox CNN": equinox_cnn(),
         "NNX LoRA + tied head": (nnx_params, lambda p, x: nnx.merge(graphdef, p, nnx_rest)(x)),
-        "Linen boxed + dropout": (linen_params, lambda p, x: linen.apply({"params": p}, x, rngs={"dropout": jax.random.key(3)})),
+        "Linen boxed + dropout": (
+            linen_params,
+            lambda p, x: linen.apply({"params": p}, x, rngs={"dropout": jax.random.key(3)}),
+        ),
     }
     text = open(textwrap_module.__file__).read()
     chars = sorted(set(text))
@@ -236,13 +265,19 @@ def main(argv=None):
     for name, (params, model) in models.items():
         for rule in RULES:
             rows.append(train(name, params, model, rule, digit_batches, accuracy, steps, 1e-3))
-            print(f"{name:<26} {rule:<6} loss {rows[-1]['loss_start']:.3f} -> {rows[-1]['loss_end']:.3f}  "
-                  f"test accuracy {rows[-1]['metric']:.3f}", flush=True)
+            print(
+                f"{name:<26} {rule:<6} loss {rows[-1]['loss_start']:.3f} -> {rows[-1]['loss_end']:.3f}  "
+                f"test accuracy {rows[-1]['metric']:.3f}",
+                flush=True,
+            )
     lm_params, lm = plain_transformer(len(chars))
     for rule in RULES:
         rows.append(train("plain JAX Transformer LM", lm_params, lm, rule, text_batches, bits_per_char, steps, 3e-3))
-        print(f"{'plain JAX Transformer LM':<26} {rule:<6} loss {rows[-1]['loss_start']:.3f} -> "
-              f"{rows[-1]['loss_end']:.3f}  valid bits/char {rows[-1]['metric']:.3f}", flush=True)
+        print(
+            f"{'plain JAX Transformer LM':<26} {rule:<6} loss {rows[-1]['loss_start']:.3f} -> "
+            f"{rows[-1]['loss_end']:.3f}  valid bits/char {rows[-1]['metric']:.3f}",
+            flush=True,
+        )
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"steps": steps, "rows": rows, "seconds": time.perf_counter() - started}, f, indent=2)

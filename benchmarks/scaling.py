@@ -20,16 +20,15 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import fa_jax as fj  # noqa: E402
-from fa_jax.models import init_mlp, mlp  # noqa: E402
-
-from _timing import add_timing_arguments, environment, paired_times  # noqa: E402
+import fa_jax as fj
+from _timing import add_timing_arguments, environment, paired_times
+from fa_jax.models import init_mlp, mlp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -68,8 +67,16 @@ def main(argv=None):
 
         for n in counts:
             mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
-            put = lambda tree, spec, mesh=mesh: jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, spec)), tree)  # noqa: E731
-            args_n = (put(params, P()), put(tx.init(params), P()), put(feedback, P()), put(x, P("data")), put(y, P("data")))
+            put = lambda tree, spec, mesh=mesh: jax.tree.map(
+                lambda a: jax.device_put(a, NamedSharding(mesh, spec)), tree
+            )
+            args_n = (
+                put(params, P()),
+                put(tx.init(params), P()),
+                put(feedback, P()),
+                put(x, P("data")),
+                put(y, P("data")),
+            )
             steps[f"{name}/{n}dev"] = lambda step=step, a=args_n: step(*a)
 
     times = paired_times(steps, args.rounds, args.repeats)
@@ -77,11 +84,16 @@ def main(argv=None):
     for key, values in times.items():
         name = key.split("/")[0]
         base = times[f"{name}/1dev"]
-        speedups = [b / t for t, b in zip(values, base)]
-        rows[key] = {"median_ratio_to_1dev": float(np.median([t / b for t, b in zip(values, base)])),
-                     "steps_per_s_over_1dev": float(np.median(speedups)), "median_ms": 1e3 * float(np.median(values))}
-    title = (f"data-parallel step time, MLP {args.sizes}, global batch {args.batch}, {args.rounds} paired rounds, "
-             f"{jax.device_count()} {jax.default_backend()} devices on {os.cpu_count()} cores")
+        speedups = [b / t for t, b in zip(values, base, strict=True)]
+        rows[key] = {
+            "median_ratio_to_1dev": float(np.median([t / b for t, b in zip(values, base, strict=True)])),
+            "steps_per_s_over_1dev": float(np.median(speedups)),
+            "median_ms": 1e3 * float(np.median(values)),
+        }
+    title = (
+        f"data-parallel step time, MLP {args.sizes}, global batch {args.batch}, {args.rounds} paired rounds, "
+        f"{jax.device_count()} {jax.default_backend()} devices on {os.cpu_count()} cores"
+    )
     print(f"\n{title}")
     print(f"{'rule / devices':<16}{'steps/s vs 1 device':>22}{'median ms':>12}")
     for key, row in rows.items():

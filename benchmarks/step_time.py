@@ -24,9 +24,8 @@ import jax.numpy as jnp
 import optax
 
 import fa_jax as fj
-from fa_jax.models import init_mlp, mlp
-
 from _timing import add_timing_arguments, median_ratio, paired_times, ratio_rows, report
+from fa_jax.models import init_mlp, mlp
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LEARNING_RATE = 1e-3
@@ -89,7 +88,7 @@ def hand_fused_dfa_step(params, projection, x, y):
     error = (jax.nn.softmax(logits) - jax.nn.one_hot(y, logits.shape[-1])) / x.shape[0]
     signal = error @ projection
     grads, offset = [], 0
-    for layer_in, h in zip(inputs[:-1], activations):
+    for layer_in, h in zip(inputs[:-1], activations, strict=True):
         width = h.shape[-1]
         delta = signal[:, offset : offset + width] * (1.0 - h * h)
         offset += width
@@ -106,7 +105,7 @@ def first_call_seconds(step, *args) -> float:
 
 
 def max_difference(a, b) -> float:
-    return max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(float(jnp.max(jnp.abs(u - v))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 def main(argv=None):

@@ -26,7 +26,6 @@ from flax import nnx
 import fa_jax
 import fa_jax.linen as flinen
 import fa_jax.nnx as fnnx
-
 from _timing import add_timing_arguments, environment, paired_times, ratio_rows
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -118,8 +117,10 @@ def main(argv=None):
     }
     shapes = {
         "cnn": f"CNN width {args.cnn_width}, 8x8x1 input, batch {args.cnn_batch}",
-        "transformer": f"Transformer 2 blocks, dim {args.dim}, {args.heads} heads, seq {args.seq}, "
-                       f"vocab 128, batch {args.tf_batch}",
+        "transformer": (
+            f"Transformer 2 blocks, dim {args.dim}, {args.heads} heads, seq {args.seq}, "
+            f"vocab 128, batch {args.tf_batch}"
+        ),
     }
     results = {}
     for name, steps in suites.items():
@@ -128,13 +129,18 @@ def main(argv=None):
         for api in ("nnx", "linen"):  # each API against its own BP, timed in the same rounds
             mine = {k: v for k, v in times.items() if k.startswith(api + "/")}
             rows.update(ratio_rows(mine, f"{api}/bp"))
-        rows = {k: {("median_ratio_to_bp" if k2.startswith("median_ratio") else k2): v for k2, v in row.items()}
-                for k, row in rows.items()}
+        rows = {
+            k: {("median_ratio_to_bp" if k2.startswith("median_ratio") else k2): v for k2, v in row.items()}
+            for k, row in rows.items()
+        }
         rows["linen/bp"]["median_ratio_linen_bp_to_nnx_bp"] = statistics.median(
-            a / b for a, b in zip(times["linen/bp"], times["nnx/bp"]))
+            a / b for a, b in zip(times["linen/bp"], times["nnx/bp"], strict=True)
+        )
         results[name] = {"shape": shapes[name], "rows": rows}
-        print(f"\n{shapes[name]}: {args.rounds} paired rounds x {args.repeats} steps "
-              f"({environment()['backend']}, {environment()['device']})")
+        print(
+            f"\n{shapes[name]}: {args.rounds} paired rounds x {args.repeats} steps "
+            f"({environment()['backend']}, {environment()['device']})"
+        )
         print(f"{'variant':<20}{'ratio to its bp':>16}{'IQR':>18}{'median ms':>12}")
         for variant, row in rows.items():
             iqr = row["ratio_iqr"]

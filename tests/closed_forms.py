@@ -54,7 +54,7 @@ def bp(rule, params, feedback, x, t, activation, step):
 
 
 def fa(rule, params, feedback, x, t, activation, step):
-    chain = [_drawn(rule, leaf, w.shape) for leaf, w in zip(_leaves(feedback, params), _kernels(params))]
+    chain = [_drawn(rule, leaf, w.shape) for leaf, w in zip(_leaves(feedback, params), _kernels(params), strict=True)]
     return reference.gradients(params, x, t, activation, chain=chain)
 
 
@@ -69,7 +69,10 @@ def usf(rule, params, feedback, x, t, activation, step):
 
 def frsf(rule, params, feedback, x, t, activation, step):
     kernels = _kernels(params)
-    chain = [reference.sign_matrix(w, _drawn(rule, leaf, w.shape)) for leaf, w in zip(_leaves(feedback, params), kernels)]
+    chain = [
+        reference.sign_matrix(w, _drawn(rule, leaf, w.shape))
+        for leaf, w in zip(_leaves(feedback, params), kernels, strict=True)
+    ]
     return reference.gradients(params, x, t, activation, chain=chain)
 
 
@@ -77,7 +80,7 @@ def brsf(rule, params, feedback, x, t, activation, step):
     kernels = _kernels(params)
     chain = [
         reference.sign_matrix(w, rule.init(jax.random.fold_in(leaf, step), w.shape, jnp.float32))
-        for leaf, w in zip(_leaves(feedback, params), kernels)
+        for leaf, w in zip(_leaves(feedback, params), kernels, strict=True)
     ]
     return reference.gradients(params, x, t, activation, chain=chain)
 
@@ -94,5 +97,14 @@ def shallow(rule, params, feedback, x, t, activation, step):
     return reference.gradients(params, x, t, activation, frozen=True)
 
 
-CLOSED_FORMS = {"bp": bp, "fa": fa, "kp": fa, "usf": usf, "frsf": frsf, "brsf": brsf, "dfa": dfa, "drtp": drtp,
-                "shallow": shallow}
+CLOSED_FORMS = {
+    "bp": bp,
+    "fa": fa,
+    "kp": fa,
+    "usf": usf,
+    "frsf": frsf,
+    "brsf": brsf,
+    "dfa": dfa,
+    "drtp": drtp,
+    "shallow": shallow,
+}

@@ -11,7 +11,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 # A rule defined in the tests only joins the registry, so every suite parametrized over
 # fa_jax.RULES runs it through its entry point too (tests/scaled_sign.py).
-import closed_forms  # noqa: E402
-import scaled_sign  # noqa: E402
+import closed_forms
+import scaled_sign
 
 closed_forms.CLOSED_FORMS[scaled_sign.ScaledSign.name] = scaled_sign.closed_form

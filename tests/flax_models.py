@@ -55,8 +55,9 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, vocab: int = 128, seq: int = 32, dim: int = 32, heads: int = 2, depth: int = 2, *,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self, vocab: int = 128, seq: int = 32, dim: int = 32, heads: int = 2, depth: int = 2, *, rngs: nnx.Rngs
+    ):
         self.embed = nnx.Embed(vocab, dim, rngs=rngs)
         self.position = nnx.Param(jax.random.normal(rngs.params(), (seq, dim)) * 0.02)
         self.blocks = nnx.List([Block(dim, heads, rngs=rngs) for _ in range(depth)])

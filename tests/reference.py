@@ -58,17 +58,17 @@ def gradients(params, x, t, activation, *, chain=None, direct=None, source="erro
     depth = len(params)
     deltas = [None] * depth
     deltas[-1] = e
-    for l in range(depth - 2, -1, -1):
+    for layer in range(depth - 2, -1, -1):
         if frozen:
-            back = np.zeros_like(pre[l])
+            back = np.zeros_like(pre[layer])
         elif direct is not None:
             signal = e if source == "error" else t / y.shape[0]
-            back = signal @ np.asarray(direct[l], np.float64)
+            back = signal @ np.asarray(direct[layer], np.float64)
         else:
-            matrix = params[l + 1]["kernel"] if chain is None else np.asarray(chain[l + 1], np.float64)
-            back = deltas[l + 1] @ matrix.T
-        deltas[l] = back * fprime(pre[l])
-    grads = [{"kernel": hs[l].T @ deltas[l], "bias": deltas[l].sum(0)} for l in range(depth)]
+            matrix = params[layer + 1]["kernel"] if chain is None else np.asarray(chain[layer + 1], np.float64)
+            back = deltas[layer + 1] @ matrix.T
+        deltas[layer] = back * fprime(pre[layer])
+    grads = [{"kernel": hs[layer].T @ deltas[layer], "bias": deltas[layer].sum(0)} for layer in range(depth)]
     return mse(y, t), grads
 
 

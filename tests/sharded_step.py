@@ -15,13 +15,14 @@ import sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import fa_jax as fj  # noqa: E402
-from fa_jax.models import init_mlp, mlp  # noqa: E402
+import fa_jax as fj
+from fa_jax.models import init_mlp, mlp
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
@@ -48,16 +49,23 @@ def report(rule_name: str) -> dict:
 
     want = jax.jit(step)(params, tx.init(params), feedback, x, t)
     report = {}
+
+    def put(tree, spec, mesh):
+        return jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, spec)), tree)
+
     for layout, mesh_shape, kernel_spec in (("data", (4, 1), P()), ("data+model", (2, 2), P(None, "model"))):
         mesh = jax.make_mesh(mesh_shape, ("data", "model"))
-        put = lambda tree, spec: jax.tree.map(lambda a: jax.device_put(a, NamedSharding(mesh, spec)), tree)  # noqa: E731
-        sp = [{"kernel": put(layer["kernel"], kernel_spec), "bias": put(layer["bias"], P(*kernel_spec[1:]))}
-              for layer in params]
+        sp = [
+            {"kernel": put(layer["kernel"], kernel_spec, mesh), "bias": put(layer["bias"], P(*kernel_spec[1:]), mesh)}
+            for layer in params
+        ]
         sfb = fj.shard_feedback(feedback, sp)
-        sx, st = put(x, P("data", None)), put(t, P("data", None))
+        sx, st = put(x, P("data", None), mesh), put(t, P("data", None), mesh)
         fn = jax.jit(step)
         got = fn(sp, tx.init(sp), sfb, sx, st)
-        err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+        err = max(
+            float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+        )
         matrices = [leaf for leaf in jax.tree.leaves(got[2].weights) if leaf.ndim == 2]
         report[layout] = {
             "max_abs_diff": err,

@@ -10,14 +10,16 @@ import os
 import subprocess
 import sys
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_quick(script: str, out: str) -> dict:
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", "--out", out],
-        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "wrote" in result.stdout

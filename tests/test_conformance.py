@@ -51,7 +51,11 @@ def problem():
 
 def as_layers(weights_by_path: dict, names: list[str]) -> dict:
     """``{"<i>/kernel": leaf}`` from a feedback keyed by the entry point's own parameter paths."""
-    return {f"{i}/kernel": weights_by_path[f"{name}/kernel"] for i, name in enumerate(names) if f"{name}/kernel" in weights_by_path}
+    return {
+        f"{i}/kernel": weights_by_path[f"{name}/kernel"]
+        for i, name in enumerate(names)
+        if f"{name}/kernel" in weights_by_path
+    }
 
 
 def in_closed_form_layout(feedback: fj.Feedback, names: list[str]) -> fj.Feedback:
@@ -133,7 +137,7 @@ class NNXMLP(nnx.Module):
     def __init__(self, params):
         rngs = nnx.Rngs(0)
         self.layers = nnx.List([nnx.Linear(*layer["kernel"].shape, rngs=rngs) for layer in params])
-        for linear, layer in zip(self.layers, params):
+        for linear, layer in zip(self.layers, params, strict=True):
             linear.kernel.set_value(layer["kernel"])
             linear.bias.set_value(layer["bias"])
 
@@ -234,7 +238,7 @@ LINEN_NAMES = [f"Dense_{i}" for i in range(len(SIZES) - 1)]
 
 
 def linen_params(params):
-    return {name: dict(layer) for name, layer in zip(LINEN_NAMES, params)}
+    return {name: dict(layer) for name, layer in zip(LINEN_NAMES, params, strict=True)}
 
 
 class Linen:
@@ -255,15 +259,20 @@ class Linen:
         p = linen_params(params)
         feedback = adapted.init_feedback({"params": p}, x, key=jax.random.key(2))
         after, fb_after = scan_training(adapted.value_and_grad(mse), rule, p, feedback, x, t, steps)
-        return (in_closed_form_layout(feedback, LINEN_NAMES), in_closed_form_layout(fb_after, LINEN_NAMES), params,
-                [after[n] for n in LINEN_NAMES])
+        return (
+            in_closed_form_layout(feedback, LINEN_NAMES),
+            in_closed_form_layout(fb_after, LINEN_NAMES),
+            params,
+            [after[n] for n in LINEN_NAMES],
+        )
 
 
 def runner_task(optimizer, steps):
     """The runner's tiny task with the closed form's loss: MSE against one-hot labels."""
     task = reliability_task.make_task(steps=steps, eval_every=steps)
     return task._replace(
-        loss=lambda outputs, labels: mse(outputs, jax.nn.one_hot(labels, outputs.shape[-1])), optimizer=optimizer,
+        loss=lambda outputs, labels: mse(outputs, jax.nn.one_hot(labels, outputs.shape[-1])),
+        optimizer=optimizer,
         init_params=lambda *, key: init_mlp(reliability_task.SIZES, key=key),
     )
 
@@ -324,7 +333,7 @@ def learns(rule, params, x) -> bool:
 
 def kolen_pollack_law(rule, before, after, params, trained, steps):
     """``B − W ← (1 − decay)(B − W)`` every step, whatever the optimizer did to W."""
-    for i, (w0, w1) in enumerate(zip(params, trained)):
+    for i, (w0, w1) in enumerate(zip(params, trained, strict=True)):
         gap0 = np.asarray(before.weights[f"{i}/kernel"]) - np.asarray(w0["kernel"])
         gap = np.asarray(after.weights[f"{i}/kernel"]) - np.asarray(w1["kernel"])
         np.testing.assert_allclose(gap, gap0 * (1 - rule.decay) ** steps, rtol=1e-4, atol=1e-6)
@@ -339,7 +348,7 @@ def test_feedback_after_100_steps_of_adamw_with_weight_decay(rule, entry):
     rule = fj.get_rule(rule)
     params, x, t = problem()
     before, after, start, trained = ENTRY_POINTS[entry].train(rule, params, x, t, 100)
-    assert any(not np.allclose(a["kernel"], b["kernel"]) for a, b in zip(start, trained))  # it trained
+    assert any(not np.allclose(a["kernel"], b["kernel"]) for a, b in zip(start, trained, strict=True))  # it trained
     check_feedback_law(rule, params, x, before, after, start, trained, 100)
 
 
@@ -347,7 +356,7 @@ def check_feedback_law(rule, params, x, before, after, start, trained, steps):
     """Fixed feedback bit-identical; learned feedback as its law says."""
     if not learns(rule, params, x):
         assert jax.tree.structure(after) == jax.tree.structure(before)
-        for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+        for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before), strict=True):
             if jax.dtypes.issubdtype(b.dtype, jax.dtypes.prng_key):
                 a, b = jax.random.key_data(a), jax.random.key_data(b)
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -364,5 +373,5 @@ def test_the_runner_trains_each_rule_as_its_closed_form_and_law_say(rule):
     _, want = CLOSED_FORMS[rule.name](rule, params, feedback, x, t, "tanh", 0)
     got = [{"kernel": np.asarray(g["kernel"], np.float64), "bias": np.asarray(g["bias"], np.float64)} for g in grads]
     chex.assert_trees_all_close(got, want, rtol=5e-5, atol=2e-6)
-    assert any(not np.allclose(a["kernel"], b["kernel"]) for a, b in zip(params, trained))
+    assert any(not np.allclose(a["kernel"], b["kernel"]) for a, b in zip(params, trained, strict=True))
     check_feedback_law(rule, params, x, feedback, fb_after, params, trained, 100)

@@ -37,7 +37,7 @@ def random_case(seed, dtype=jnp.float32):
 
 
 def assert_tree_close(got, want, tol=2e-5):
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(g, np.float64), w, rtol=tol, atol=tol)
 
 
@@ -58,14 +58,26 @@ def test_every_rule_matches_its_closed_form(seed, name, jit):
 
 @pytest.mark.parametrize(
     "rule",
-    [fj.USF(scale=0.3), fj.FRSF(regenerate=True), fj.FA(regenerate=True), fj.DFA(regenerate=True),
-     fj.DFA(shared_prefix=True, init=fj.tinydfa_uniform()), fj.DRTP(regenerate=True), fj.DRTP(shared_prefix=True),
-     # B and M drawn in 4-row tiles inside the backward (kernels of 6, 9 and 7 rows: ragged last tiles)
-     fj.FA(init=fj.Tiled(rows=4), regenerate=True), fj.FRSF(init=fj.Tiled(rows=4), regenerate=True),
-     fj.BRSF(init=fj.Tiled(rows=4))],
-    ids=lambda rule: rule.name + "".join(  # stable across processes (xdist): no function addresses
-        f"-{k}={getattr(v, '__name__', type(v).__name__ if callable(v) else v)}" for k, v in rule.config().items()
-        if v != type(rule).__dataclass_fields__[k].default
+    [
+        fj.USF(scale=0.3),
+        fj.FRSF(regenerate=True),
+        fj.FA(regenerate=True),
+        fj.DFA(regenerate=True),
+        fj.DFA(shared_prefix=True, init=fj.tinydfa_uniform()),
+        fj.DRTP(regenerate=True),
+        fj.DRTP(shared_prefix=True),
+        # B and M drawn in 4-row tiles inside the backward (kernels of 6, 9 and 7 rows: ragged last tiles)
+        fj.FA(init=fj.Tiled(rows=4), regenerate=True),
+        fj.FRSF(init=fj.Tiled(rows=4), regenerate=True),
+        fj.BRSF(init=fj.Tiled(rows=4)),
+    ],
+    ids=lambda rule: (
+        rule.name
+        + "".join(  # stable across processes (xdist): no function addresses
+            f"-{k}={getattr(v, '__name__', type(v).__name__ if callable(v) else v)}"
+            for k, v in rule.config().items()
+            if v != type(rule).__dataclass_fields__[k].default
+        )
     ),
 )
 def test_rule_options_match_their_closed_form(rule):
@@ -86,7 +98,7 @@ def test_bp_is_exactly_jax_value_and_grad(seed):
     model = mlp(activation)
     got = fj.value_and_grad(model, mse, "bp")(params, None, x, t)
     want = jax.value_and_grad(lambda p: mse(model(p, x), t))(params)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(g, w)
 
 
@@ -99,7 +111,7 @@ def test_feedback_equal_to_the_weights_is_bp(seed, name):
     as_weights = fj.Feedback({path: fj._feedback.by_path(params)[path] for path in feedback.weights})
     _, grads = fj.value_and_grad(model, mse, name)(params, as_weights, x, t)
     _, bp = fj.value_and_grad(model, mse, "bp")(params, None, x, t)
-    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(bp)):
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(bp), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
 
 
@@ -158,7 +170,7 @@ def test_vmap_over_seeds_equals_single_runs(name):
     batched = jax.jit(jax.vmap(one_seed))(seeds)
     for i in range(3):
         single = jax.jit(one_seed)(seeds[i])
-        for b, s in zip(jax.tree.leaves(batched), jax.tree.leaves(single)):
+        for b, s in zip(jax.tree.leaves(batched), jax.tree.leaves(single), strict=True):
             np.testing.assert_allclose(b[i], s, rtol=1e-5, atol=1e-6)
 
 
@@ -197,8 +209,16 @@ def test_training_loop_inside_lax_scan_follows_the_closed_form(name):
     assert losses.shape == (5,)
 
 
-@pytest.mark.parametrize("pair", [("fa", fj.FA(regenerate=True)), ("dfa", fj.DFA(regenerate=True)),
-                                  ("frsf", fj.FRSF(regenerate=True)), ("drtp", fj.DRTP(regenerate=True))], ids=lambda p: p[0])
+@pytest.mark.parametrize(
+    "pair",
+    [
+        ("fa", fj.FA(regenerate=True)),
+        ("dfa", fj.DFA(regenerate=True)),
+        ("frsf", fj.FRSF(regenerate=True)),
+        ("drtp", fj.DRTP(regenerate=True)),
+    ],
+    ids=lambda p: p[0],
+)
 def test_regenerated_feedback_gives_the_stored_numbers(pair):
     stored_name, rule = pair
     activation, params, x, t = random_case(3)
@@ -210,7 +230,7 @@ def test_regenerated_feedback_gives_the_stored_numbers(pair):
     assert leaves and all(jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) for leaf in leaves)
     got = jax.jit(fj.value_and_grad(model, mse, rule))(params, regenerated, x, t)
     want = jax.jit(fj.value_and_grad(model, mse, stored_name))(params, stored, x, t)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(g, w)
 
 
@@ -253,8 +273,11 @@ def test_layer_keys_are_stable_across_processes():
     outputs = {
         subprocess.run(
             # The same XLA flags as this process: compiler options may change the last bits.
-            [sys.executable, "-c", code], env=dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS="cpu"),
-            capture_output=True, text=True, check=True,
+            [sys.executable, "-c", code],
+            env=dict(os.environ, PYTHONHASHSEED=seed, JAX_PLATFORMS="cpu"),
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         for seed in ("1", "2")
     }

@@ -33,12 +33,14 @@ def as_bp(params, feedback):
 
 
 def assert_close(got, want, tol=1e-5):
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=tol, atol=tol)
 
 
 def assert_differ(got, want):
-    assert any(not np.allclose(g, w, atol=1e-5) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    assert any(
+        not np.allclose(g, w, atol=1e-5) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True)
+    )
 
 
 # --------------------------------------------------------------------------- a plain-JAX CNN (NCHW)
@@ -56,9 +58,14 @@ def cnn(params, x):
 
 def cnn_params(key):
     k1, k2, k3 = jax.random.split(key, 3)
-    return {"c1": jax.random.normal(k1, (3, 2, 3, 3)) * 0.4, "b1": jnp.full((3,), 0.1),
-            "c2": jax.random.normal(k2, (4, 3, 3, 3)) * 0.3, "b2": jnp.full((4,), -0.1),
-            "w": jax.random.normal(k3, (4 * 3 * 3, 5)) * 0.2, "b": jnp.zeros((5,))}
+    return {
+        "c1": jax.random.normal(k1, (3, 2, 3, 3)) * 0.4,
+        "b1": jnp.full((3,), 0.1),
+        "c2": jax.random.normal(k2, (4, 3, 3, 3)) * 0.3,
+        "b2": jnp.full((4,), -0.1),
+        "w": jax.random.normal(k3, (4 * 3 * 3, 5)) * 0.2,
+        "b": jnp.zeros((5,)),
+    }
 
 
 def cnn_reference(params, x, t, backward):
@@ -102,7 +109,7 @@ def test_plain_jax_cnn_nchw_under_fa_and_dfa():
     assert [(t_.name, t_.shape) for t_ in dfa.layout.taps] == [("c2:in", (3, 6, 6)), ("w:in", (36,))]
     _, got = jax.jit(fj.value_and_grad(cnn, mse, "dfa"))(params, dfa, x, t)
     split = np.cumsum([tap.size for tap in dfa.layout.taps])[:-1]
-    blocks = dict(zip(["c2:in", "w:in"], np.split(np.asarray(dfa.taps), split, axis=1)))
+    blocks = dict(zip(["c2:in", "w:in"], np.split(np.asarray(dfa.taps), split, axis=1), strict=True))
     assert_close(got, cnn_reference(params, x, t, {"kind": "direct", **blocks}))
 
 
@@ -110,7 +117,7 @@ def test_feedback_is_drawn_in_the_products_layout():
     """An OIHW conv kernel and an Equinox (out, in) weight get B with std 1/√fan_in, like their forward init."""
     lin = eqx.nn.Linear(400, 30, key=jax.random.key(0))
     params, static = eqx.partition(lin, eqx.is_inexact_array)
-    model = lambda p, x: jax.vmap(eqx.combine(p, static))(x)  # noqa: E731
+    model = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
     feedback = fj.init_feedback("fa", params, key=jax.random.key(1), model=model, inputs=jnp.ones((2, 400)))
     b = feedback.weights["weight"]
     assert b.shape == (30, 400)
@@ -119,8 +126,9 @@ def test_feedback_is_drawn_in_the_products_layout():
     canonical = fj.FA().init(fj.layer_key(jax.random.key(1), "weight"), (400, 30), jnp.float32)
     np.testing.assert_array_equal(b, canonical.T)
     kernel = {"k": jnp.ones((64, 16, 3, 3))}  # OIHW: fan_in = 16·3·3
-    fb = fj.init_feedback("fa", kernel, key=jax.random.key(2), model=lambda p, x: conv(x, p["k"]),
-                          inputs=jnp.ones((1, 16, 8, 8)))
+    fb = fj.init_feedback(
+        "fa", kernel, key=jax.random.key(2), model=lambda p, x: conv(x, p["k"]), inputs=jnp.ones((1, 16, 8, 8))
+    )
     np.testing.assert_allclose(float(fb.weights["k"].std()), 1 / np.sqrt(16 * 9), rtol=0.05)
 
 
@@ -130,7 +138,7 @@ def test_feedback_is_drawn_in_the_products_layout():
 def test_equinox_mlp_and_conv_net_unmodified():
     mlp_ = eqx.nn.MLP(6, 4, 8, 2, activation=jnp.tanh, key=jax.random.key(0))
     params, static = eqx.partition(mlp_, eqx.is_inexact_array)
-    model = lambda p, x: jax.vmap(eqx.combine(p, static))(x)  # noqa: E731
+    model = lambda p, x: jax.vmap(eqx.combine(p, static))(x)
     x = jax.random.normal(jax.random.key(1), (5, 6))
     t = jax.nn.one_hot(jnp.arange(5) % 4, 4)
     np_params = [{"kernel": layer.weight.T, "bias": layer.bias} for layer in mlp_.layers]
@@ -139,16 +147,24 @@ def test_equinox_mlp_and_conv_net_unmodified():
         feedback = fj.init_feedback(rule, params, key=jax.random.key(2), model=model, inputs=x)
         _, grads = jax.jit(fj.value_and_grad(model, mse, rule))(params, feedback, x, t)
         # The same MLP in the reference's layout: kernels (in, out) = weightᵀ, B likewise.
-        np_feedback = fj.Feedback({f"{i}/kernel": jnp.asarray(leaf).T if leaf.ndim == 2 else leaf
-                                   for i, leaf in enumerate(feedback.weights.values())}, feedback.taps, feedback.layout)
+        np_feedback = fj.Feedback(
+            {
+                f"{i}/kernel": jnp.asarray(leaf).T if leaf.ndim == 2 else leaf
+                for i, leaf in enumerate(feedback.weights.values())
+            },
+            feedback.taps,
+            feedback.layout,
+        )
         _, want = CLOSED_FORMS[name](rule, np_params, np_feedback, x, t, "tanh", None)
-        for layer, ref in zip(grads.layers, want):
+        for layer, ref in zip(grads.layers, want, strict=True):
             np.testing.assert_allclose(layer.weight.T, ref["kernel"], rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(layer.bias, ref["bias"], rtol=1e-4, atol=1e-5)
 
-    net = [eqx.nn.Conv2d(2, 3, 3, padding=1, key=jax.random.key(3)),
-           eqx.nn.Conv2d(3, 4, 3, stride=2, padding=1, key=jax.random.key(4)),
-           eqx.nn.Linear(4 * 3 * 3, 5, key=jax.random.key(5))]
+    net = [
+        eqx.nn.Conv2d(2, 3, 3, padding=1, key=jax.random.key(3)),
+        eqx.nn.Conv2d(3, 4, 3, stride=2, padding=1, key=jax.random.key(4)),
+        eqx.nn.Linear(4 * 3 * 3, 5, key=jax.random.key(5)),
+    ]
     cparams, cstatic = eqx.partition(net, eqx.is_inexact_array)
 
     def conv_model(p, x):
@@ -164,7 +180,9 @@ def test_equinox_mlp_and_conv_net_unmodified():
         assert_differ(grads, bp)
         assert_close(grads[-1], bp[-1], tol=1e-6)  # the output layer trains on its exact gradient
         if name == "fa":
-            assert_close(fj.value_and_grad(conv_model, mse, "fa")(cparams, as_bp(cparams, feedback), xi, ti)[1], bp, 1e-6)
+            assert_close(
+                fj.value_and_grad(conv_model, mse, "fa")(cparams, as_bp(cparams, feedback), xi, ti)[1], bp, 1e-6
+            )
 
 
 # --------------------------------------------------------------------------- scanned stacks, remat, cond
@@ -181,8 +199,8 @@ def stacked(params, x):
 
 def unrolled_params(params):
     layers = [params["inp"]]
-    layers += [jax.tree.map(lambda a: a[i], params["stack"]) for i in range(params["stack"]["kernel"].shape[0])]
-    return layers + [params["out"]]
+    layers += [jax.tree.map(lambda a, i=i: a[i], params["stack"]) for i in range(params["stack"]["kernel"].shape[0])]
+    return [*layers, params["out"]]
 
 
 @pytest.mark.parametrize("name", ["fa", "dfa", "usf", "drtp"])
@@ -190,9 +208,11 @@ def test_scanned_stack_gets_one_feedback_per_layer(name):
     """``lax.scan`` over stacked layers equals the unrolled MLP's closed form, layer by layer."""
     width, depth = 5, 3
     stack = init_mlp([width] * (depth + 1), key=jax.random.key(0))
-    params = {"inp": init_mlp([4, width], key=jax.random.key(1))[0],
-              "stack": jax.tree.map(lambda *a: jnp.stack(a), *stack),
-              "out": init_mlp([width, 3], key=jax.random.key(2))[0]}
+    params = {
+        "inp": init_mlp([4, width], key=jax.random.key(1))[0],
+        "stack": jax.tree.map(lambda *a: jnp.stack(a), *stack),
+        "out": init_mlp([width, 3], key=jax.random.key(2))[0],
+    }
     x = jax.random.normal(jax.random.key(3), (6, 4))
     t = jax.nn.one_hot(jnp.arange(6) % 3, 3)
     rule = fj.get_rule(name)
@@ -202,18 +222,26 @@ def test_scanned_stack_gets_one_feedback_per_layer(name):
     if rule.cuts:
         assert [(tap.name, tap.stack) for tap in feedback.layout.taps] == [("inp", ()), ("block", (depth,))]
         # The same columns serve the unrolled taps in order: inp, block[0], …, block[depth - 1].
-        unrolled = fj.Feedback({}, feedback.taps, feedback.layout._replace(
-            taps=tuple(fj.TapSpec(f"t{i}", (width,)) for i in range(depth + 1))))
+        unrolled = fj.Feedback(
+            {},
+            feedback.taps,
+            feedback.layout._replace(taps=tuple(fj.TapSpec(f"t{i}", (width,)) for i in range(depth + 1))),
+        )
     else:
         b = feedback.weights
-        unrolled = fj.Feedback({"0/kernel": b["inp/kernel"], **{f"{i + 1}/kernel": b["stack/kernel"][i] for i in range(depth)},
-                                f"{depth + 1}/kernel": b["out/kernel"]})
+        unrolled = fj.Feedback(
+            {
+                "0/kernel": b["inp/kernel"],
+                **{f"{i + 1}/kernel": b["stack/kernel"][i] for i in range(depth)},
+                f"{depth + 1}/kernel": b["out/kernel"],
+            }
+        )
         if name == "fa":
             assert not np.allclose(b["stack/kernel"][0], b["stack/kernel"][1])  # a distinct B per layer
     want_loss, want = CLOSED_FORMS[name](rule, layers, unrolled, x, t, "tanh", 2)
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
     got = unrolled_params(grads)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g["kernel"], w["kernel"], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(g["bias"], w["bias"], rtol=1e-4, atol=1e-5)
 
@@ -235,8 +263,12 @@ def test_remat_and_cond_blocks_give_the_plain_model_gradients(name):
         return h @ ps[-1]["kernel"] + ps[-1]["bias"]
 
     def conditional(ps, x):
-        h = jax.lax.cond(x.sum() > -1e9, lambda h: jnp.tanh(h @ ps[0]["kernel"] + ps[0]["bias"]),
-                         lambda h: jnp.zeros((h.shape[0], 6)), x)
+        h = jax.lax.cond(
+            x.sum() > -1e9,
+            lambda h: jnp.tanh(h @ ps[0]["kernel"] + ps[0]["bias"]),
+            lambda h: jnp.zeros((h.shape[0], 6)),
+            x,
+        )
         h = fj.tap(h, "layer_0")
         h = fj.tap(jnp.tanh(h @ ps[1]["kernel"] + ps[1]["bias"]), "layer_1")
         return h @ ps[-1]["kernel"] + ps[-1]["bias"]
@@ -256,7 +288,7 @@ def test_a_tap_inside_a_branch_is_refused():
         h = jax.lax.cond(x.sum() > 0, lambda h: fj.tap(jnp.tanh(h @ ps[0]["kernel"])), lambda h: h @ ps[0]["kernel"], x)
         return h @ ps[1]["kernel"]
 
-    with pytest.raises(ValueError, match="inside a lax.cond"):
+    with pytest.raises(ValueError, match=r"inside a lax\.cond"):
         fj.init_feedback("dfa", params, key=jax.random.key(0), model=model, inputs=jnp.ones((2, 4)))
 
 
@@ -272,11 +304,11 @@ def test_non_linear_weight_transforms_are_refused_or_marked_exact():
     params = {"w": jnp.ones((4, 3)) * 0.5, "a": jnp.ones((4, 2)) * 0.1, "b": jnp.ones((2, 3)) * 0.1}
     x = jax.random.normal(jax.random.key(0), (5, 4))
     t = jax.random.normal(jax.random.key(1), (5, 3))
-    normalised = lambda p, x: x @ (p["w"] / jnp.linalg.norm(p["w"]))  # noqa: E731
+    normalised = lambda p, x: x @ (p["w"] / jnp.linalg.norm(p["w"]))
     refused(normalised, {"w": params["w"]}, x, r"parameter 'w' is transformed non-linearly .* before this product")
-    merged = lambda p, x: x @ (p["w"] + p["a"] @ p["b"])  # noqa: E731  a merged LoRA
+    merged = lambda p, x: x @ (p["w"] + p["a"] @ p["b"])  # a merged LoRA
     refused(merged, params, x, r"'a', 'b'.*exact=")
-    hand = lambda p, x: (x[:, :, None] * p["w"][None]).sum(1)  # noqa: E731  a product written by hand
+    hand = lambda p, x: (x[:, :, None] * p["w"][None]).sum(1)  # a product written by hand
     refused(hand, {"w": params["w"]}, x, r"'w' multiplies an activation elementwise")
 
     @jax.custom_vjp
@@ -305,8 +337,12 @@ def test_a_scan_over_a_reshaped_stack_is_refused():
 
 def test_biases_scales_and_lookups_keep_their_exact_gradient():
     """Elementwise uses, as in biotorch and TinyDFA: only products get feedback."""
-    params = {"emb": jax.random.normal(jax.random.key(0), (7, 4)), "scale": jnp.ones((4,)) * 1.5,
-              "w": jax.random.normal(jax.random.key(1), (4, 3)), "b": jnp.ones((3,))}
+    params = {
+        "emb": jax.random.normal(jax.random.key(0), (7, 4)),
+        "scale": jnp.ones((4,)) * 1.5,
+        "w": jax.random.normal(jax.random.key(1), (4, 3)),
+        "b": jnp.ones((3,)),
+    }
 
     def model(p, ids):
         h = p["emb"][ids] * p["scale"]
@@ -341,9 +377,14 @@ def tiny_lm(params, ids):
 
 def lm_params(key, vocab=11, seq=6, d=8):
     ks = jax.random.split(key, 6)
-    return {"emb": jax.random.normal(ks[0], (vocab, d)) * 0.3, "pos": jax.random.normal(ks[1], (seq, d)) * 0.1,
-            "q": jax.random.normal(ks[2], (d, d)) * 0.3, "k": jax.random.normal(ks[3], (d, d)) * 0.3,
-            "v": jax.random.normal(ks[4], (d, d)) * 0.3, "mlp": jax.random.normal(ks[5], (d, d)) * 0.3}
+    return {
+        "emb": jax.random.normal(ks[0], (vocab, d)) * 0.3,
+        "pos": jax.random.normal(ks[1], (seq, d)) * 0.1,
+        "q": jax.random.normal(ks[2], (d, d)) * 0.3,
+        "k": jax.random.normal(ks[3], (d, d)) * 0.3,
+        "v": jax.random.normal(ks[4], (d, d)) * 0.3,
+        "mlp": jax.random.normal(ks[5], (d, d)) * 0.3,
+    }
 
 
 def token_loss(logits, ids):
@@ -360,7 +401,9 @@ def test_a_per_token_loss_finds_two_batch_dims():
     assert_close(got, want, tol=0)
     with pytest.raises(ValueError, match=r"batch_dims=1: .* would mix the tokens"):
         fj.init_feedback(fj.DFA(batch_dims=1), params, key=jax.random.key(2), model=tiny_lm, inputs=ids)
-    mixed = fj.init_feedback(fj.DFA(batch_dims=1, mix_batch=True), params, key=jax.random.key(2), model=tiny_lm, inputs=ids)
+    mixed = fj.init_feedback(
+        fj.DFA(batch_dims=1, mix_batch=True), params, key=jax.random.key(2), model=tiny_lm, inputs=ids
+    )
     assert mixed.layout.output.shape == (6, 11)  # one projection per sequence: what mix_batch asks for
     drtp = fj.init_feedback("drtp", params, key=jax.random.key(2), model=tiny_lm, inputs=ids)
     assert drtp.layout.batch_dims == 2
@@ -375,7 +418,9 @@ def test_a_coincidence_of_sizes_is_not_a_batch_dim():
     square = init_mlp([10, 10, 10], key=jax.random.key(0))
     with pytest.raises(ValueError, match=r"batch_dims: cannot tell whether axis 1 .* Pass batch_dims=1"):
         fj.init_feedback("dfa", square, key=jax.random.key(1), model=mlp("tanh"), inputs=jnp.ones((10, 10)))
-    told = fj.init_feedback(fj.DFA(batch_dims=1), square, key=jax.random.key(1), model=mlp("tanh"), inputs=jnp.ones((10, 10)))
+    told = fj.init_feedback(
+        fj.DFA(batch_dims=1), square, key=jax.random.key(1), model=mlp("tanh"), inputs=jnp.ones((10, 10))
+    )
     assert told.layout.output.shape == (10,)
 
 
@@ -397,7 +442,7 @@ def test_drtp_signal_is_a_mean_over_the_batch():
     model = mlp("tanh")
     x = jax.random.normal(jax.random.key(1), (4, 5))
     labels = jnp.array([0, 2, 1, 2])
-    loss = lambda o, y: optax.softmax_cross_entropy_with_integer_labels(o, y).mean()  # noqa: E731
+    loss = lambda o, y: optax.softmax_cross_entropy_with_integer_labels(o, y).mean()
     for name in ("bp", "dfa", "drtp"):
         feedback = fj.init_feedback(name, params, key=jax.random.key(2), model=model, inputs=x)
         grad_fn = fj.value_and_grad(model, loss, name)
@@ -413,7 +458,7 @@ def test_a_loss_linear_in_the_outputs_is_reported_for_dfa():
         return jax.nn.log_softmax(mlp("tanh")(p, x))
 
     x, labels = jnp.ones((4, 5)), jnp.array([0, 1, 2, 0])
-    linear = lambda out, y: -jnp.mean(jnp.sum(jax.nn.one_hot(y, 3) * out, -1))  # noqa: E731
+    linear = lambda out, y: -jnp.mean(jnp.sum(jax.nn.one_hot(y, 3) * out, -1))
     feedback = fj.init_feedback("dfa", params, key=jax.random.key(1), model=log_probs, inputs=x)
     with pytest.warns(UserWarning, match="linear in the model outputs"):
         fj.value_and_grad(log_probs, linear, "dfa")(params, feedback, x, labels)
@@ -422,8 +467,9 @@ def test_a_loss_linear_in_the_outputs_is_reported_for_dfa():
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fj.value_and_grad(mlp("tanh"), lambda o, y: optax.softmax_cross_entropy_with_integer_labels(o, y).mean(),
-                          "dfa")(params, plain, x, labels)
+        fj.value_and_grad(
+            mlp("tanh"), lambda o, y: optax.softmax_cross_entropy_with_integer_labels(o, y).mean(), "dfa"
+        )(params, plain, x, labels)
 
 
 # --------------------------------------------------------------------------- explicit sharding
@@ -473,7 +519,7 @@ def test_a_stacked_scale_is_elementwise_and_refusals_show_in_the_plan():
     rows = {row.path: row.treatment for row in fj.plan(model, params, x, "fa").params}
     assert rows == {"scale": "exact, elementwise (mul)", "w": "feedback (dense, 3 layers): float32[3, 4, 4]"}
     fj.init_feedback("fa", params, key=jax.random.key(0), model=model, inputs=x)  # not refused
-    hand = lambda p, x: (x[:, :, None] * p["w"][None]).sum(1)  # noqa: E731
+    hand = lambda p, x: (x[:, :, None] * p["w"][None]).sum(1)
     w = {"w": jnp.ones((4, 3))}
     assert fj.plan(hand, w, x, "fa").params[0].treatment.startswith("REFUSED: multiplies an activation")
     assert not fj.plan(hand, w, x, "bp").params[0].treatment.startswith("REFUSED")  # BP keeps Wᵀ anyway

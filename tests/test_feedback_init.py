@@ -41,7 +41,11 @@ def test_launay2019_std_per_layer():
         assert abs(b.mean()) < 4 * want / math.sqrt(c * d)
 
 
-@pytest.mark.parametrize("name, bound", [("xavier", lambda i, o: math.sqrt(6 / (i + o))), ("kaiming", lambda i, o: math.sqrt(6 / i))], ids=["xavier", "kaiming"])
+@pytest.mark.parametrize(
+    "name, bound",
+    [("xavier", lambda i, o: math.sqrt(6 / (i + o))), ("kaiming", lambda i, o: math.sqrt(6 / i))],
+    ids=["xavier", "kaiming"],
+)
 def test_xavier_and_kaiming_bounds(name, bound):
     init = getattr(fa_jax, name)()
     for shape, (fan_in, fan_out) in [((50, 30), (50, 30)), ((3, 3, 8, 16), (72, 144))]:
@@ -92,11 +96,16 @@ REGENERABLE = [
     (fa_jax.FRSF(), fa_jax.FRSF(regenerate=True)),
     (fa_jax.DFA(), fa_jax.DFA(regenerate=True)),
     (fa_jax.DFA(shared_prefix=True), fa_jax.DFA(shared_prefix=True, regenerate=True)),
-    (fa_jax.DRTP(shared_prefix=True, init=fa_jax.launay2019(9)), fa_jax.DRTP(shared_prefix=True, regenerate=True, init=fa_jax.launay2019(9))),
+    (
+        fa_jax.DRTP(shared_prefix=True, init=fa_jax.launay2019(9)),
+        fa_jax.DRTP(shared_prefix=True, regenerate=True, init=fa_jax.launay2019(9)),
+    ),
 ]
 
 
-@pytest.mark.parametrize("stored, regenerated", REGENERABLE, ids=["fa", "frsf", "dfa", "dfa-shared", "drtp-shared-launay"])
+@pytest.mark.parametrize(
+    "stored, regenerated", REGENERABLE, ids=["fa", "frsf", "dfa", "dfa-shared", "drtp-shared-launay"]
+)
 def test_regenerate_from_key_equals_stored(stored, regenerated):
     """Every rule with a random matrix can keep only keys and redraw B in the step: same numbers."""
     params = models.init_mlp(SIZES, key=jax.random.key(0))
@@ -107,7 +116,7 @@ def test_regenerate_from_key_equals_stored(stored, regenerated):
     fb_regen, g_regen = _feedback_and_grads(regenerated, params, x, y, jax.random.key(3))
     keys = [leaf for leaf in jax.tree.leaves(fb_regen) if fa_jax._checks.is_key(leaf)]
     assert keys and not any(fa_jax._checks.is_key(leaf) for leaf in jax.tree.leaves(fb_stored))
-    for a, b in zip(jax.tree.leaves(g_stored), jax.tree.leaves(g_regen)):
+    for a, b in zip(jax.tree.leaves(g_stored), jax.tree.leaves(g_regen), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
@@ -127,7 +136,9 @@ def test_rules_without_a_random_matrix_need_nothing_stored():
 BF16_RULES = [fa_jax.FA(), fa_jax.FRSF(), fa_jax.KolenPollack(), fa_jax.DFA(shared_prefix=True), fa_jax.DRTP()]
 
 
-@pytest.mark.parametrize("rule", BF16_RULES, ids=lambda r: f"{r.name}{'-shared' if getattr(r, 'shared_prefix', False) else ''}")
+@pytest.mark.parametrize(
+    "rule", BF16_RULES, ids=lambda r: f"{r.name}{'-shared' if getattr(r, 'shared_prefix', False) else ''}"
+)
 def test_bf16_feedback_with_float32_model(rule):
     """B stored in bf16 (half the memory), params, activations and grads in float32.
 
@@ -144,11 +155,13 @@ def test_bf16_feedback_with_float32_model(rule):
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))
     fb32 = jax.tree.map(lambda m: m.astype(jnp.float32), fb16)
     _, g32 = jax.jit(fa_jax.value_and_grad(MODEL, mse, rule))(params, fb32, x, y)
-    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32)):
+    for a, b in zip(jax.tree.leaves(g16), jax.tree.leaves(g32), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     if rule.name == "kp":  # the learned B stays bf16 through its update
         updates = jax.tree.map(lambda g: -0.1 * g, g16)
-        assert all(m.dtype == jnp.bfloat16 for m in jax.tree.leaves(fa_jax.update_feedback(rule, fb16, updates, params)))
+        assert all(
+            m.dtype == jnp.bfloat16 for m in jax.tree.leaves(fa_jax.update_feedback(rule, fb16, updates, params))
+        )
 
 
 @pytest.mark.parametrize("fan_in", [1, 4, 5, 8, 13])
@@ -157,7 +170,9 @@ def test_tiled_input_gradient_is_g_times_b_transposed(fan_in, use_jit):
     """The tile loop's dx equals NumPy ``g @ B.T`` for one tile, whole tiles and a ragged last tile."""
     init, shape = fa_jax.Tiled(rows=4), (fan_in, 6)
     key, g = jax.random.key(7), jax.random.normal(jax.random.key(8), (2, 3, 6))
-    dense_input_gradient = jax.jit(init.dense_input_gradient, static_argnums=2) if use_jit else init.dense_input_gradient
+    dense_input_gradient = (
+        jax.jit(init.dense_input_gradient, static_argnums=2) if use_jit else init.dense_input_gradient
+    )
     dx = dense_input_gradient(key, g, shape)
     b = np.asarray(init(key, shape, jnp.float32))
     np.testing.assert_allclose(np.asarray(dx), np.asarray(g) @ b.T, rtol=1e-5, atol=1e-6)
@@ -176,11 +191,13 @@ def test_tiled_regeneration_equals_stored_and_keeps_scale(distribution):
     cases = [(x3, jnp.stack([y, y]))] if distribution == "uniform" else [(x, y)]
     for inputs, targets in cases:
         fb_stored, g_stored = _feedback_and_grads(fa_jax.FA(init=init), params, inputs, targets, jax.random.key(3))
-        _, g_regen = _feedback_and_grads(fa_jax.FA(init=init, regenerate=True), params, inputs, targets, jax.random.key(3))
-        for a, c in zip(jax.tree.leaves(g_stored), jax.tree.leaves(g_regen)):
+        _, g_regen = _feedback_and_grads(
+            fa_jax.FA(init=init, regenerate=True), params, inputs, targets, jax.random.key(3)
+        )
+        for a, c in zip(jax.tree.leaves(g_stored), jax.tree.leaves(g_regen), strict=True):
             np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
     assert fb_stored.weights["1/kernel"].shape == (9, 5)
-    with pytest.raises(ValueError, match="Tiled.rows"):
+    with pytest.raises(ValueError, match=r"Tiled\.rows"):
         fa_jax.Tiled(rows=0)
     with pytest.raises(ValueError, match="dense kernels"):
         init(jax.random.key(0), (3, 3, 4, 5))

@@ -121,7 +121,9 @@ class Einsums(nnx.Module):
 
 
 def einsum_twin(p, x, B):
-    h = jnp.tanh(through(x, p["a/kernel"], B["a/kernel"], op=lambda a, k: jnp.einsum("bi,iho->bho", a, k)) + p["a/bias"])
+    h = jnp.tanh(
+        through(x, p["a/kernel"], B["a/kernel"], op=lambda a, k: jnp.einsum("bi,iho->bho", a, k)) + p["a/bias"]
+    )
     h = h.reshape(h.shape[0], -1)
     return through(h, p["b/kernel"], B["b/kernel"], op=lambda a, k: jnp.einsum("bk,ko->bo", a, k)) + p["b/bias"]
 
@@ -179,7 +181,9 @@ class Scanned(nnx.Module):
 def scanned_twin(p, x, B):
     h = jnp.tanh(through(x, p["inp/kernel"], B["inp/kernel"]) + p["inp/bias"])
     for layer in range(3):  # a distinct B per layer
-        h = jnp.tanh(through(h, p["blocks/lin/kernel"][layer], B["blocks/lin/kernel"][layer]) + p["blocks/lin/bias"][layer])
+        h = jnp.tanh(
+            through(h, p["blocks/lin/kernel"][layer], B["blocks/lin/kernel"][layer]) + p["blocks/lin/bias"][layer]
+        )
     return through(h, p["out/kernel"], B["out/kernel"]) + p["out/bias"]
 
 
@@ -216,8 +220,13 @@ CASES = {
     "raw_param": (RawParam, _dense(6), raw_twin, "lin/kernel", "w"),
     "subclass": (Subclassed, _dense(6), subclass_twin, "a/kernel", "b/kernel"),
     "einsum": (Einsums, _dense(6), einsum_twin, "a/kernel", "b/kernel"),
-    "conv_transpose": (Deconv, RNG.standard_normal((2, 4, 4, 1)).astype(np.float32), deconv_twin, "up/kernel",
-                       "out/kernel"),
+    "conv_transpose": (
+        Deconv,
+        RNG.standard_normal((2, 4, 4, 1)).astype(np.float32),
+        deconv_twin,
+        "up/kernel",
+        "out/kernel",
+    ),
     "scan": (Scanned, _dense(6), scanned_twin, "inp/kernel", "out/kernel"),
     "remat": (Remat, _dense(6), remat_twin, "inp/kernel", "out/kernel"),
 }
@@ -308,8 +317,10 @@ def test_dfa_cuts_every_layer_and_agrees_with_the_core(name):
     feedback = model.fa_feedback.get_value()
     assert feedback.layout.taps
     if name == "scan":  # one tap per scanned layer, each with its own B_l
-        assert [(tap.name, tap.stack) for tap in feedback.layout.taps] == [("blocks/lin/kernel:in", (3,)),
-                                                                            ("out/kernel:in", ())]
+        assert [(tap.name, tap.stack) for tap in feedback.layout.taps] == [
+            ("blocks/lin/kernel:in", (3,)),
+            ("out/kernel:in", ()),
+        ]
     bp = grads_of(plain, x, t)
     dfa = grads_of(model, x, t)
     hidden, last = CASES[name][3], CASES[name][4]
@@ -326,7 +337,7 @@ def test_dfa_cuts_every_layer_and_agrees_with_the_core(name):
 
 
 def test_plan_of_a_converted_model_lists_the_tied_table_once_as_feedback():
-    model, plain, x, _ = build("tied", "fa")
+    _, plain, x, _ = build("tied", "fa")
     graphdef, params = nnx.split(plain)
     text = str(fj.plan(lambda p, x: nnx.merge(graphdef, p)(x), params, x, "fa"))
     assert "embed/embedding" in text and "feedback" in text

@@ -30,8 +30,9 @@ def xent(logits, labels):
 
 def small():
     """The Transformer with NumPy-drawn values: its shapes come from nnx.eval_shape, no initializer compiles."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(vocab=VOCAB, seq=SEQ, dim=DIM, heads=2, depth=1,
-                                                                   rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(
+        nnx.eval_shape(lambda: Transformer(vocab=VOCAB, seq=SEQ, dim=DIM, heads=2, depth=1, rngs=nnx.Rngs(0)))
+    )
     rng = np.random.default_rng(1)
     return nnx.merge(graphdef, jax.tree.map(lambda a: (0.3 * rng.standard_normal(a.shape)).astype(a.dtype), state))
 

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 SCRIPT = textwrap.dedent(
-    r'''
+    r"""
     import json
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import AxisType, PartitionSpec as P
@@ -56,7 +56,9 @@ SCRIPT = textwrap.dedent(
 
     rng = np.random.default_rng(0)
     DATA = {
-        "mlp": (MLP, mse, rng.standard_normal((8, 8)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)),
+        "mlp": (
+            MLP, mse, rng.standard_normal((8, 8)).astype(np.float32), rng.standard_normal((8, 4)).astype(np.float32)
+        ),
         "lm": (LM, xent, rng.integers(0, 12, (8, 5)).astype(np.int32), rng.integers(0, 12, (8, 5)).astype(np.int32)),
     }
 
@@ -80,7 +82,9 @@ SCRIPT = textwrap.dedent(
                     batch = lambda a: jax.device_put(a, P("batch", *[None] * (a.ndim - 1)))
                     stateful, pure = grads(name, rule, True, batch(x), batch(t))
                 want, _ = grads(name, rule, False, x, t)
-                error = max(float(np.abs(np.asarray(g[p]) - np.asarray(want[p])).max()) for g in (stateful, pure) for p in want)
+                error = max(
+                    float(np.abs(np.asarray(g[p]) - np.asarray(want[p])).max()) for g in (stateful, pure) for p in want
+                )
                 scale = max(float(np.abs(np.asarray(w)).max()) for w in want.values())
                 kernel = "a/kernel" if name == "mlp" else "up/kernel"
                 results[f"{name}/{rule}"] = {"error": error, "scale": scale,
@@ -88,7 +92,7 @@ SCRIPT = textwrap.dedent(
             except Exception as exc:
                 results[f"{name}/{rule}"] = {"raised": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
     print("RESULTS", json.dumps(results))
-    '''
+    """
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -97,12 +101,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def results():
     # Unoptimised XLA backend: the programs are tiny and compiling them is what costs (about half the time).
-    flags = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    flags = (
+        "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0 "
+        "--xla_llvm_disable_expensive_passes=true"
+    )
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
-    return json.loads(lines[-1][len("RESULTS "):])
+    return json.loads(lines[-1][len("RESULTS ") :])
 
 
 def check(results, case):

@@ -46,8 +46,19 @@ def corrupt_key(kind: str):
 
 
 CORRUPTIONS = [
-    "none", "rule", "sizes", "key", "dtype", "params_dtype", "inputs_shape", "inputs_dtype",
-    "targets_shape", "feedback_model", "feedback_kind", "feedback_key", "activation",
+    "none",
+    "rule",
+    "sizes",
+    "key",
+    "dtype",
+    "params_dtype",
+    "inputs_shape",
+    "inputs_dtype",
+    "targets_shape",
+    "feedback_model",
+    "feedback_kind",
+    "feedback_key",
+    "activation",
 ]
 scenarios = st.fixed_dictionaries(
     {
@@ -85,7 +96,9 @@ def test_fuzz_training_api(corrupt, case):
         params = models.init_mlp(sizes, key=key, dtype=init_dtype)
         inputs = jnp.asarray(rng.normal(size=(batch, sizes[0])), jnp.float32)
         targets = jnp.asarray(rng.normal(size=(batch, sizes[-1])), jnp.float32)
-        feedback_key = corrupt_key(str(rng.choice(["raw", "int", "batch"]))) if corrupt == "feedback_key" else jax.random.key(7)
+        feedback_key = (
+            corrupt_key(str(rng.choice(["raw", "int", "batch"]))) if corrupt == "feedback_key" else jax.random.key(7)
+        )
         feedback = fa_jax.init_feedback(rule, params, key=feedback_key, model=model, inputs=inputs)
         if corrupt == "params_dtype":
             leaves, tree = jax.tree.flatten(params)
@@ -107,9 +120,11 @@ def test_fuzz_training_api(corrupt, case):
             feedback = fa_jax.init_feedback(rule, other, key=jax.random.key(7), model=model, inputs=inputs)
         elif corrupt == "feedback_kind" and rule in ("fa", "dfa"):
             other_rule = "dfa" if rule == "fa" else "fa"
-            feedback = [None, jnp.ones((2, 2)), fa_jax.init_feedback(other_rule, params, key=key, model=model, inputs=inputs)][
-                rng.integers(3)
-            ]
+            feedback = [
+                None,
+                jnp.ones((2, 2)),
+                fa_jax.init_feedback(other_rule, params, key=key, model=model, inputs=inputs),
+            ][rng.integers(3)]
         grad_fn = fa_jax.value_and_grad(model, mse, rule)
         if case["jit"]:
             grad_fn = jax.jit(grad_fn)
@@ -128,14 +143,16 @@ def test_fuzz_training_api(corrupt, case):
     if corrupt in ("feedback_model", "feedback_kind") and rule not in ("fa", "dfa"):
         expected = ()  # only FA's and DFA's feedback is corrupted here
     no_taps = isinstance(sizes, list) and len(sizes) == 2  # no hidden layer: nothing for a cutting rule to tap
-    if no_taps and fa_jax.get_rule(rule if rule in fa_jax.RULES else "bp").cuts and corrupt not in (
-        "rule", "sizes", "key", "dtype", "activation"
+    if (
+        no_taps
+        and fa_jax.get_rule(rule if rule in fa_jax.RULES else "bp").cuts
+        and corrupt not in ("rule", "sizes", "key", "dtype", "activation")
     ):
         expected = (*expected, "tap")
 
     try:
         params, (loss, grads) = run()
-    except Exception as error:  # noqa: BLE001 - the point is to classify every failure
+    except Exception as error:  # the point is to classify every failure
         event(f"{corrupt} -> {type(error).__name__}")
         assert expected, f"clean example failed: {type(error).__name__}: {error}"
         expect_named(error, expected)
@@ -144,7 +161,7 @@ def test_fuzz_training_api(corrupt, case):
     assert not expected, f"corrupted {corrupt!r} was accepted"
     assert np.isfinite(float(loss))
     assert jax.tree.structure(grads) == jax.tree.structure(params)
-    for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params)):
+    for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(params), strict=True):
         assert g.shape == p.shape and g.dtype == p.dtype
 
 
@@ -153,8 +170,13 @@ def test_unknown_rules_name_the_rule(rule):
     for call in (
         lambda: fa_jax.get_rule(rule),
         lambda: fa_jax.value_and_grad(models.mlp(), mse, rule),
-        lambda: fa_jax.init_feedback(rule, models.init_mlp([2, 2], key=jax.random.key(0)), key=jax.random.key(0),
-                                     model=models.mlp(), inputs=jnp.ones((1, 2))),
+        lambda: fa_jax.init_feedback(
+            rule,
+            models.init_mlp([2, 2], key=jax.random.key(0)),
+            key=jax.random.key(0),
+            model=models.mlp(),
+            inputs=jnp.ones((1, 2)),
+        ),
     ):
         with pytest.raises((ValueError, TypeError), match="rule"):
             call()

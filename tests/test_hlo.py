@@ -107,7 +107,9 @@ def hand_shallow(params, x, t):
 def test_engine_steps_equal_hand_written_steps():
     params, x, t = problem()
     (bp_dots, bp_flops), _ = engine_step("bp")
-    assert (bp_dots, bp_flops) == compiled(lambda p, x, t: jax.value_and_grad(lambda q: mse(MODEL(q, x), t))(p), params, x, t)
+    assert (bp_dots, bp_flops) == compiled(
+        lambda p, x, t: jax.value_and_grad(lambda q: mse(MODEL(q, x), t))(p), params, x, t
+    )
     (fa_dots, fa_flops), feedback = engine_step("fa")
     b = [feedback.weights[f"{i}/kernel"] for i in range(len(SIZES) - 1)]
     assert (fa_dots, fa_flops) == compiled(hand_fa, params, b, x, t)
@@ -120,10 +122,10 @@ def test_engine_steps_equal_hand_written_steps():
 def input_gradient_products(dots):
     """Dots mapping an error ``(batch, d_l)`` back to ``(batch, d_{l-1})`` through W_l, l ≥ 2."""
     found = []
-    for l in range(2, len(SIZES)):
-        for (operands, result) in dots:
-            if result == f"{BATCH},{SIZES[l - 1]}" and f"{SIZES[l - 1]},{SIZES[l]}" in operands:
-                found.append(l)
+    for layer in range(2, len(SIZES)):
+        for operands, result in dots:
+            if result == f"{BATCH},{SIZES[layer - 1]}" and f"{SIZES[layer - 1]},{SIZES[layer]}" in operands:
+                found.append(layer)
     return found
 
 

@@ -34,8 +34,10 @@ def mse(y, t):
 
 def data(n=8, seed=0):
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, SIZES[0])).astype(np.float32),
-            rng.standard_normal((n, SIZES[-1])).astype(np.float32))
+    return (
+        rng.standard_normal((n, SIZES[0])).astype(np.float32),
+        rng.standard_normal((n, SIZES[-1])).astype(np.float32),
+    )
 
 
 def layers_of(tree):
@@ -50,7 +52,7 @@ def closed_form(rule, params, feedback, x, t, step=None):
 
 
 def assert_layers_close(got, want, rtol=2e-5, atol=1e-6):
-    for g, w in zip(layers_of(got), want):
+    for g, w in zip(layers_of(got), want, strict=True):
         for name in ("kernel", "bias"):
             np.testing.assert_allclose(g[name], w[name], rtol=rtol, atol=atol)
 
@@ -98,9 +100,9 @@ def test_pure_value_and_grad_matches_closed_form_and_vmaps(rule, mlp_case):
     many = jax.vmap(lambda k: adapted.init_feedback(variables, x, key=k))(keys)
     _, swept = jax.vmap(grad_fn, in_axes=(None, 0, None, None))(variables["params"], many, x, t)
     for i in range(2):
-        one = jax.tree.map(lambda leaf: leaf[i], many)
+        one = jax.tree.map(lambda leaf, i=i: leaf[i], many)
         _, want = grad_fn(variables["params"], one, x, t)
-        for a, b in zip(jax.tree.leaves(swept), jax.tree.leaves(want)):
+        for a, b in zip(jax.tree.leaves(swept), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-7)
 
 
@@ -113,8 +115,9 @@ class Boxed(nn.Module):
         h = jnp.tanh(nn.Dense(8, kernel_init=init)(x))
         h = nn.Dropout(0.3, deterministic=not train)(h)
         h = nn.BatchNorm(use_running_average=not train)(h)
-        h = jnp.tanh(nn.Dense(6, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                                                          ("mlp", "embed")))(h))
+        h = jnp.tanh(
+            nn.Dense(6, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")))(h)
+        )
         return nn.Dense(3)(h)
 
 
@@ -139,6 +142,7 @@ def test_boxed_params_with_dropout_and_batch_stats(rule, boxed_case):
         def loss(p):
             y, updates = adapted.apply({**variables, "params": p}, feedback, x, rngs=rngs, mutable=["batch_stats"])
             return mse(y, t), updates
+
         return jax.grad(loss, has_aux=True)(params)
 
     def bp_loss(p):
@@ -148,7 +152,8 @@ def test_boxed_params_with_dropout_and_batch_stats(rule, boxed_case):
     got, updates = grads(variables["params"], feedback)
     bp, bp_updates = jit(jax.grad(bp_loss, has_aux=True))(variables["params"])
     assert isinstance(got["Dense_0"]["kernel"], nn.LogicallyPartitioned)
-    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(bp_updates)):  # same dropout mask, same statistics
+    # same dropout mask, same statistics
+    for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(bp_updates), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
     got, bp = by_path(got), by_path(bp)
     assert np.abs(got["Dense_0/kernel"] - bp["Dense_0/kernel"]).max() > 1e-4
@@ -181,7 +186,7 @@ def test_remat_block(rule):
     feedback = adapted.init_feedback(variables, x, key=jax.random.key(1))
     got = by_path(jax.grad(lambda p: mse(adapted.apply({"params": p}, feedback, x), t))(variables["params"]))
     bp = by_path(jax.grad(lambda p: mse(RematNet().apply({"params": p}, x), t))(variables["params"]))
-    remat_kernel = [p for p in bp if "kernel" in p and p not in ("Dense_0/kernel", "Dense_1/kernel")][0]
+    remat_kernel = next(p for p in bp if "kernel" in p and p not in ("Dense_0/kernel", "Dense_1/kernel"))
     if rule == "dfa":
         assert [tap.name for tap in feedback.layout.taps] == [f"{remat_kernel}:in", "Dense_1/kernel:in"]
     else:
@@ -237,7 +242,7 @@ def test_module_taps_and_the_jit_trap():
     jitted = jax.jit(model.apply)
     jitted(variables, x)
     trapped = flinen.adapt(jitted, "dfa", taps="macro", blocks=Block)
-    with pytest.raises(ValueError, match="none appeared in the traced program.*jitted"):
+    with pytest.raises(ValueError, match=r"none appeared in the traced program.*jitted"):
         trapped.apply(variables, feedback, x)
     # FA reads the jitted program as it is: nothing is intercepted, so nothing is lost.
     fa = flinen.adapt(jitted, "fa")
@@ -245,7 +250,7 @@ def test_module_taps_and_the_jit_trap():
     direct = flinen.adapt(model, "fa")
     a = jit(jax.grad(lambda p: mse(fa.apply({"params": p}, fa_feedback, x), t)))(variables["params"])
     b = jit(jax.grad(lambda p: mse(direct.apply({"params": p}, fa_feedback, x), t)))(variables["params"])
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-6)
 
 

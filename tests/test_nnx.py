@@ -6,6 +6,7 @@ adapter drew (renamed from ``layers/<i>/kernel`` to the core MLP's ``<i>/kernel`
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ jit = functools.partial(jax.jit, compiler_options=FAST)
 
 class MLP(nnx.Module):
     def __init__(self, sizes=SIZES, *, rngs, dtype=jnp.float32):
-        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs, param_dtype=dtype) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs, param_dtype=dtype) for a, b in itertools.pairwise(sizes)])
 
     def __call__(self, x):
         for layer in list(self.layers)[:-1]:
@@ -63,7 +64,7 @@ def closed_form(rule, model, x, t, step=None):
 
 
 def assert_layers_close(got, want, rtol=2e-5, atol=1e-6):
-    for g, w in zip(layers_of(got), want):
+    for g, w in zip(layers_of(got), want, strict=True):
         for name in ("kernel", "bias"):
             np.testing.assert_allclose(g[name], w[name], rtol=rtol, atol=atol)
 
@@ -95,7 +96,7 @@ def test_fa_with_w_as_b_is_bp_exactly_and_random_b_is_not():
     params = fj._feedback.by_path(nnx.state(model, nnx.Param))
     model.fa_feedback.set_value(dataclasses.replace(feedback, weights={p: params[p] for p in feedback.weights}))
     _, with_w = stateful_grads(model, x, t, jit=False)
-    for a, b in zip(jax.tree.leaves(with_w), jax.tree.leaves(bp)):
+    for a, b in zip(jax.tree.leaves(with_w), jax.tree.leaves(bp), strict=True):
         np.testing.assert_array_equal(a, b)
     first_bp, first_fa = layers_of(bp)[0]["kernel"], layers_of(random_b)[0]["kernel"]
     assert np.abs(np.asarray(first_bp) - np.asarray(first_fa)).max() > 1e-3
@@ -162,10 +163,10 @@ def test_fixed_feedback_unchanged_by_adamw_with_weight_decay(rule):
     for _ in range(20):
         step(model, optimizer)
     after = model.fa_feedback.get_value()
-    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
         np.testing.assert_array_equal(a, b)
     moved = jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    assert all(np.abs(np.asarray(a) - b).max() > 0 for a, b in zip(moved, jax.tree.leaves(params_before)))
+    assert all(np.abs(np.asarray(a) - b).max() > 0 for a, b in zip(moved, jax.tree.leaves(params_before), strict=True))
 
 
 def test_brsf_without_step_raises_and_evaluates():
@@ -221,7 +222,7 @@ def test_pure_path_vmaps_over_models():
     for i, (_, p, s) in enumerate(splits):
         loss, want = grad_fn(p, s, x, t)
         np.testing.assert_allclose(losses[i], loss, rtol=1e-6)
-        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
             np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-7)
 
 
@@ -276,7 +277,7 @@ def test_stateful_pure_and_core_agree():
     plain_graphdef, plain_params = nnx.split(plain)
     core_fn = fj.value_and_grad(lambda p, x: nnx.merge(plain_graphdef, p)(x), mse, "dfa")
     _, core = core_fn(plain_params, model.fa_feedback.get_value(), x, t)
-    for a, b, c in zip(jax.tree.leaves(stateful), jax.tree.leaves(pure), jax.tree.leaves(core)):
+    for a, b, c in zip(jax.tree.leaves(stateful), jax.tree.leaves(pure), jax.tree.leaves(core), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-7)
 
@@ -289,7 +290,7 @@ def test_bp_converts_like_every_rule_and_gives_bp_gradients():
     assert fnnx.rule_of(plain).name == "bp"  # an unconverted model trains with BP
     got = nnx.grad(lambda m: mse(m(x), t))(model)
     want = nnx.grad(lambda m: mse(m(x), t))(plain)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -325,7 +326,10 @@ def test_exact_weights_keep_their_transpose():
     assert set(feedback.weights) == {"layers/0/kernel", "layers/1/kernel"} and feedback.exact == ("layers/2/kernel",)
     _, grads = stateful_grads(model, x, t, jit=True)
     params = layers_of(nnx.state(model, nnx.Param))
-    chain = {"0/kernel": feedback.weights["layers/0/kernel"], "1/kernel": feedback.weights["layers/1/kernel"],
-             "2/kernel": params[2]["kernel"]}  # the exact layer: its own W in the backward
+    chain = {
+        "0/kernel": feedback.weights["layers/0/kernel"],
+        "1/kernel": feedback.weights["layers/1/kernel"],
+        "2/kernel": params[2]["kernel"],
+    }  # the exact layer: its own W in the backward
     want = CLOSED_FORMS["fa"](fj.FA(), params, dataclasses.replace(feedback, weights=chain), x, t, "tanh", None)[1]
     assert_layers_close(grads, want)

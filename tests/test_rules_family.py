@@ -12,6 +12,7 @@ References, written from the papers' equations for an MLP ``a_l = h_{l-1} W_l + 
 and ``∂W_l = h_{l-1}ᵀ δ_l``, ``∂b_l = Σ_n δ_l``.
 """
 
+import itertools
 import math
 
 import hypothesis
@@ -56,19 +57,19 @@ def np_reference(params, x, t, *, chain=None, direct=None, direct_source="error"
     e = (y - t) / y.shape[0]
     deltas = [None] * len(params)
     deltas[-1] = e
-    for l in range(len(params) - 2, -1, -1):
+    for layer in range(len(params) - 2, -1, -1):
         if chain is not None:
-            back = deltas[l + 1] @ np.asarray(chain[l + 1], np.float64).T
+            back = deltas[layer + 1] @ np.asarray(chain[layer + 1], np.float64).T
         else:
             source = e if direct_source == "error" else t
-            back = source @ np.asarray(direct[l], np.float64)
-        deltas[l] = back * (1.0 - np.tanh(pre[l]) ** 2)
-    grads = [{"kernel": hs[l].T @ deltas[l], "bias": deltas[l].sum(0)} for l in range(len(params))]
+            back = source @ np.asarray(direct[layer], np.float64)
+        deltas[layer] = back * (1.0 - np.tanh(pre[layer]) ** 2)
+    grads = [{"kernel": hs[layer].T @ deltas[layer], "bias": deltas[layer].sum(0)} for layer in range(len(params))]
     return 0.5 * np.sum((y - t) ** 2) / y.shape[0], grads
 
 
 def assert_grads_close(grads, ref, rtol=2e-5, atol=2e-6):
-    for got, want in zip(grads, ref):
+    for got, want in zip(grads, ref, strict=True):
         for name in ("kernel", "bias"):
             np.testing.assert_allclose(np.asarray(got[name]), want[name], rtol=rtol, atol=atol)
 
@@ -112,9 +113,11 @@ def test_sign_of_b_equals_sign_of_w_at_every_step(name, seed, widths):
     def train_step(params, step):
         _, grads = grad_fn(params, feedback, x, onehot, step=step)
         params = jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
-        mats = [rule.backward_matrix(layer["kernel"], leaf, spec=specs[2 * i + 1], step=step)
-                for i, (layer, leaf) in enumerate(zip(params, kernels(feedback, params)))]
-        agree = [jnp.all(jnp.sign(b) == jnp.sign(layer["kernel"])) for b, layer in zip(mats, params)]
+        mats = [
+            rule.backward_matrix(layer["kernel"], leaf, spec=specs[2 * i + 1], step=step)
+            for i, (layer, leaf) in enumerate(zip(params, kernels(feedback, params), strict=True))
+        ]
+        agree = [jnp.all(jnp.sign(b) == jnp.sign(layer["kernel"])) for b, layer in zip(mats, params, strict=True)]
         return params, jnp.stack(agree)
 
     _, agree = jax.lax.scan(train_step, params, jnp.arange(4))
@@ -157,7 +160,7 @@ def test_kolen_pollack_angle_falls_toward_zero():
         losses.extend(np.asarray(chunk_losses))
     angles.append(angle(state[1].weights["1/kernel"], state[0][1]["kernel"]))
     assert angles[0] > 60.0  # an independent random B is near-orthogonal to W
-    assert all(later < earlier for earlier, later in zip(angles, angles[1:])), angles
+    assert all(later < earlier for earlier, later in itertools.pairwise(angles)), angles
     assert angles[-1] < 5.0, angles
     assert losses[-1] < 0.5 * losses[0]
     gap0 = np.asarray(feedback.weights["0/kernel"] - params[0]["kernel"])
@@ -189,19 +192,21 @@ def test_drtp_hidden_updates_do_not_depend_on_the_output_error(loss_name):
     feedback = fa_jax.init_feedback(rule, params, key=jax.random.key(2), model=MODEL, inputs=x)
     loss = mse_onehot_labels if loss_name == "mse" else cross_entropy
     grad_fn = jax.jit(fa_jax.value_and_grad(MODEL, loss, rule))
-    other = list(params[:-1]) + [{"kernel": params[-1]["kernel"] * -3.0 + 0.5, "bias": params[-1]["bias"] + 1.0}]
+    other = [*params[:-1], {"kernel": params[-1]["kernel"] * -3.0 + 0.5, "bias": params[-1]["bias"] + 1.0}]
     other_loss = cross_entropy if loss_name == "mse" else mse_onehot_labels
     _, grads = grad_fn(params, feedback, x, labels)
     _, grads_other_w = grad_fn(other, feedback, x, labels)
     _, grads_other_loss = jax.jit(fa_jax.value_and_grad(MODEL, other_loss, rule))(params, feedback, x, labels)
     for changed in (grads_other_w, grads_other_loss):
-        for got, want in zip(changed[:-1], grads[:-1]):
+        for got, want in zip(changed[:-1], grads[:-1], strict=True):
             np.testing.assert_array_equal(got["kernel"], want["kernel"])
             np.testing.assert_array_equal(got["bias"], want["bias"])
         assert not np.allclose(changed[-1]["kernel"], grads[-1]["kernel"])  # the output block sees the error
     dfa = fa_jax.init_feedback("dfa", params, key=jax.random.key(2), model=MODEL, inputs=x)
     dfa_fn = jax.jit(fa_jax.value_and_grad(MODEL, loss, "dfa"))
-    assert not np.allclose(dfa_fn(params, dfa, x, labels)[1][0]["kernel"], dfa_fn(other, dfa, x, labels)[1][0]["kernel"])
+    assert not np.allclose(
+        dfa_fn(params, dfa, x, labels)[1][0]["kernel"], dfa_fn(other, dfa, x, labels)[1][0]["kernel"]
+    )
 
 
 def mse_onehot_labels(outputs, labels):
@@ -215,14 +220,22 @@ def test_drtp_labels_and_one_hot_targets_give_the_same_hidden_updates():
     feedback = fa_jax.init_feedback(rule, params, key=jax.random.key(2), model=MODEL, inputs=x)
     _, from_onehot = fa_jax.value_and_grad(MODEL, mse, rule)(params, feedback, x, onehot)
     _, from_labels = fa_jax.value_and_grad(MODEL, mse_onehot_labels, rule)(params, feedback, x, labels)
-    for got, want in zip(from_labels[:-1], from_onehot[:-1]):
+    for got, want in zip(from_labels[:-1], from_onehot[:-1], strict=True):
         np.testing.assert_allclose(got["kernel"], want["kernel"], rtol=1e-6, atol=1e-7)
 
 
 def test_rule_registry():
-    for name, cls in [("bp", fa_jax.BP), ("fa", fa_jax.FA), ("dfa", fa_jax.DFA), ("usf", fa_jax.USF),
-                      ("frsf", fa_jax.FRSF), ("brsf", fa_jax.BRSF), ("kp", fa_jax.KolenPollack),
-                      ("drtp", fa_jax.DRTP), ("shallow", fa_jax.Shallow)]:
+    for name, cls in [
+        ("bp", fa_jax.BP),
+        ("fa", fa_jax.FA),
+        ("dfa", fa_jax.DFA),
+        ("usf", fa_jax.USF),
+        ("frsf", fa_jax.FRSF),
+        ("brsf", fa_jax.BRSF),
+        ("kp", fa_jax.KolenPollack),
+        ("drtp", fa_jax.DRTP),
+        ("shallow", fa_jax.Shallow),
+    ]:
         assert type(fa_jax.get_rule(name)) is cls and type(fa_jax.get_rule(name.upper())) is cls
         assert fa_jax.RULES[name] is cls
     with pytest.raises(ValueError, match=r"unknown rule 'sign'.*brsf.*drtp.*kp.*usf"):
@@ -235,7 +248,10 @@ def test_rule_registry():
 def test_sign_rules_on_conv_and_einsum_weights():
     """frSF through a plain-JAX conv and einsum: dx uses |M| ⊙ sign(W), dW is exact."""
     rule = fa_jax.FRSF()
-    params = {"conv": jax.random.normal(jax.random.key(0), (3, 3, 2, 4)), "mix": jax.random.normal(jax.random.key(4), (4, 3, 5))}
+    params = {
+        "conv": jax.random.normal(jax.random.key(0), (3, 3, 2, 4)),
+        "mix": jax.random.normal(jax.random.key(4), (4, 3, 5)),
+    }
     dims = ("NHWC", "HWIO", "NHWC")
 
     def model(p, x):
@@ -245,7 +261,7 @@ def test_sign_rules_on_conv_and_einsum_weights():
     x = jax.random.normal(jax.random.key(1), (2, 5, 5, 2))
     t = jax.random.normal(jax.random.key(3), (2, 5, 5, 3, 5))
     feedback = fa_jax.init_feedback(rule, params, key=jax.random.key(2), model=model, inputs=x)
-    loss = lambda y, t: jnp.sum(y * t)  # noqa: E731
+    loss = lambda y, t: jnp.sum(y * t)
     _, grads = jax.jit(fa_jax.value_and_grad(model, loss, rule))(params, feedback, x, t)
     # The same backward by hand: B = |M| ⊙ sign(W) in the input gradient of each layer.
     b_conv = jnp.abs(feedback.weights["conv"]) * jnp.sign(params["conv"])
@@ -254,7 +270,9 @@ def test_sign_rules_on_conv_and_einsum_weights():
     h = jnp.tanh(a)
     dh = jnp.einsum("bhwkc,dkc->bhwd", t, b_mix)
     da = dh * (1 - h**2)
-    (dconv,) = jax.vjp(lambda w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims), params["conv"])[1](da)
+    (dconv,) = jax.vjp(
+        lambda w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims), params["conv"]
+    )[1](da)
     np.testing.assert_allclose(grads["mix"], jnp.einsum("bhwd,bhwkc->dkc", h, t), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(grads["conv"], dconv, rtol=1e-4, atol=1e-4)
     assert not np.allclose(b_conv, params["conv"])

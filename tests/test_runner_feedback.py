@@ -36,8 +36,10 @@ def _initial(task, rule, seed):
 def _gap(feedback, params) -> dict[str, float]:
     """``‖B − W‖`` per weight with feedback."""
     weights = by_path(params)
-    return {p: float(np.linalg.norm(np.asarray(b, np.float64) - np.asarray(weights[p], np.float64)))
-            for p, b in feedback.weights.items()}
+    return {
+        p: float(np.linalg.norm(np.asarray(b, np.float64) - np.asarray(weights[p], np.float64)))
+        for p, b in feedback.weights.items()
+    }
 
 
 @pytest.mark.parametrize("rule", ["kp", "fa"])
@@ -48,7 +50,7 @@ def test_sweep_learns_kolen_pollack_feedback_and_keeps_fa_feedback(rule):
     assert np.all(result.diverged_at == -1)
     for i in range(2):
         params0, feedback0 = _initial(task, rule, i)
-        final = jax.tree.map(lambda x: x[i], result.state)
+        final = jax.tree.map(lambda x, i=i: x[i], result.state)
         assert set(final.feedback.weights) == set(feedback0.weights) == {"0/kernel", "1/kernel", "2/kernel"}
         before, after = _gap(feedback0, params0), _gap(final.feedback, final.params)
         for path, b0 in feedback0.weights.items():
@@ -58,12 +60,15 @@ def test_sweep_learns_kolen_pollack_feedback_and_keeps_fa_feedback(rule):
                 assert after[path] != pytest.approx(before[path], rel=1e-3)  # W moved, B did not
             else:
                 assert not np.allclose(b, np.asarray(b0)), path  # B learned
-                np.testing.assert_allclose(after[path] / before[path], (1 - rule.decay) ** STEPS, rtol=1e-4, err_msg=path)
+                np.testing.assert_allclose(
+                    after[path] / before[path], (1 - rule.decay) ** STEPS, rtol=1e-4, err_msg=path
+                )
 
 
 def test_drtp_on_the_lm_task_projects_each_token():
-    task = get_task("lm", d=16, layers=1, heads=2, seq=8, batch_size=4, max_chars=20_000, valid_windows=8,
-                    steps=1, eval_every=1)
+    task = get_task(
+        "lm", d=16, layers=1, heads=2, seq=8, batch_size=4, max_chars=20_000, valid_windows=8, steps=1, eval_every=1
+    )
     task = task._replace(optimizer=reliability_task.recording_sgd(1e-2, 1))
     result = run_sweep(task, "drtp", [3], strategy="vmap")
     layout = result.state.feedback.layout

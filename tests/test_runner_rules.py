@@ -64,19 +64,22 @@ def test_two_step_sweep_takes_the_cores_steps(name):
     recorded = result.state.opt_state.grads
     for i, seed in enumerate(SEEDS):
         steps, feedbacks = _core_steps(task, fj.get_rule(name), seed)
-        for t, (loss, grads) in enumerate(steps):
-            got = jax.tree.map(lambda h: np.asarray(h)[i, t], recorded)
+        for t, (_, grads) in enumerate(steps):
+            got = jax.tree.map(lambda h, i=i, t=t: np.asarray(h)[i, t], recorded)
             for path, want in by_path(grads).items():
                 np.testing.assert_allclose(
-                    by_path(got)[path], np.asarray(want), rtol=2e-5, atol=1e-6,
+                    by_path(got)[path],
+                    np.asarray(want),
+                    rtol=2e-5,
+                    atol=1e-6,
                     err_msg=f"rule {name}, seed {seed}, step {t}, {path}",
                 )
         # The mean training loss over the interval (steps 0 and 1).
-        np.testing.assert_allclose(result.losses[i, 1], np.mean([float(l) for l, _ in steps]), rtol=1e-5)
+        np.testing.assert_allclose(result.losses[i, 1], np.mean([float(loss) for loss, _ in steps]), rtol=1e-5)
         # The feedback after both steps is the core's: unchanged for fixed rules, learned for KP.
-        final = jax.tree.map(lambda x: x[i], result.state.feedback)
+        final = jax.tree.map(lambda x, i=i: x[i], result.state.feedback)
         assert final.layout == feedbacks[-1].layout and final.exact == feedbacks[-1].exact
-        for got, want in zip(jax.tree.leaves(final), jax.tree.leaves(feedbacks[-1])):
+        for got, want in zip(jax.tree.leaves(final), jax.tree.leaves(feedbacks[-1]), strict=True):
             if is_key(want):
                 np.testing.assert_array_equal(jax.random.key_data(got), jax.random.key_data(want))
             else:

@@ -19,8 +19,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module")
 def reports():
-    result = subprocess.run([sys.executable, os.path.join(HERE, "sharded_step.py"), *RULES],
-                            capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    result = subprocess.run(
+        [sys.executable, os.path.join(HERE, "sharded_step.py"), *RULES],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
