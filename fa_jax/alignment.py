@@ -371,8 +371,9 @@ def _probe_pass(program, taps: _Taps, rule: Rule, loss_with_aux: Callable, param
     zeros = [jnp.zeros(shape, dtype) for shape, dtype in zip(taps.shapes, taps.dtypes)]
 
     def outputs_of(p, probes):
-        return _program.run(program, rule, p, feedback, inputs, step=step, targets=targets, probes=probes,
-                            placement=placement)
+        # No taps measured (deltas=False): no probes at all, not an empty list the engine pairs with the model's taps.
+        return _program.run(program, rule, p, feedback, inputs, step=step, targets=targets,
+                            probes=probes if taps.names else None, placement=placement)
 
     outputs, pullback = jax.vjp(outputs_of, params, zeros)
     _checks.check_targets(outputs, targets)

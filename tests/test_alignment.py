@@ -360,6 +360,11 @@ def test_measure_false_costs_no_bp_reference_and_returns_none():
     core = jax.make_jaxpr(lambda p: fj.value_and_grad(model, mse, "fa")(p, feedback, x, t))(params)
     count = lambda jaxpr: str(jaxpr).count("dot_general")  # noqa: E731
     assert count(cheap) == count(core) < count(full)
+    # deltas=False on a tapped model: no tap measured, everything else as with deltas.
+    (_, without), grads = al.value_and_grad_with_alignment(model, mse, "fa", deltas=False)(params, feedback, x, t)
+    (_, with_deltas), _ = grad_fn(params, feedback, x, t)
+    assert without.delta is None and with_deltas.delta
+    np.testing.assert_allclose(without.total.cosine, with_deltas.total.cosine, rtol=1e-6)
 
 
 def test_shallow_hidden_alignment_is_undefined_not_silently_zero():
