@@ -609,8 +609,12 @@ class Checkpointer:
         self.unusable: dict[int, str] = {}  # step -> what failed, from the last restore
         os.makedirs(self.directory, exist_ok=True)
         self._lock = DirectoryLock(self.directory, report=self._report).acquire()
+        # In a multi-process job only process 0 opens a Checkpointer (distributed.SharedCheckpointer): orbax must
+        # not wait for the others at its barriers.
+        alone = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0}) if jax.process_count() > 1 else None
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=False, create=True, cleanup_tmp_directories=True
+            max_to_keep=keep, enable_async_checkpointing=False, create=alone is None, cleanup_tmp_directories=True,
+            **({} if alone is None else {"multiprocessing_options": alone}),
         )
         with _quiet_orbax():
             self._manager = ocp.CheckpointManager(self.directory, options=options)

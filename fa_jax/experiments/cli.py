@@ -70,6 +70,16 @@ def _count(limit: int, what: str):
     return parse
 
 
+def _index(text: str) -> int:
+    try:
+        value = int(text.strip(), 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, given {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, given {value}")
+    return value
+
+
 #: Optimizer flags -> (task option, parse and check one value).
 def _positive(text: str) -> float:
     value = float(text)
@@ -215,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="checkpoint period in steps, a multiple of the eval interval (default: every eval)")
     run.add_argument("--restart-if-corrupt", action="store_true",
                      help="when no checkpoint in --checkpoint-dir verifies, set them aside and start afresh (default: refuse)")
+    job = run.add_argument_group(
+        "one job over several processes (hosts)",
+        "Give all three (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed on "
+        "a cluster JAX detects. Every process runs the same command; seeds are sharded over the devices of all; "
+        "process 0 alone writes --out and --checkpoint-dir.")
+    job.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
+    job.add_argument("--num-processes", type=_count(1 << 16, "processes"), default=None, help="processes in the job")
+    job.add_argument("--process-id", type=_index, default=None, help="this process's index, from 0")
+    job.add_argument("--distributed", action="store_true",
+                     help="join the job JAX detects (Slurm, Open MPI, Kubernetes, Cloud TPU)")
     sub.add_parser("list", help="list the tasks")
     return parser
 
@@ -281,6 +301,11 @@ def _devices(requested: int | None) -> list:
     import jax
 
     available = jax.devices()
+    if jax.process_count() > 1:  # a job's mesh spans every process's devices; --devices counts this process's
+        if requested is not None and requested != jax.local_device_count():
+            raise _UsageError(f"--devices {requested}: in a job of {jax.process_count()} processes every process "
+                              f"uses all its devices, and this one has {jax.local_device_count()}")
+        return available
     if requested is None:
         return available
     if requested > len(available):
@@ -306,6 +331,7 @@ class _Progress:
 
     def __init__(self):
         self.rule, self.step, self.sweep, self.phase = None, 0, None, "checking"  # then "training", "writing"
+        self.agreed = False  # every process of a job passed the checks
 
 
 def _warn(message: str) -> None:
@@ -332,7 +358,13 @@ def run(args, progress: _Progress | None = None) -> int:
     from fa_jax.experiments.checkpoint import DirectoryLock, data_fingerprint, name_option
     from fa_jax.experiments.divergence import describe as describe_summary
 
+    import jax
+
+    from fa_jax.experiments import distributed
+
     progress = _Progress() if progress is None else progress
+    primary = distributed.is_primary()
+    say = print if primary else (lambda *_, **__: None)  # process 0 speaks for the job
     if args.task not in TASKS:
         raise _UsageError(f"unknown task {args.task!r}; expected one of {sorted(TASKS)}")
     rules = _parse_rules(args.rules)
@@ -423,9 +455,14 @@ def run(args, progress: _Progress | None = None) -> int:
 
     lock, prepared, selections = None, {}, {}
     try:
-        if checkpoint_root is not None:
+        if checkpoint_root is not None and primary:
             os.makedirs(checkpoint_root, exist_ok=True)
             lock = DirectoryLock(checkpoint_root, report=_warn).acquire()
+        if primary and jax.process_count() > 1:  # its partners cannot wait for a refusal found after training
+            os.makedirs(out, exist_ok=True)
+            _probe_writable(out, "--out")
+        distributed.agree(None, "checking the run")  # every process passed its checks, or every one stops
+        progress.agreed = True
         if grid:
             # Chosen per rule on the validation split (the test split is never built here), then trained on the
             # test split. Not checkpointed: a resumed run chooses again, the same way (the runs are deterministic).
@@ -436,7 +473,7 @@ def run(args, progress: _Progress | None = None) -> int:
                 def show(point, rule=rule):
                     if not args.quiet:
                         values = " ".join(f"{k}={v:g}" for k, v in point.values.items())
-                        print(f"{rule}: {values}: validation {_format(point.mean, point.std, task.metric)}"
+                        say(f"{rule}: {values}: validation {_format(point.mean, point.std, task.metric)}"
                               + (f" ({len(point.diverged)} seed(s) diverged)" if point.diverged else ""))
 
                 selections[rule] = selection = protocol.select(
@@ -444,7 +481,7 @@ def run(args, progress: _Progress | None = None) -> int:
                     seeds=grid_seeds, steps=steps, strategy=args.strategy, mesh=mesh, on_point=show)
                 tasks[rule] = build(rule, **selection.chosen)._replace(eval_every=eval_every)
                 chosen = ", ".join(f"{k}={v:g}" for k, v in selection.chosen.items())
-                print(f"{rule}: chose {chosen} on the validation split ({selection.metric})")
+                say(f"{rule}: chose {chosen} on the validation split ({selection.metric})")
             progress.phase = "checking"
         for rule in rules:
             progress.rule, progress.step = rule, 0
@@ -454,15 +491,16 @@ def run(args, progress: _Progress | None = None) -> int:
                 checkpoint_every=args.checkpoint_every, restart_if_corrupt=args.restart_if_corrupt, report=_warn,
             )
             if sweep.start:
-                print(f"{rule}: resuming from step {sweep.start} ({checkpoint_root}/{rule}/{sweep.start})")
-        os.makedirs(out, exist_ok=True)
-        _probe_writable(out, "--out")
-        print(f"{task.name}: {task.description}; {steps} steps, {seeds} seeds, rules {','.join(rules)}, "
+                say(f"{rule}: resuming from step {sweep.start} ({checkpoint_root}/{rule}/{sweep.start})")
+        if primary:
+            os.makedirs(out, exist_ok=True)
+            _probe_writable(out, "--out")
+        say(f"{task.name}: {task.description}; {steps} steps, {seeds} seeds, rules {','.join(rules)}, "
               f"{mesh.size} {mesh.devices.flat[0].platform} device(s)")
 
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(rules) * steps, unit="step", disable=args.quiet, desc=task.name)
+        bar = tqdm(total=len(rules) * steps, unit="step", disable=args.quiet or not primary, desc=task.name)
         results, timings = {}, {}
         progress.phase = "training"
         for rule in rules:
@@ -504,13 +542,15 @@ def run(args, progress: _Progress | None = None) -> int:
                      f"{t:7.1f}s  {strat:<8}  {describe_summary(summaries[rule])}")
     for name, value in task.baselines.items():
         lines.append(f"{name:<8} {value:<{width}.4f} (baseline)")
-    print("\n".join(lines))
+    say("\n".join(lines))
 
     named = {rule: {k: name_option(v, f"task option {k}") for k, v in sorted(tasks[rule].options.items())}
              for rule in rules}
     task_options = _common([named[rule] for rule in rules])
     command = ["python", "-m", "fa_jax", "run", task.name, "--rules", ",".join(sorted(rules)), "--seeds", str(seeds),
-               "--steps", str(steps), "--devices", str(mesh.size)]
+               "--steps", str(steps), "--devices", str(mesh.size // jax.process_count())]
+    if jax.process_count() > 1:
+        command += ["--num-processes", str(jax.process_count())]
     for key in ("data", "dataset", "model", "taps", "threshold", "recipe"):
         if key in options and task_options.get(key) is not None:
             command += [f"--{key}", str(task_options[key])]
@@ -524,7 +564,7 @@ def run(args, progress: _Progress | None = None) -> int:
     payload = {
         "task": task.name, "description": task.description, "metric": task.metric,
         "higher_is_better": task.higher_is_better, "steps": steps, "seeds": seeds, "eval_every": task.eval_every,
-        "devices": mesh.size, "platform": mesh.devices.flat[0].platform, "task_options": task_options,
+        "devices": mesh.size, "processes": jax.process_count(), "platform": mesh.devices.flat[0].platform, "task_options": task_options,
         "data_content": data_fingerprint(task.data), "command": shlex.join(command),
         "baselines": task.baselines,
         "rules": {
@@ -542,6 +582,9 @@ def run(args, progress: _Progress | None = None) -> int:
             for rule, m, s, t, strat in rows
         },
     }
+    failed = [rule for rule in rules if summaries[rule].healthy == 0]
+    if not primary:
+        return EXIT_DIVERGED if failed else 0
     with open(os.path.join(out, "results.json"), "w") as f:
         f.write(json.dumps(_strict(payload), indent=1, sort_keys=True, allow_nan=False) + "\n")
     # Wall-clock times live apart so the same run writes an identical results.json.
@@ -556,10 +599,9 @@ def run(args, progress: _Progress | None = None) -> int:
                     writer.writerow([rule, int(seed), int(step), float(r.metrics[i, j]), float(r.losses[i, j])])
     if not args.no_plot:
         _plot(results, task, os.path.join(out, "curves.png"))
-    print(f"wrote {out}/results.json, results.csv, timings.json" + ("" if args.no_plot else ", curves.png"))
-    failed = [rule for rule in rules if summaries[rule].healthy == 0]
+    say(f"wrote {out}/results.json, results.csv, timings.json" + ("" if args.no_plot else ", curves.png"))
     if failed:
-        print(f"fa-jax: error: no seed of {', '.join(failed)} finished healthy (every one diverged; see results.json)",
+        say(f"fa-jax: error: no seed of {', '.join(failed)} finished healthy (every one diverged; see results.json)",
               file=sys.stderr)
         return EXIT_DIVERGED
     return 0
@@ -616,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     process as it is (``--devices`` then picks among the devices JAX already has).
     """
     from fa_jax.experiments.checkpoint import CheckpointError
+    from fa_jax.experiments.distributed import ProcessError
 
     progress = _Progress()
     try:
@@ -631,11 +674,21 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         if argv is None:
             configure_host_devices(args.devices)
-        return run(args, progress)
+        import jax
+
+        from fa_jax.experiments import distributed
+
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+        try:
+            return run(args, progress)
+        except Exception as err:
+            if jax.process_count() > 1 and not progress.agreed:
+                distributed.agree(err, "checking the run")  # the others wait there; they stop with this message
+            raise
     except KeyboardInterrupt:
         print(_interrupted(progress), file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (_UsageError, ValueError, OSError, ImportError, CheckpointError) as err:
+    except (_UsageError, ValueError, OSError, ImportError, CheckpointError, ProcessError) as err:
         text = " ".join(str(err).split()) or type(err).__name__
         print(f"fa-jax: error: {text}", file=sys.stderr)
         return EXIT_USAGE
