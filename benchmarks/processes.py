@@ -29,8 +29,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def worker(args) -> None:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={args.local_devices}").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={args.local_devices}"
+    ).strip()
     import jax
 
     from fa_jax.experiments import distributed, get_task
@@ -47,18 +48,42 @@ def worker(args) -> None:
     seconds = time.perf_counter() - start
     if distributed.is_primary():
         with open(args.report, "w") as f:
-            json.dump({"seconds": seconds, "seed_steps": args.seeds * task.eval_every * args.chunks,
-                       "devices": jax.device_count(), "processes": jax.process_count()}, f)
+            json.dump(
+                {
+                    "seconds": seconds,
+                    "seed_steps": args.seeds * task.eval_every * args.chunks,
+                    "devices": jax.device_count(),
+                    "processes": jax.process_count(),
+                },
+                f,
+            )
 
 
 def launch(args, processes: int, report: str) -> dict:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, __file__, "--worker", "--coordinator", f"localhost:{port}", "--processes",
-               str(processes), "--local-devices", str(args.devices // processes), "--report", report,
-               "--rule", args.rule, "--seeds", str(args.seeds), "--chunks", str(args.chunks),
-               "--hidden", str(args.hidden)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--coordinator",
+        f"localhost:{port}",
+        "--processes",
+        str(processes),
+        "--local-devices",
+        str(args.devices // processes),
+        "--report",
+        report,
+        "--rule",
+        args.rule,
+        "--seeds",
+        str(args.seeds),
+        "--chunks",
+        str(args.chunks),
+        "--hidden",
+        str(args.hidden),
+    ]
     procs = [subprocess.Popen([*command, "--process-id", str(i)]) for i in range(processes)]
     codes = [p.wait(timeout=1800) for p in procs]
     if any(codes):
@@ -95,12 +120,17 @@ def main(argv=None) -> None:
             for p in counts if index % 2 == 0 else counts[::-1]:
                 runs[p] = launch(args, p, os.path.join(tmp, f"{p}.json"))
                 times[p].append(runs[p]["seconds"] / runs[p]["seed_steps"])
-    rows = {f"{p} process(es) x {args.devices // p} device(s)": {
-        "seed_steps_per_s_vs_1_process": statistics.median(b / t for t, b in zip(times[p], times[1], strict=True)),
-        "median_seed_steps_per_s": 1 / statistics.median(times[p]),
-    } for p in counts}
-    title = (f"seed sweep over processes: mnist MLP hidden {args.hidden}, {args.rule}, {args.seeds} seeds, "
-             f"{args.devices} devices, {args.rounds} paired rounds, {os.cpu_count()} cores")
+    rows = {
+        f"{p} process(es) x {args.devices // p} device(s)": {
+            "seed_steps_per_s_vs_1_process": statistics.median(b / t for t, b in zip(times[p], times[1], strict=True)),
+            "median_seed_steps_per_s": 1 / statistics.median(times[p]),
+        }
+        for p in counts
+    }
+    title = (
+        f"seed sweep over processes: mnist MLP hidden {args.hidden}, {args.rule}, {args.seeds} seeds, "
+        f"{args.devices} devices, {args.rounds} paired rounds, {os.cpu_count()} cores"
+    )
     print(f"\n{title}")
     print(f"{'job':<32}{'seed-steps/s vs 1 process':>28}{'seed-steps/s':>14}")
     for name, row in rows.items():
