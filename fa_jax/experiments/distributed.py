@@ -28,22 +28,42 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 
 from fa_jax import _checks
 
-__all__ = ["ProcessError", "initialize", "is_primary", "agree", "together", "on_primary", "gather", "broadcast", "SharedCheckpointer"]
+__all__ = [
+    "ProcessError",
+    "initialize",
+    "is_primary",
+    "agree",
+    "together",
+    "on_primary",
+    "gather",
+    "broadcast",
+    "SharedCheckpointer",
+]
 
 #: Environment variables the CLI reads when the flags are not given (the names JAX's launchers use).
-ENVIRONMENT = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
-               "process_id": "JAX_PROCESS_ID"}
+ENVIRONMENT = {
+    "coordinator": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None, *,
-               auto: bool = False, timeout: int = 300) -> bool:
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto: bool = False,
+    timeout: int = 300,
+) -> bool:
     """Join this process to a multi-process job; ``True`` when it did, ``False`` when there is no job.
 
     Each argument left ``None`` is read from its environment variable (:data:`ENVIRONMENT`).
@@ -79,14 +99,18 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if given["process_id"] is not None:
         given["process_id"] = _checks.check_int(given["process_id"], "process_id", minimum=0)
         if given["num_processes"] is not None and given["process_id"] >= given["num_processes"]:
-            raise ValueError(f"process_id: expected a number in [0, {given['num_processes']}), "
-                             f"given {given['process_id']}")
+            raise ValueError(
+                f"process_id: expected a number in [0, {given['num_processes']}), given {given['process_id']}"
+            )
     missing = [name for name, value in given.items() if value is None]
     if missing and not auto:
-        raise ValueError(f"{missing[0]}: a multi-process run needs coordinator, num_processes and process_id "
-                         f"(flags or {', '.join(ENVIRONMENT.values())}); {', '.join(missing)} not given")
-    jax.distributed.initialize(given["coordinator"], given["num_processes"], given["process_id"],
-                               initialization_timeout=timeout)
+        raise ValueError(
+            f"{missing[0]}: a multi-process run needs coordinator, num_processes and process_id "
+            f"(flags or {', '.join(ENVIRONMENT.values())}); {', '.join(missing)} not given"
+        )
+    jax.distributed.initialize(
+        given["coordinator"], given["num_processes"], given["process_id"], initialization_timeout=timeout
+    )
     return True
 
 
@@ -107,8 +131,17 @@ def _exception_types() -> dict[str, type]:
     from fa_jax.experiments import checkpoint
 
     types: dict[str, type] = {t.__name__: t for t in (ValueError, TypeError, OSError, FileNotFoundError)}
-    types.update({t.__name__: t for t in (checkpoint.CheckpointError, checkpoint.CheckpointMismatch,
-                                          checkpoint.CheckpointCorrupt, checkpoint.CheckpointLocked)})
+    types.update(
+        {
+            t.__name__: t
+            for t in (
+                checkpoint.CheckpointError,
+                checkpoint.CheckpointMismatch,
+                checkpoint.CheckpointCorrupt,
+                checkpoint.CheckpointLocked,
+            )
+        }
+    )
     return types
 
 
@@ -155,7 +188,7 @@ def together(what: str) -> Iterator[None]:
     """A block every process runs; when it raises on any of them, every process raises (see :func:`agree`)."""
     try:
         yield
-    except Exception as err:  # noqa: BLE001 - every failure must reach the other processes
+    except Exception as err:
         agree(err, what)
     else:
         agree(None, what)
@@ -172,7 +205,7 @@ def on_primary(fn: Callable[[], Any], what: str) -> Any:
     if is_primary():
         try:
             result = fn()
-        except Exception as err:  # noqa: BLE001 - every failure must reach the other processes
+        except Exception as err:
             error = err
     agree(error, what)
     return result
@@ -182,12 +215,17 @@ def _split_keys(tree: Any) -> tuple[Any, Callable[[Any], Any]]:
     """Typed PRNG keys as their raw data (collectives move plain arrays), and the inverse."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     impls = [jax.random.key_impl(x) if _checks.is_key(x) else None for x in leaves]
-    raw = [jax.random.key_data(x) if impl is not None else x for x, impl in zip(leaves, impls)]
+    raw = [jax.random.key_data(x) if impl is not None else x for x, impl in zip(leaves, impls, strict=True)]
 
     def join(values):
         values = jax.tree_util.tree_leaves(values)
-        return jax.tree_util.tree_unflatten(treedef, [
-            v if impl is None else jax.random.wrap_key_data(v, impl=impl) for v, impl in zip(values, impls)])
+        return jax.tree_util.tree_unflatten(
+            treedef,
+            [
+                v if impl is None else jax.random.wrap_key_data(v, impl=impl)
+                for v, impl in zip(values, impls, strict=True)
+            ],
+        )
 
     return raw, join
 
@@ -211,11 +249,14 @@ def broadcast(tree: Any, like: Any) -> Any:
 
     like_raw, join = _split_keys(like)
     source = _split_keys(tree)[0] if is_primary() else [np.zeros(np.shape(x), x.dtype) for x in like_raw]
-    values = multihost_utils.broadcast_one_to_all([np.asarray(x) for x in source])
+    values = [np.asarray(v) for v in multihost_utils.broadcast_one_to_all([np.asarray(x) for x in source])]
     # Each process builds its own shards (device_put would compare the values across hosts, and NaN != NaN).
-    placed = [jax.make_array_from_callback(np.shape(v), x.sharding, lambda index, v=np.asarray(v): v[index])
-              for v, x in zip(values, like_raw, strict=True)]
+    placed = [_shards_of(v, x.sharding) for v, x in zip(values, like_raw, strict=True)]
     return join(placed)
+
+
+def _shards_of(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 class SharedCheckpointer:
