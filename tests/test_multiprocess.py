@@ -9,6 +9,7 @@ resumes are tested in one process: tests/test_reliability.py.)
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,8 +17,9 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
-from fa_jax.experiments import get_task, run_sweep
+from fa_jax.experiments import distributed, get_task, run_sweep
 
 RULES = ("dfa",)
 SEEDS, STEPS, EVERY = 4, 1000, 200  # the task's eval interval; five checkpoints, a kill lands between two
@@ -142,3 +144,57 @@ def test_a_job_of_two_processes_killed_mid_run_resumes_to_the_one_process_sweep(
     outputs = _finish(_launch(out, checkpoints, "--seeds", "5"))
     for code, _, err in outputs:
         assert code == 2 and "does not match this run" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (("nohost",), {}, "coordinator: expected host:port"),
+        (("localhost:99999",), {}, "coordinator: expected host:port"),
+        (("localhost:1234", 2, 2), {}, "process_id: expected a number in [0, 2), given 2"),
+        (("localhost:1234", 0, 0), {}, "num_processes"),
+        (("localhost:1234",), {}, "num_processes: a multi-process run needs coordinator, num_processes and process_id"),
+        ((None, 2, 0), {}, "coordinator: a multi-process run needs"),
+        ((), {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES: expected an integer, given 'two'"),
+    ],
+)
+def test_a_malformed_job_is_refused_naming_the_setting(monkeypatch, args, env, message):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        distributed.initialize(*args)
+
+
+def test_no_job_setting_means_one_process(monkeypatch):
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed.initialize() is False and distributed.is_primary()
+    with pytest.raises(KeyError, match="boom"):  # one process: agree and on_primary raise the error itself
+        distributed.on_primary(lambda: {}["boom"], "test")
+    assert distributed.on_primary(lambda: 7, "test") == 7
+
+
+def test_the_cli_refuses_a_malformed_job_in_one_line(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fa_jax",
+            "run",
+            "teacher",
+            "--out",
+            str(tmp_path),
+            "--coordinator",
+            "localhost:1234",
+            "--num-processes",
+            "2",
+            "--process-id",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert done.returncode == 2 and done.stderr == "fa-jax: error: process_id: expected a number in [0, 2), given 3\n"

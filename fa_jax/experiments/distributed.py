@@ -25,10 +25,9 @@ that verifies, bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -41,7 +40,6 @@ __all__ = [
     "initialize",
     "is_primary",
     "agree",
-    "together",
     "on_primary",
     "gather",
     "broadcast",
@@ -66,7 +64,8 @@ def initialize(
 ) -> bool:
     """Join this process to a multi-process job; ``True`` when it did, ``False`` when there is no job.
 
-    Each argument left ``None`` is read from its environment variable (:data:`ENVIRONMENT`).
+    Each argument left ``None`` is read from its environment variable: ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``.
     With none of them set, and ``auto``, JAX detects the cluster itself (Slurm, Open MPI,
     Kubernetes, Cloud TPU); without ``auto`` there is no job and nothing happens.
 
@@ -183,17 +182,6 @@ def agree(error: BaseException | None, what: str) -> None:
         raise error
 
 
-@contextlib.contextmanager
-def together(what: str) -> Iterator[None]:
-    """A block every process runs; when it raises on any of them, every process raises (see :func:`agree`)."""
-    try:
-        yield
-    except Exception as err:
-        agree(err, what)
-    else:
-        agree(None, what)
-
-
 def on_primary(fn: Callable[[], Any], what: str) -> Any:
     """``fn()`` on process 0; its exception, if any, raised on every process (a collective, see :func:`agree`).
 
@@ -262,7 +250,7 @@ def _shards_of(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
 class SharedCheckpointer:
     """A :class:`~fa_jax.experiments.checkpoint.Checkpointer` on process 0 that every process calls.
 
-    Same methods as the one-process checkpointer that a :class:`~fa_jax.experiments.sweep.Sweep`
+    Same methods as the one-process checkpointer that a sweep
     uses (``check``, ``restore``, ``maybe_save``, ``close``), each a collective: call it on
     every process in the same order.
 
@@ -272,20 +260,23 @@ class SharedCheckpointer:
 
     def __init__(self, make: Callable[[], Any]):
         self._inner = on_primary(make, "open the checkpoint directory")
-        self.every = int(broadcast_scalar(self._inner.every if is_primary() else 0))
+        self.every = int(_broadcast_int(self._inner.every if is_primary() else 0))
 
     def check(self) -> int | None:
+        """Process 0's newest step that verifies, or ``None``, on every process (refusals raised on every process)."""
         step = on_primary(self._inner.check if is_primary() else lambda: None, "check the checkpoints")
-        step = int(broadcast_scalar(-1 if step is None else step))
+        step = int(_broadcast_int(-1 if step is None else step))
         return None if step < 0 else step
 
     def restore(self, like: Any) -> Any | None:
+        """The newest verified checkpoint, read by process 0, placed like ``like`` on every process; or ``None``."""
         restored = on_primary(lambda: self._inner.restore(like=_host_template(like)), "restore the checkpoint")
-        if not int(broadcast_scalar(int(restored is not None) if is_primary() else 0)):
+        if not int(_broadcast_int(int(restored is not None) if is_primary() else 0)):
             return None
         return broadcast(restored, like)
 
     def maybe_save(self, step: int, state: Any, *, final: bool = False) -> bool:
+        """Gather ``state`` and let process 0 save it when ``step`` is due (or ``final``); True when it saved."""
         if not (final or step % self.every == 0):
             return False
         host = gather(state)  # every process: a collective
@@ -297,11 +288,12 @@ class SharedCheckpointer:
         return self._inner.latest_step() if is_primary() else None
 
     def close(self) -> None:
+        """Release process 0's checkpointer (its directory lock)."""
         if is_primary() and self._inner is not None:
             self._inner.close()
 
 
-def broadcast_scalar(value: int) -> int:
+def _broadcast_int(value: int) -> int:
     """Process 0's integer on every process."""
     from jax.experimental import multihost_utils
 
