@@ -39,7 +39,8 @@ rule's cut); the feedback matrices come from :meth:`Rule.backward_matrix` and
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +93,7 @@ class Alignment(NamedTuple):
     reference: dict[str, jax.Array] | None = None  # ‖∇L‖ of the BP reference per leaf, and "total"
 
 
-def cosine(a: Float[Array, "..."], b: Float[Array, "..."]) -> Cosine:
+def cosine(a: Float[Array, "..."], b: Float[Array, "..."]) -> Cosine:  # noqa: UP037 - jaxtyping's shape "..." is a string
     """Cosine, angle (degrees) and norm ratio ``‖a‖/‖b‖`` of ``vec a`` and ``vec b``.
 
     Computed in float32 or wider; the cosine and angle are ``NaN`` if either norm is zero.
@@ -267,16 +268,21 @@ def _tap_matrices(rule: Rule, feedback: Feedback, dtype: Any) -> list[jax.Array]
     if layout.batch_dims < 1:
         raise ValueError(f"feedback: batch_dims={layout.batch_dims}: a projection mixing samples has no per-sample B_l")
     if any(t.stack for t in layout.taps):
-        raise ValueError(f"feedback: taps {[t.name for t in layout.taps if t.stack]} are stacked (lax.scan); "
-                         "expected one layer per tap")
+        raise ValueError(
+            f"feedback: taps {[t.name for t in layout.taps if t.stack]} are stacked (lax.scan); "
+            "expected one layer per tap"
+        )
     out = layout.output.size
     lead = (out,) + (1,) * (layout.batch_dims - 1)
     error = jnp.eye(out, dtype=dtype).reshape(*lead, *layout.output.shape)
     structs = [jax.ShapeDtypeStruct((*lead, *t.shape), dtype) for t in layout.taps]
-    signals = rule.tap_signals(feedback.taps, layout, error=error, outputs=jnp.zeros_like(error), targets=None,
-                               taps=structs)
-    return [jnp.zeros((out, t.size), dtype) if s is None else jnp.reshape(s, (out, t.size))
-            for s, t in zip(signals, layout.taps)]
+    signals = rule.tap_signals(
+        feedback.taps, layout, error=error, outputs=jnp.zeros_like(error), targets=None, taps=structs
+    )
+    return [
+        jnp.zeros((out, t.size), dtype) if s is None else jnp.reshape(s, (out, t.size))
+        for s, t in zip(signals, layout.taps, strict=True)
+    ]
 
 
 def dfa_weight_alignment(feedback: Feedback, kernels: list[jax.Array], rule: Rule | str = "dfa") -> dict[str, Cosine]:
@@ -297,7 +303,9 @@ def dfa_weight_alignment(feedback: Feedback, kernels: list[jax.Array], rule: Rul
     rule = get_rule(rule)
     feedback = _check_feedback(feedback, "dfa_weight_alignment")
     if feedback.layout is None:
-        raise ValueError("dfa_weight_alignment: feedback: expected a tap rule's feedback (with taps), given one without")
+        raise ValueError(
+            "dfa_weight_alignment: feedback: expected a tap rule's feedback (with taps), given one without"
+        )
     taps = feedback.layout.taps
     if len(kernels) != len(taps) + 1:
         raise ValueError(
@@ -327,7 +335,9 @@ def _chains(kernels: list[jax.Array], feedback: Feedback) -> bool:
         return False
     if kernels[-1].shape[-1] != layout.output.size:
         return False
-    return all(k.shape[1] == t.size == nxt.shape[0] for k, t, nxt in zip(kernels, layout.taps, kernels[1:]))
+    return all(
+        k.shape[1] == t.size == nxt.shape[0] for k, t, nxt in zip(kernels[:-1], layout.taps, kernels[1:], strict=True)
+    )
 
 
 # --- the signal each tap receives ------------------------------------------------------------
@@ -360,20 +370,30 @@ class _Pass(NamedTuple):
     signals: dict[str, jax.Array]
 
 
-def _probe_pass(program, taps: _Taps, rule: Rule, loss_with_aux: Callable, params, feedback, inputs, targets,
-                step, placement: str) -> _Pass:
+def _probe_pass(
+    program, taps: _Taps, rule: Rule, loss_with_aux: Callable, params, feedback, inputs, targets, step, placement: str
+) -> _Pass:
     """One forward and backward under ``rule``: the loss, the rule's update and the signal at every tap.
 
     The signal at a tap is the cotangent of a zero probe the engine adds to the tapped
     value before any cut (``_program.run(..., probes=)``).
     """
     feedback = _feedback.check(program, rule, feedback)
-    zeros = [jnp.zeros(shape, dtype) for shape, dtype in zip(taps.shapes, taps.dtypes)]
+    zeros = [jnp.zeros(shape, dtype) for shape, dtype in zip(taps.shapes, taps.dtypes, strict=True)]
 
     def outputs_of(p, probes):
         # No taps measured (deltas=False): no probes at all, not an empty list the engine pairs with the model's taps.
-        return _program.run(program, rule, p, feedback, inputs, step=step, targets=targets,
-                            probes=probes if taps.names else None, placement=placement)
+        return _program.run(
+            program,
+            rule,
+            p,
+            feedback,
+            inputs,
+            step=step,
+            targets=targets,
+            probes=probes if taps.names else None,
+            placement=placement,
+        )
 
     outputs, pullback = jax.vjp(outputs_of, params, zeros)
     _checks.check_targets(outputs, targets)
@@ -381,7 +401,7 @@ def _probe_pass(program, taps: _Taps, rule: Rule, loss_with_aux: Callable, param
         check_error_informative(lambda o, t: loss_with_aux(o, t)[0], outputs, targets, rule)
     (value, aux), error = jax.value_and_grad(loss_with_aux, has_aux=True)(outputs, targets)
     grads, signals = pullback(error)
-    return _Pass(value, aux, grads, dict(zip(taps.names, signals)))
+    return _Pass(value, aux, grads, dict(zip(taps.names, signals, strict=True)))
 
 
 def _prepare(model, params, inputs, feedback, rule: Rule) -> tuple[_program.Program, _Taps]:
@@ -393,8 +413,15 @@ def _prepare(model, params, inputs, feedback, rule: Rule) -> tuple[_program.Prog
 
 
 def tap_signals(
-    model: Callable, loss: Callable, rule: Rule | str, params: Any, feedback: Any, inputs: Any, targets: Any,
-    *, step: Any = None,
+    model: Callable,
+    loss: Callable,
+    rule: Rule | str,
+    params: Any,
+    feedback: Any,
+    inputs: Any,
+    targets: Any,
+    *,
+    step: Any = None,
 ) -> dict[str, jax.Array]:
     """The signal each tap ``h_l`` receives under ``rule``: ``{tap: (*stack, *batch, *features)}``.
 
@@ -419,8 +446,9 @@ def tap_signals(
     _check_step(rule, step, "tap_signals")
     _checks.check_batch(inputs, "inputs")
     program, taps = _prepare(model, params, inputs, feedback, rule)
-    return _probe_pass(program, taps, rule, lambda o, t: (loss(o, t), None), params, feedback, inputs, targets,
-                       step, rule.taps).signals
+    return _probe_pass(
+        program, taps, rule, lambda o, t: (loss(o, t), None), params, feedback, inputs, targets, step, rule.taps
+    ).signals
 
 
 # --- gradient function with alignment as aux --------------------------------------------
@@ -502,14 +530,18 @@ def value_and_grad_with_alignment(
         bp = _probe_pass(program, taps, BP(), loss_with_aux, params, None, inputs, targets, None, rule.taps)
         delta = None
         if taps.names:
-            samples = batch_dims if batch_dims is not None else _batch_dims(model, params, inputs, program, rule,
-                                                                            feedback)
-            delta = delta_alignment(mine.signals, bp.signals, batch_dims=samples,
-                                    stack=dict(zip(taps.names, taps.stacks)))
+            samples = (
+                batch_dims if batch_dims is not None else _batch_dims(model, params, inputs, program, rule, feedback)
+            )
+            delta = delta_alignment(
+                mine.signals, bp.signals, batch_dims=samples, stack=dict(zip(taps.names, taps.stacks, strict=True))
+            )
         gradient = gradient_alignment(mine.grads, bp.grads)
         total = total_alignment(mine.grads, bp.grads)
-        norms = {path: jnp.linalg.norm(jnp.ravel(g).astype(jnp.promote_types(g.dtype, jnp.float32)))
-                 for path, g in by_path(bp.grads).items()}
+        norms = {
+            path: jnp.linalg.norm(jnp.ravel(g).astype(jnp.promote_types(g.dtype, jnp.float32)))
+            for path, g in by_path(bp.grads).items()
+        }
         norms["total"] = jnp.sqrt(sum(jnp.square(n) for n in norms.values()))
         if reference_floor:
             gradient = {path: _floored(c, norms[path], reference_floor) for path, c in gradient.items()}

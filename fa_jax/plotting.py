@@ -6,14 +6,19 @@ Every helper draws on ``ax`` (a new figure if ``None``) and returns the axes.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from fa_jax.alignment import Cosine, DeltaAlignment
 
 __all__ = [
-    "plot_angles", "plot_alignment_vs_width", "plot_alignment_vs_performance", "plot_spectrum", "plot_perturbation",
+    "plot_angles",
+    "plot_alignment_vs_width",
+    "plot_alignment_vs_performance",
+    "plot_spectrum",
+    "plot_perturbation",
 ]
 
 
@@ -84,8 +89,14 @@ def plot_alignment_vs_width(
     sequence; ``errors`` the same shape, drawn as error bars (e.g. the std over samples).
     """
     ax = _axes(ax)
-    curves = values if isinstance(values, Mapping) else {None: values}
-    errs = errors if isinstance(errors, Mapping) or errors is None else {None: errors}
+    # Keyed by label, None for a single unlabelled curve (a comprehension: dict(values) would keep the key type str).
+    Curves = dict[str | None, Sequence[float]]
+    curves: Curves = {k: v for k, v in values.items()} if isinstance(values, Mapping) else {None: values}
+    errs: Curves | None = None
+    if isinstance(errors, Mapping):
+        errs = {k: v for k, v in errors.items()}
+    elif errors is not None:
+        errs = {None: errors}
     for label, y in curves.items():
         yerr = None if errs is None else errs.get(label)
         ax.errorbar(widths, np.asarray(y, np.float64), yerr=yerr, marker="o", capsize=2, label=label)
@@ -139,8 +150,8 @@ def plot_spectrum(
     """
     ax = _axes(ax)
     for label, values in spectra.items():
-        values = np.asarray(values, np.complex128)
-        ax.scatter(values.real, values.imag, s=10, label=label)
+        points = np.asarray(values, np.complex128)
+        ax.scatter(points.real, points.imag, s=10, label=label)
     ax.axvline(0.0, color="gray", lw=0.8)
     ax.set_xscale("symlog", linthresh=linthresh)
     ax.set_xlabel("Re λ of J = ∂g/∂θ")
@@ -157,20 +168,26 @@ def plot_perturbation(
     ax=None,
     title: str | None = "Kicked fixed points",
 ):
-    """``‖g‖`` after a kick, relative to just after it, for every direction of every :func:`~fa_jax.stability.perturbation_test`.
+    """``‖g‖`` after a kick, relative to just after it, for every direction of every perturbation test.
 
-    ``results``: ``{label: Perturbation}``. One colour per entry; eigen-directions
-    solid, random ones dotted. Falling lines: the rule returns; rising: it leaves.
+    ``results``: ``{label: Perturbation}`` from :func:`~fa_jax.stability.perturbation_test`.
+    One colour per entry; eigen-directions solid, random ones dotted. Falling lines: the
+    rule returns; rising: it leaves.
     """
     ax = _axes(ax)
     for label, result in results.items():
         history = np.asarray(result.history, np.float64)
         relative = history / history[:, :1]
         color = None
-        for row, name in zip(relative, result.labels):
+        for row, name in zip(relative, result.labels, strict=True):
             eigen = str(name).startswith("eigen")
-            line = ax.semilogy(row, color=color, ls="-" if eigen else ":", lw=1.5 if eigen else 0.8,
-                               label=label if color is None else None)[0]
+            line = ax.semilogy(
+                row,
+                color=color,
+                ls="-" if eigen else ":",
+                lw=1.5 if eigen else 0.8,
+                label=label if color is None else None,
+            )[0]
             color = line.get_color()
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("record")

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -57,12 +58,12 @@ __all__ = [
 
 
 class BoundUpdate:
-    """``update(params) -> (loss, g)``: a pure ``core(params, args)`` bound to ``args`` (what :func:`as_update` returns).
+    """``update(params) -> (loss, g)``: a pure ``core(params, args)`` bound to ``args``.
 
-    The functions of this module compile ``core`` once and pass ``args`` (feedback,
-    batch, step) as arguments, so a sweep over seeds or feedback draws of one
-    model, loss and rule compiles each program once, not once per update.
-    Any other callable ``update(params)`` works too, compiled per object.
+    What :func:`as_update` returns. The functions of this module compile ``core``
+    once and pass ``args`` (feedback, batch, step) as arguments, so a sweep over seeds
+    or feedback draws of one model, loss and rule compiles each program once, not once
+    per update. Any other callable ``update(params)`` works too, compiled per object.
     """
 
     def __init__(self, core: Callable, args: Any):
@@ -270,7 +271,10 @@ def _norm(tree):
 
 
 def _make_descent(core: Callable) -> Callable:
-    """``run(params, args, η, tol, max_steps)``: ``θ ← θ - η g`` in one ``lax.while_loop`` (η, tol, max_steps traced)."""
+    """``run(params, args, η, tol, max_steps)``: ``θ ← θ - η g`` in one ``lax.while_loop``.
+
+    η, tol and max_steps are traced: one compilation serves every setting.
+    """
 
     def run(theta, args, learning_rate, tol, max_steps):
         def cond(state):
@@ -304,7 +308,7 @@ def _make_measure(core: Callable, residual: Callable | None) -> Callable:
 def _make_linearise_residual(residual: Callable) -> Callable:
     def linearise(v, template):
         unravel = ravel_pytree(template)[1]
-        flat_e = lambda w: jnp.ravel(residual(unravel(w)))  # noqa: E731
+        flat_e = lambda w: jnp.ravel(residual(unravel(w)))
         return flat_e(v), jax.jacrev(flat_e)(v)
 
     return jax.jit(linearise)
@@ -606,7 +610,12 @@ def _cosine64(a: np.ndarray, b: np.ndarray) -> Cosine:
 
 
 def backward_alignment(
-    rule_map: jax.Array, bp_map: jax.Array, params: Any, *, key: jax.Array | None = None, errors: int = 256,
+    rule_map: jax.Array,
+    bp_map: jax.Array,
+    params: Any,
+    *,
+    key: jax.Array | None = None,
+    errors: int = 256,
     rank_tol: float = 1e-8,
 ) -> BackwardAlignment:
     """Alignment of ``B̃`` (the rule's :func:`backward_map`) with ``J_f`` (BP's), defined where ``e = 0``.
@@ -637,8 +646,10 @@ def backward_alignment(
     sizes = [int(np.size(leaf)) for leaf in leaves.values()]
     if sum(sizes) != a.shape[1]:
         raise ValueError(f"params: {sum(sizes)} parameters, but the maps have {a.shape[1]} columns")
-    bounds = np.cumsum([0] + sizes)
-    per_layer = {path: _cosine64(a[:, lo:hi], b[:, lo:hi]) for path, lo, hi in zip(leaves, bounds[:-1], bounds[1:])}
+    bounds = np.cumsum([0, *sizes])
+    per_layer = {
+        path: _cosine64(a[:, lo:hi], b[:, lo:hi]) for path, lo, hi in zip(leaves, bounds[:-1], bounds[1:], strict=True)
+    }
     u, s, _ = np.linalg.svd(b, full_matrices=False)
     rank = int(np.sum(s > rank_tol * s[0])) if s.size and s[0] > 0 else 0
     basis = u[:, :rank]
@@ -662,7 +673,13 @@ def backward_alignment(
 
 
 def perturbation_directions(
-    update: Update, params: Any, *, key: jax.Array, random: int = 4, eigen: int = 2, tol: float = 1e-6,
+    update: Update,
+    params: Any,
+    *,
+    key: jax.Array,
+    random: int = 4,
+    eigen: int = 2,
+    tol: float = 1e-6,
     report: StabilityReport | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Unit directions to kick ``params`` along: ``random`` Gaussian ones, then eigen-directions of ``J``.
@@ -684,7 +701,8 @@ def perturbation_directions(
     _checks.check_int(eigen, "eigen", minimum=0)
     flat, _ = ravel_pytree(params)
     n = flat.size
-    out, labels = [], []
+    out: list[np.ndarray] = []
+    labels: list[str] = []
     if random:
         draws = np.asarray(jax.random.normal(key, (random, n)), np.float64)
         out.extend(draws / np.linalg.norm(draws, axis=1, keepdims=True))
@@ -698,7 +716,8 @@ def perturbation_directions(
             raise ValueError(f"report: its Jacobian has shape {jac.shape}, expected {(n, n)} for these params")
         radius = np.max(np.abs(values))
         order = [i for i in np.argsort(values.real, kind="stable") if abs(values[i]) > tol * radius]
-        chosen, seen = [], []
+        chosen: list[complex] = []
+        seen: list[complex] = []
         for i in order:  # one direction per conjugate pair
             if any(abs(values[i] - np.conj(v)) <= 1e-12 * radius for v in seen):
                 continue
@@ -709,7 +728,7 @@ def perturbation_directions(
         rng = np.random.RandomState(0)
         for value in chosen:
             shifted = jac - (value + 1e-10 * radius) * np.eye(n)  # a hair off λ: solvable, still dominated by λ
-            v = rng.randn(n).astype(np.complex128)
+            v: np.ndarray = rng.randn(n).astype(np.complex128)
             for _ in range(2):
                 v = np.linalg.solve(shifted, v)
                 v /= np.linalg.norm(v)
@@ -792,7 +811,7 @@ def perturbation_test(
     factor = _check_positive(factor, "factor")
     steps = _checks.check_int(steps, "steps", minimum=1)
     records = _checks.check_int(records, "records", minimum=1)
-    flat, unravel = ravel_pytree(params)
+    flat, _ = ravel_pytree(params)
     directions = np.asarray(directions, np.float64)
     if directions.ndim != 2 or directions.shape[1] != flat.size:
         raise ValueError(f"directions: expected shape (k, {flat.size}), given {directions.shape}")

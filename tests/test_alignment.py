@@ -42,15 +42,15 @@ def numpy_signals(params, x, t, *, chain=None, direct=None, source="error", froz
     _, fprime = reference.ACTIVATION[activation]
     e = (hs[-1] - t) / x.shape[0]
     delta, signals = e, [None] * (len(params) - 1)
-    for l in range(len(params) - 2, -1, -1):
+    for i in range(len(params) - 2, -1, -1):
         if frozen:
-            signals[l] = np.zeros_like(pre[l])
+            signals[i] = np.zeros_like(pre[i])
         elif direct is not None:
-            signals[l] = (e if source == "error" else t / x.shape[0]) @ f64(direct[l])
+            signals[i] = (e if source == "error" else t / x.shape[0]) @ f64(direct[i])
         else:
-            matrix = params[l + 1]["kernel"] if chain is None else f64(chain[l + 1])
-            signals[l] = delta @ matrix.T
-        delta = signals[l] * fprime(pre[l])
+            matrix = params[i + 1]["kernel"] if chain is None else f64(chain[i + 1])
+            signals[i] = delta @ matrix.T
+        delta = signals[i] * fprime(pre[i])
     return signals
 
 
@@ -74,7 +74,7 @@ STEP = 3
 def closed_form(rule_name, params, feedback, x, t):
     """NumPy signals at every hidden tap for each registered rule, built from the stored feedback."""
     kernels = [f64(layer["kernel"]) for layer in params]
-    leaf = lambda i: feedback.weights[f"{i}/kernel"]  # noqa: E731
+    leaf = lambda i: feedback.weights[f"{i}/kernel"]
     glorot = jax.nn.initializers.glorot_uniform()
     if rule_name == "bp":
         return numpy_signals(params, x, t)
@@ -86,7 +86,9 @@ def closed_form(rule_name, params, feedback, x, t):
         return numpy_signals(params, x, t, chain=[reference.sign_matrix(w, leaf(i)) for i, w in enumerate(kernels)])
     if rule_name == "brsf":  # M_t = init(fold_in(k, t)), drawn at the kernel's (in, out) shape
         magnitudes = [glorot(jax.random.fold_in(leaf(i), STEP), w.shape) for i, w in enumerate(kernels)]
-        return numpy_signals(params, x, t, chain=[reference.sign_matrix(w, m) for w, m in zip(kernels, magnitudes)])
+        return numpy_signals(
+            params, x, t, chain=[reference.sign_matrix(w, m) for w, m in zip(kernels, magnitudes, strict=True)]
+        )
     if rule_name == "dfa":
         return numpy_signals(params, x, t, direct=tap_blocks(feedback))
     if rule_name == "drtp":
@@ -110,7 +112,7 @@ def test_tap_signals_match_numpy_for_every_rule(rule, jit):
     got = (jax.jit(signals) if jit else signals)(params, feedback)
     want = closed_form(rule, params, feedback, x, t)
     assert list(got) == ["layer_0", "layer_1"]
-    for g, w in zip(got.values(), want):
+    for g, w in zip(got.values(), want, strict=True):
         assert g.shape == w.shape
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6)
     if rule == "shallow":
@@ -125,7 +127,7 @@ def test_bp_against_bp_gives_cosine_one(jit):
         grad_fn = jax.jit(grad_fn, static_argnames="measure")
     (_, metrics), grads = grad_fn(params, None, x, t)
     assert set(metrics.gradient) == {f"{i}/{n}" for i in range(3) for n in ("kernel", "bias")}
-    for c in list(metrics.gradient.values()) + [metrics.total]:
+    for c in [*metrics.gradient.values(), metrics.total]:
         np.testing.assert_allclose(c.cosine, 1.0, atol=1e-6)
         np.testing.assert_allclose(c.angle, 0.0, atol=5e-2)
         np.testing.assert_allclose(c.norm_ratio, 1.0, rtol=1e-6)
@@ -145,7 +147,7 @@ def test_fa_with_feedback_equal_to_the_weights_gives_cosine_one_and_ratio_one():
     drawn = fj.init_feedback("fa", params, key=jax.random.key(0), model=model, inputs=x)
     feedback = dataclasses.replace(drawn, weights={f"{i}/kernel": layer["kernel"] for i, layer in enumerate(params)})
     (_, metrics), _ = jax.jit(al.value_and_grad_with_alignment(model, mse, "fa"))(params, feedback, x, t)
-    for c in list(metrics.gradient.values()) + [metrics.total]:
+    for c in [*metrics.gradient.values(), metrics.total]:
         np.testing.assert_allclose(c.cosine, 1.0, atol=1e-6)
         np.testing.assert_allclose(c.norm_ratio, 1.0, rtol=1e-5)
     assert set(metrics.weight) == {"0/kernel", "1/kernel", "2/kernel"}
@@ -169,38 +171,41 @@ def test_metrics_match_numpy_and_the_update_is_the_cores(rule):
     want_loss, want = reference.gradients(params, x, t, "tanh", **kwargs)
     _, bp = reference.gradients(params, x, t, "tanh")
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-    for index, (layer, bp_layer) in enumerate(zip(want, bp)):
+    for index, (layer, bp_layer) in enumerate(zip(want, bp, strict=True)):
         for name in ("kernel", "bias"):
             got = metrics.gradient[f"{index}/{name}"]
             np.testing.assert_allclose(got.cosine, numpy_cos(layer[name], bp_layer[name]), atol=2e-5)
-            np.testing.assert_allclose(got.norm_ratio, np.linalg.norm(layer[name]) / np.linalg.norm(bp_layer[name]),
-                                       rtol=1e-4)
+            np.testing.assert_allclose(
+                got.norm_ratio, np.linalg.norm(layer[name]) / np.linalg.norm(bp_layer[name]), rtol=1e-4
+            )
             np.testing.assert_allclose(np.cos(np.radians(got.angle)), got.cosine, atol=1e-4)
-    total = numpy_cos(np.concatenate([g.ravel() for layer in want for g in layer.values()]),
-                      np.concatenate([g.ravel() for layer in bp for g in layer.values()]))
+    total = numpy_cos(
+        np.concatenate([g.ravel() for layer in want for g in layer.values()]),
+        np.concatenate([g.ravel() for layer in bp for g in layer.values()]),
+    )
     np.testing.assert_allclose(metrics.total.cosine, total, atol=2e-5)
     # Launay et al. 2019: per-sample cos(δ̃_l[n], δ_l[n]), mean and std over the batch.
     rule_signals = numpy_signals(params, x, t, **kwargs)
     bp_signals = numpy_signals(params, x, t)
-    for index, (a, b) in enumerate(zip(rule_signals, bp_signals)):
+    for index, (a, b) in enumerate(zip(rule_signals, bp_signals, strict=True)):
         per_sample = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         got = metrics.delta[f"layer_{index}"]
         np.testing.assert_allclose(got.mean, per_sample.mean(), atol=2e-5)
         np.testing.assert_allclose(got.std, per_sample.std(), atol=2e-5)
     # The rule's update is the core's, unchanged by measuring.
     _, core = fj.value_and_grad(model, mse, rule)(params, feedback, x, t)
-    for g, c in zip(jax.tree.leaves(grads), jax.tree.leaves(core)):
+    for g, c in zip(jax.tree.leaves(grads), jax.tree.leaves(core), strict=True):
         np.testing.assert_allclose(g, c, rtol=1e-5, atol=1e-7)
 
 
 def test_dfa_weight_alignment_matches_numpy_product():
-    params, x, t, model = case(7)
+    params, x, _, model = case(7)
     dfa = fj.init_feedback("dfa", params, key=jax.random.key(3), model=model, inputs=x)
     kernels = al.dense_kernels(model, params, x)
     assert [k.shape for k in kernels] == [(4, 9), (9, 8), (8, 2)]
     got = al.dfa_weight_alignment(dfa, kernels, "dfa")
     W = [f64(layer["kernel"]) for layer in params]
-    for index, (name, B) in enumerate(zip(["layer_0", "layer_1"], tap_blocks(dfa))):
+    for index, (name, B) in enumerate(zip(["layer_0", "layer_1"], tap_blocks(dfa), strict=True)):
         downstream = np.linalg.multi_dot(W[index + 1 :]) if len(W[index + 1 :]) > 1 else W[-1]
         np.testing.assert_allclose(got[name].cosine, numpy_cos(B, downstream.T), atol=1e-5)
         np.testing.assert_allclose(got[name].norm_ratio, np.linalg.norm(B) / np.linalg.norm(downstream), rtol=1e-5)
@@ -214,7 +219,7 @@ def test_dfa_weight_alignment_matches_numpy_product():
 
 
 def test_fa_family_weight_alignment_reads_the_backward_matrix():
-    params, x, t, model = case(8)
+    params, x, _, model = case(8)
     W = [f64(layer["kernel"]) for layer in params]
     # A regenerated B is materialised with the rule: the numbers a stored B has.
     stored = fj.init_feedback("fa", params, key=jax.random.key(1), model=model, inputs=x)
@@ -229,14 +234,19 @@ def test_fa_family_weight_alignment_reads_the_backward_matrix():
     got = al.fa_weight_alignment(params, usf, "usf", model=model, inputs=x)
     for i, w in enumerate(W):
         s = np.sqrt(2.0 / sum(w.shape))
-        np.testing.assert_allclose(got[f"{i}/kernel"].cosine, np.abs(w).sum() / (np.sqrt(w.size) * np.linalg.norm(w)),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            got[f"{i}/kernel"].cosine, np.abs(w).sum() / (np.sqrt(w.size) * np.linalg.norm(w)), rtol=1e-5
+        )
         np.testing.assert_allclose(got[f"{i}/kernel"].norm_ratio, s * np.sqrt(w.size) / np.linalg.norm(w), rtol=1e-5)
     with pytest.raises(ValueError, match="step"):
         brsf = fj.init_feedback("brsf", params, key=jax.random.key(1), model=model, inputs=x)
         al.fa_weight_alignment(params, brsf, "brsf", model=model, inputs=x)
-    assert al.fa_weight_alignment(params, fj.init_feedback("bp", params, model=model, inputs=x), "bp",
-                                  model=model, inputs=x) == {}
+    assert (
+        al.fa_weight_alignment(
+            params, fj.init_feedback("bp", params, model=model, inputs=x), "bp", model=model, inputs=x
+        )
+        == {}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,8 +292,12 @@ def scanned_model(p, x):
 
 def test_tap_signals_inside_scan_and_checkpoint_match_hand_written_probes():
     rng = np.random.RandomState(0)
-    params = {"inp": rng.randn(4, 6) * 0.5, "stack": rng.randn(3, 6, 6) * 0.4, "mid": rng.randn(6, 6) * 0.4,
-              "out": rng.randn(6, 2) * 0.4}
+    params = {
+        "inp": rng.randn(4, 6) * 0.5,
+        "stack": rng.randn(3, 6, 6) * 0.4,
+        "mid": rng.randn(6, 6) * 0.4,
+        "out": rng.randn(6, 2) * 0.4,
+    }
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
     x, t = jnp.asarray(rng.randn(5, 4), jnp.float32), jnp.asarray(rng.randn(5, 2), jnp.float32)
 
@@ -301,8 +315,9 @@ def test_tap_signals_inside_scan_and_checkpoint_match_hand_written_probes():
     dfa = fj.init_feedback("dfa", params, key=jax.random.key(1), model=scanned_model, inputs=x)
     got = jax.jit(lambda p: al.tap_signals(scanned_model, mse, "dfa", p, dfa, x, t))(params)
     e, B = f64(scanned_model(params, x) - t) / 5, f64(dfa.taps)  # the stacked tap owns layer k's 6 columns
-    np.testing.assert_allclose(got["block"], np.stack([e @ B[:, 6 * k : 6 * k + 6] for k in range(3)]), rtol=1e-4,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        got["block"], np.stack([e @ B[:, 6 * k : 6 * k + 6] for k in range(3)]), rtol=1e-4, atol=1e-7
+    )
     np.testing.assert_allclose(got["mid"], e @ B[:, 18:24], rtol=1e-4, atol=1e-7)
 
 
@@ -321,7 +336,7 @@ def test_unmarked_model_is_probed_where_the_rule_cuts():
     (_, metrics), _ = jax.jit(al.value_and_grad_with_alignment(plain, mse, rule))(params, feedback, x, t)
     assert list(metrics.delta) == ["1/kernel:in", "2/kernel:in"]
     a, b = numpy_signals(params, x, t, direct=tap_blocks(feedback)), numpy_signals(params, x, t)
-    for name, ra, rb in zip(metrics.delta, a, b):
+    for name, ra, rb in zip(metrics.delta, a, b, strict=True):
         per_sample = np.sum(ra * rb, 1) / (np.linalg.norm(ra, axis=1) * np.linalg.norm(rb, axis=1))
         np.testing.assert_allclose(metrics.delta[name].mean, per_sample.mean(), atol=2e-5)
     assert set(metrics.weight) == {"1/kernel:in", "2/kernel:in"}  # the kernels chain like an MLP's
@@ -358,10 +373,10 @@ def test_measure_false_costs_no_bp_reference_and_returns_none():
     cheap = jax.make_jaxpr(lambda p: grad_fn(p, feedback, x, t, measure=False))(params)
     full = jax.make_jaxpr(lambda p: grad_fn(p, feedback, x, t))(params)
     core = jax.make_jaxpr(lambda p: fj.value_and_grad(model, mse, "fa")(p, feedback, x, t))(params)
-    count = lambda jaxpr: str(jaxpr).count("dot_general")  # noqa: E731
+    count = lambda jaxpr: str(jaxpr).count("dot_general")
     assert count(cheap) == count(core) < count(full)
     # deltas=False on a tapped model: no tap measured, everything else as with deltas.
-    (_, without), grads = al.value_and_grad_with_alignment(model, mse, "fa", deltas=False)(params, feedback, x, t)
+    (_, without), _ = al.value_and_grad_with_alignment(model, mse, "fa", deltas=False)(params, feedback, x, t)
     (_, with_deltas), _ = grad_fn(params, feedback, x, t)
     assert without.delta is None and with_deltas.delta
     np.testing.assert_allclose(without.total.cosine, with_deltas.total.cosine, rtol=1e-6)
@@ -384,7 +399,7 @@ def test_a_vanishing_bp_reference_gives_nan_not_an_angle():
     t = fj.apply(model, params, x)  # a perfect fit: BP's gradient is exactly 0
     feedback = fj.init_feedback("dfa", params, key=jax.random.key(0), model=model, inputs=x)
     (_, metrics), _ = al.value_and_grad_with_alignment(model, mse, "dfa")(params, feedback, x, t)
-    for c in list(metrics.gradient.values()) + [metrics.total]:
+    for c in [*metrics.gradient.values(), metrics.total]:
         assert np.isnan(c.cosine) and np.isnan(c.angle)
     assert all(np.isnan(d.mean) for d in metrics.delta.values())
 
@@ -425,11 +440,11 @@ def test_an_empty_batch_is_refused_naming_the_argument_and_a_floor_voids_tiny_re
     params, x, t, model = case(2)
     feedback = fj.init_feedback("fa", params, key=jax.random.key(0), model=model, inputs=x)
     grad_fn = al.value_and_grad_with_alignment(model, mse, "fa")
-    with pytest.raises(ValueError, match="inputs.*empty batch"):
+    with pytest.raises(ValueError, match=r"inputs.*empty batch"):
         grad_fn(params, feedback, x[:0], t[:0])
-    with pytest.raises(ValueError, match="inputs.*empty batch"):
+    with pytest.raises(ValueError, match=r"inputs.*empty batch"):
         al.tap_signals(model, mse, "fa", params, feedback, x[:0], t[:0])
-    with pytest.raises(ValueError, match="rule_signals.*'h'"):
+    with pytest.raises(ValueError, match=r"rule_signals.*'h'"):
         al.delta_alignment({"h": jnp.zeros((0, 3))}, {"h": jnp.zeros((0, 3))})
     with pytest.raises(ValueError, match="reference_floor"):
         al.value_and_grad_with_alignment(model, mse, "fa", reference_floor=-1.0)

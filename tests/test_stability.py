@@ -71,7 +71,7 @@ def test_rule_jacobian_matches_finite_differences_and_is_not_symmetric(rule, x64
     # First order: the core's update plus λθ.
     _, core = fj.value_and_grad(model, mse, rule)(params, feedback, x, t)
     _, mine = update(params)
-    for c, g, p in zip(jax.tree.leaves(core), jax.tree.leaves(mine), jax.tree.leaves(params)):
+    for c, g, p in zip(jax.tree.leaves(core), jax.tree.leaves(mine), jax.tree.leaves(params), strict=True):
         np.testing.assert_allclose(g, c + 0.01 * p, rtol=1e-12, atol=1e-14)
     jac = np.asarray(st.update_jacobian(update, params))
     flat, unravel = ravel_pytree(params)
@@ -125,8 +125,9 @@ def test_fa_fixed_point_of_a_realisable_linear_network_and_its_eigenvalues(x64):
     }
     b2 = rng.uniform(-0.5, 0.5, (hidden, m))
     drawn = fj.init_feedback("fa", params, key=jax.random.key(0), model=linear_net, inputs=x)
-    feedback = dataclasses.replace(drawn, weights={"l1/kernel": jnp.asarray(rng.uniform(-0.5, 0.5, (d, hidden))),
-                                                   "l2/kernel": jnp.asarray(b2)})
+    feedback = dataclasses.replace(
+        drawn, weights={"l1/kernel": jnp.asarray(rng.uniform(-0.5, 0.5, (d, hidden))), "l2/kernel": jnp.asarray(b2)}
+    )
     update = st.as_update(linear_net, mse, "fa", feedback, x, t)
     fp = st.find_fixed_point(update, params, learning_rate=0.2, tol=1e-10, max_steps=200_000)
     assert bool(fp.converged), (fp.update_norm, fp.steps)
@@ -141,10 +142,12 @@ def test_fa_fixed_point_of_a_realisable_linear_network_and_its_eigenvalues(x64):
     np.testing.assert_allclose(rough.params["l1"]["kernel"] @ rough.params["l2"]["kernel"], w_ls, atol=1e-8)
 
     sigma = xn.T @ xn / n
-    jac = np.block([
-        [np.kron(sigma, b2 @ w2.T), np.kron(sigma @ w1, b2)],
-        [np.kron(w1.T @ sigma, w2.T), np.kron(w1.T @ sigma @ w1, np.eye(m))],
-    ])
+    jac = np.block(
+        [
+            [np.kron(sigma, b2 @ w2.T), np.kron(sigma @ w1, b2)],
+            [np.kron(w1.T @ sigma, w2.T), np.kron(w1.T @ sigma @ w1, np.eye(m))],
+        ]
+    )
     np.testing.assert_allclose(st.update_jacobian(update, fp.params), jac, atol=1e-8)
     want = np.linalg.eigvals(jac)
     assert_same_spectrum(st.jacobian_eigenvalues(update, fp.params), want, atol=1e-7)
@@ -165,8 +168,10 @@ def test_dfa_fixed_point_of_a_realisable_linear_task_is_reached_and_stable(x64):
     x = jnp.asarray(rng.randn(n, d))
     target_map = rng.randn(d, m)
     t = x @ target_map
-    params = {"l1": {"kernel": jnp.asarray(rng.uniform(-0.1, 0.1, (d, hidden)))},
-              "l2": {"kernel": jnp.asarray(rng.uniform(-0.1, 0.1, (hidden, m)))}}
+    params = {
+        "l1": {"kernel": jnp.asarray(rng.uniform(-0.1, 0.1, (d, hidden)))},
+        "l2": {"kernel": jnp.asarray(rng.uniform(-0.1, 0.1, (hidden, m)))},
+    }
     feedback = fj.init_feedback("dfa", params, key=jax.random.key(0), model=linear_net, inputs=x, dtype=jnp.float64)
     update = st.as_update(linear_net, mse, "dfa", feedback, x, t)
     fp = st.find_fixed_point(update, params, learning_rate=0.2, tol=1e-10, max_steps=20_000)
@@ -227,10 +232,14 @@ def test_bad_arguments_raise_naming_them():
     assert np.isfinite(value)
     update = st.as_update(mlp("tanh"), mse, "bp", None, x, t)
     for kwargs, error, name in [
-        (dict(learning_rate=0.0), ValueError, "learning_rate"), (dict(learning_rate=-0.1), ValueError, "learning_rate"),
-        (dict(learning_rate=True), TypeError, "learning_rate"), (dict(max_steps=10.5), TypeError, "max_steps"),
-        (dict(max_steps=-1), ValueError, "max_steps"), (dict(tol=-1e-3), ValueError, "tol"),
-        (dict(tol=float("nan")), ValueError, "tol"), (dict(newton_steps=2.0), TypeError, "newton_steps"),
+        (dict(learning_rate=0.0), ValueError, "learning_rate"),
+        (dict(learning_rate=-0.1), ValueError, "learning_rate"),
+        (dict(learning_rate=True), TypeError, "learning_rate"),
+        (dict(max_steps=10.5), TypeError, "max_steps"),
+        (dict(max_steps=-1), ValueError, "max_steps"),
+        (dict(tol=-1e-3), ValueError, "tol"),
+        (dict(tol=float("nan")), ValueError, "tol"),
+        (dict(newton_steps=2.0), TypeError, "newton_steps"),
         (dict(residual=3), TypeError, "residual"),
     ]:
         with pytest.raises(error, match=name):
@@ -249,14 +258,22 @@ def test_teacher_student_fixed_point_to_1e8_with_eigenvalues_of_a_finite_differe
     forward under FA and under BP) gives the same matrix: at ``e = 0`` the derivative of ``B̃``
     drops out.
     """
-    problem = teacher.teacher_student(inputs=3, outputs=2, teacher_hidden=(3,), student_hidden=(5,), train=6,
-                                      test=4, seed=1, dtype=jnp.float64)
+    problem = teacher.teacher_student(
+        inputs=3, outputs=2, teacher_hidden=(3,), student_hidden=(5,), train=6, test=4, seed=1, dtype=jnp.float64
+    )
     x, t, n = problem.x_train, problem.y_train, problem.x_train.shape[0]
     params = problem.init_params(key=jax.random.key(2))
     feedback = fj.init_feedback("fa", params, key=jax.random.key(3), model=problem.model, inputs=x)
     update = st.as_update(problem.model, teacher.squared_error, "fa", feedback, x, t)
-    fp = st.find_fixed_point(update, params, learning_rate=0.5, tol=1e-8, max_steps=3000, newton_steps=10,
-                             residual=lambda p: problem.model(p, x) - t)
+    fp = st.find_fixed_point(
+        update,
+        params,
+        learning_rate=0.5,
+        tol=1e-8,
+        max_steps=3000,
+        newton_steps=10,
+        residual=lambda p: problem.model(p, x) - t,
+    )
     assert bool(fp.converged) and float(fp.update_norm) < 1e-8, (fp.update_norm, fp.rule_norm, fp.newton)
     assert float(fp.loss) < 1e-15
     flat, unravel = ravel_pytree(fp.params)
@@ -292,8 +309,9 @@ def flipped_point(sign, scale=3.0):
     t = x @ jnp.asarray(a @ c)
     params = {"l1": {"kernel": jnp.asarray(a / scale)}, "l2": {"kernel": jnp.asarray(c * scale)}}
     drawn = fj.init_feedback("fa", params, key=jax.random.key(0), model=linear_net, inputs=x)
-    feedback = dataclasses.replace(drawn, weights={"l1/kernel": params["l1"]["kernel"],
-                                                   "l2/kernel": sign * params["l2"]["kernel"]})
+    feedback = dataclasses.replace(
+        drawn, weights={"l1/kernel": params["l1"]["kernel"], "l2/kernel": sign * params["l2"]["kernel"]}
+    )
     return params, feedback, x, t
 
 
@@ -306,16 +324,24 @@ def test_perturbation_test_returns_for_a_stable_point_and_leaves_when_the_backwa
         # Closed form at M = 0 (see the FA test above) with B2 = sign · W2.
         w1, w2 = np.asarray(params["l1"]["kernel"]), np.asarray(params["l2"]["kernel"])
         sigma = np.asarray(x).T @ np.asarray(x) / 16
-        jac = np.block([[np.kron(sigma, sign * w2 @ w2.T), np.kron(sigma @ w1, sign * w2)],
-                        [np.kron(w1.T @ sigma, w2.T), np.kron(w1.T @ sigma @ w1, np.eye(2))]])
+        jac = np.block(
+            [
+                [np.kron(sigma, sign * w2 @ w2.T), np.kron(sigma @ w1, sign * w2)],
+                [np.kron(w1.T @ sigma, w2.T), np.kron(w1.T @ sigma @ w1, np.eye(2))],
+            ]
+        )
         assert_same_spectrum(report.eigenvalues, np.linalg.eigvals(jac), atol=1e-8)
         directions, labels = st.perturbation_directions(update, params, key=jax.random.key(1), random=2, eigen=1)
         assert directions.shape == (3, 20) and labels[2].startswith("eigen")
         np.testing.assert_allclose(np.linalg.norm(directions, axis=1), 1.0)
-        kicked = st.perturbation_test(update, params, directions, epsilon=1e-5, learning_rate=0.5 / report.largest_real,
-                                      steps=400, labels=labels)
-        alignment = st.backward_alignment(st.backward_map(linear_net, "fa", feedback, params, x),
-                                          st.backward_map(linear_net, "bp", None, params, x), params)
+        kicked = st.perturbation_test(
+            update, params, directions, epsilon=1e-5, learning_rate=0.5 / report.largest_real, steps=400, labels=labels
+        )
+        alignment = st.backward_alignment(
+            st.backward_map(linear_net, "fa", feedback, params, x),
+            st.backward_map(linear_net, "bp", None, params, x),
+            params,
+        )
         assert alignment.per_layer["l2/kernel"].cosine == pytest.approx(1.0)  # W2's own update is exact
         if sign > 0:  # BP's backward map: J = J_fᵀJ_f / N, a Gauss–Newton matrix
             assert report.margin > 0 and report.stable
