@@ -81,7 +81,7 @@ def test_drtp_on_the_lm_task_projects_each_token():
 
     def core(rule):
         feedback = fj.init_feedback(rule, params, key=feedback_key, model=task.model, inputs=inputs)
-        grads = fj.value_and_grad(task.model, task.loss, rule)(params, feedback, inputs, targets, step=0)[1]
+        grads = jax.jit(fj.value_and_grad(task.model, task.loss, rule))(params, feedback, inputs, targets, step=0)[1]
         return feedback, by_path(grads)
 
     feedback, want = core(fj.DRTP(batch_dims=2))
