@@ -41,7 +41,12 @@ PAPER = {
     "lm/micro": {"what": "WikiText-103 word perplexity (Launay et al.)", "bp": 29.8, "dfa": 93.3, "shallow": 400.0},
     "mnist/cnn": {
         "what": "MNIST LeNet error % (biotorch; ours: 8x8 digits)",
-        "bp": 0.91, "fa": 1.70, "dfa": 1.61, "usf": 0.94, "brsf": 0.91, "frsf": 0.97,
+        "bp": 0.91,
+        "fa": 1.70,
+        "dfa": 1.61,
+        "usf": 0.94,
+        "brsf": 0.91,
+        "frsf": 0.97,
     },
 }
 
@@ -94,8 +99,11 @@ def main() -> None:
     parser.add_argument("--only", default=None, help="comma list of case-name prefixes (default: every case)")
     parser.add_argument("--devices", type=int, default=os.cpu_count() or 1, help="host devices (default one per core)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/paper_table.json)")
-    parser.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "fa_jax_paper_table"),
-                        help="JAX persistent compilation cache directory ('' to turn it off)")
+    parser.add_argument(
+        "--cache",
+        default=os.path.join(os.path.expanduser("~"), ".cache", "fa_jax_paper_table"),
+        help="JAX persistent compilation cache directory ('' to turn it off)",
+    )
     args = parser.parse_args()
     if args.devices > 1 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (
@@ -126,12 +134,19 @@ def main() -> None:
             if task_name == "recsys":
                 options.update(train=4000, test=1000)
         case_start = time.perf_counter()
-        record = {"task": task_name, "options": options, "recipe": recipe, "grid": list(grid), "seeds": seeds,
-                  "grid_seeds": grid_seeds, "rules": {}}
+        record = {
+            "task": task_name,
+            "options": options,
+            "recipe": recipe,
+            "grid": list(grid),
+            "seeds": seeds,
+            "grid_seeds": grid_seeds,
+            "rules": {},
+        }
         for rule in rules:
             chosen_by = {"recipe": recipe, "rule": rule} if recipe == "paper" else {}
 
-            def build(rule=rule, chosen_by=chosen_by, **extra):
+            def build(rule=rule, chosen_by=chosen_by, task_name=task_name, options=options, **extra):
                 return get_task(task_name, **options, **chosen_by, **extra)
 
             t0 = time.perf_counter()
@@ -141,18 +156,27 @@ def main() -> None:
             default_lr = get_task(task_name, **options).options["learning_rate"]
             in_grid = [p for p in selection.points if p.values["learning_rate"] == default_lr]
             if chosen_by or not in_grid:  # the default setting was not a point of the grid: one more validation run
-                default_point = protocol.select(lambda **kw: get_task(task_name, **options, **kw), rule,
-                                                {"learning_rate": [default_lr]}, seeds=grid_seeds).points[0]
+                default_point = protocol.select(
+                    lambda task_name=task_name, options=options, **kw: get_task(task_name, **options, **kw),
+                    rule,
+                    {"learning_rate": [default_lr]},
+                    seeds=grid_seeds,
+                ).points[0]
             else:
                 default_point = in_grid[0]
             chosen_point = next(p for p in selection.points if p.values == selection.chosen)
             s_tuned = tuned.summary()
             entry = {
-                "metric": tuned_task.metric, "validation_metric": selection.metric,
+                "metric": tuned_task.metric,
+                "validation_metric": selection.metric,
                 "higher_is_better": tuned_task.higher_is_better,
-                "tuned": {"mean": s_tuned.mean, "std": s_tuned.std, "final": tuned.final.tolist(),
-                          "diverged": {str(k): v for k, v in s_tuned.diverged.items()},
-                          "options": {k: tuned_task.options[k] for k in OPTIMIZER_KEYS}},
+                "tuned": {
+                    "mean": s_tuned.mean,
+                    "std": s_tuned.std,
+                    "final": tuned.final.tolist(),
+                    "diverged": {str(k): v for k, v in s_tuned.diverged.items()},
+                    "options": {k: tuned_task.options[k] for k in OPTIMIZER_KEYS},
+                },
                 "validation": {"tuned": chosen_point.mean, "default": default_point.mean, "default_lr": default_lr},
                 "selection": selection.to_json(),
                 "report": {k: {"mean": v.mean, "std": v.std} for k, v in tuned.report_summary().items()},
@@ -161,23 +185,41 @@ def main() -> None:
                 "seconds": time.perf_counter() - t0,
             }
             record["rules"][rule] = entry
-            print(f"{case:<14} {rule:<8} lr {selection.chosen['learning_rate']:g}: test "
-                  f"{_fmt(s_tuned.mean, s_tuned.std, entry['metric'])}; validation {chosen_point.mean:.4f} "
-                  f"(default setting {default_point.mean:.4f})  ({entry['seconds']:.0f} s)", flush=True)
+            print(
+                f"{case:<14} {rule:<8} lr {selection.chosen['learning_rate']:g}: test "
+                f"{_fmt(s_tuned.mean, s_tuned.std, entry['metric'])}; validation {chosen_point.mean:.4f} "
+                f"(default setting {default_point.mean:.4f})  ({entry['seconds']:.0f} s)",
+                flush=True,
+            )
         record["seconds"] = time.perf_counter() - case_start
         records[case] = record
     wall = time.perf_counter() - started
 
     lines = table(records)
-    command = "nice -n 10 python benchmarks/paper_table.py" + (" --quick" if args.quick else "") + (
-        f" --only {args.only}" if args.only else "")
-    lines += ["", f"Command: `{command}`; wall time {wall / 60:.1f} min on {os.cpu_count()} CPU cores "
-              f"({args.devices} host devices), jax {jax.__version__}."]
+    command = (
+        "nice -n 10 python benchmarks/paper_table.py"
+        + (" --quick" if args.quick else "")
+        + (f" --only {args.only}" if args.only else "")
+    )
+    lines += [
+        "",
+        f"Command: `{command}`; wall time {wall / 60:.1f} min on {os.cpu_count()} CPU cores "
+        f"({args.devices} host devices), jax {jax.__version__}.",
+    ]
     text = "\n".join(lines)
     print("\n" + text)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    payload = {"command": command, "wall_seconds": wall, "platform": platform.platform(), "cpus": os.cpu_count(),
-               "devices": args.devices, "jax": jax.__version__, "quick": args.quick, "paper": PAPER, "cases": records}
+    payload = {
+        "command": command,
+        "wall_seconds": wall,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "devices": args.devices,
+        "jax": jax.__version__,
+        "quick": args.quick,
+        "paper": PAPER,
+        "cases": records,
+    }
     with open(out, "w") as f:
         json.dump(payload, f, indent=1, default=float)
     with open(os.path.splitext(out)[0] + ".md", "w") as f:
@@ -187,8 +229,11 @@ def main() -> None:
 def table(records: dict) -> list[str]:
     """Markdown: one row per case x rule: the test figure at the chosen setting, the validation figures
     at the chosen and the default setting, the ratio to BP beside the paper's."""
-    lines = ["| case | rule | test, at the setting chosen on validation | validation: chosen / default setting "
-             "| ratio to BP: ours (paper) | notes |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| case | rule | test, at the setting chosen on validation | validation: chosen / default setting "
+        "| ratio to BP: ours (paper) | notes |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for case, record in records.items():
         means = {rule: e["tuned"]["mean"] for rule, e in record["rules"].items()}
         for rule, e in record["rules"].items():
@@ -203,12 +248,17 @@ def table(records: dict) -> list[str]:
             setting = f"lr {t['options']['learning_rate']:g}" + (f", {', '.join(extra)}" if extra else "")
             digits = 2 if ("psnr" in metric or "bits" in metric) else 4
             valid = f"{v['tuned']:.{digits}f} / {v['default']:.{digits}f} (lr {v['default_lr']:g})"
-            notes = [f"{k.replace('_branch_auc', '')} branch AUC {r['mean']:.4f}" for k, r in e["report"].items()
-                     if k.endswith("_branch_auc")]
+            notes = [
+                f"{k.replace('_branch_auc', '')} branch AUC {r['mean']:.4f}"
+                for k, r in e["report"].items()
+                if k.endswith("_branch_auc")
+            ]
             if t["diverged"]:
                 notes.append(f"{len(t['diverged'])} seed(s) diverged")
-            lines.append(f"| {case} ({metric}) | {rule} | {_fmt(t['mean'], t['std'], metric)} ({setting}) | {valid} | "
-                         f"{_paper_ratio(case, rule, means, metric)} | {'; '.join(notes)} |")
+            lines.append(
+                f"| {case} ({metric}) | {rule} | {_fmt(t['mean'], t['std'], metric)} ({setting}) | {valid} | "
+                f"{_paper_ratio(case, rule, means, metric)} | {'; '.join(notes)} |"
+            )
     return lines
 
 

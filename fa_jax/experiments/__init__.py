@@ -10,7 +10,14 @@ import importlib
 
 from fa_jax.experiments._task import Task
 from fa_jax.experiments.sweep import (
-    SweepResult, Trainer, TrainState, choose_strategy, make_trainer, run_single, run_sweep, seed_mesh,
+    SweepResult,
+    Trainer,
+    TrainState,
+    choose_strategy,
+    make_trainer,
+    run_single,
+    run_sweep,
+    seed_mesh,
 )
 
 #: Task name -> module holding its ``make_task``.
@@ -32,6 +39,15 @@ def get_task(name: str, **options) -> Task:
 
 
 __all__ = [
-    "Task", "TASKS", "get_task", "TrainState", "Trainer", "SweepResult",
-    "make_trainer", "run_single", "run_sweep", "seed_mesh", "choose_strategy",
+    "Task",
+    "TASKS",
+    "get_task",
+    "TrainState",
+    "Trainer",
+    "SweepResult",
+    "make_trainer",
+    "run_single",
+    "run_sweep",
+    "seed_mesh",
+    "choose_strategy",
 ]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,14 +63,15 @@ class Task(NamedTuple):
     steps: int = 1000
     eval_every: int = 100
     seeds: int = 8
-    baselines: dict = {}
+    baselines: dict = {}  # noqa: RUF012 - a NamedTuple field has no default factory; never mutated
     description: str = ""
-    options: dict = {}
+    options: dict = {}  # noqa: RUF012 - a NamedTuple field has no default factory; never mutated
     report: Callable | None = None
 
 
 def sample_rows(n: int, batch_size: int, key: jax.Array, step: jax.Array) -> jax.Array:
-    """Row indices of minibatch ``step``: ``(batch_size,)`` uniform draws (with replacement) from ``fold_in(key, step)``.
+    """Row indices of minibatch ``step``: ``(batch_size,)`` uniform draws (with replacement)
+    from ``fold_in(key, step)``.
 
     Drawing with replacement costs nothing beside a training step; an
     epoch-wise ``random.permutation`` (a sort of all ``n`` rows) cost ~4 ms per
@@ -164,7 +166,7 @@ def check_split(split: Any) -> str:
 
 def holdout(n: int, name: str, fraction: float = VALIDATION_FRACTION) -> int:
     """Rows held out for validation from ``n`` training rows: ``round(fraction · n)``, at least 1, fewer than ``n``."""
-    k = max(1, int(round(fraction * n)))
+    k = max(1, round(fraction * n))
     if k >= n:
         raise ValueError(f"{name}: {n} training rows are too few to hold out a validation split")
     return k
@@ -189,8 +191,17 @@ def check_nonnegative_float(value: Any, name: str) -> float:
 
 
 def protocol_options(
-    task: str, *, recipe: Any, rule: Any, learning_rate: Any, b2: Any, weight_decay: Any, plateau: Any,
-    eval_every: int, default: dict, paper: dict | None = None,
+    task: str,
+    *,
+    recipe: Any,
+    rule: Any,
+    learning_rate: Any,
+    b2: Any,
+    weight_decay: Any,
+    plateau: Any,
+    eval_every: int,
+    default: dict,
+    paper: dict | None = None,
 ) -> dict:
     """The optimizer options of a task, normalised, with those left ``None`` taken from its recipe.
 
@@ -231,7 +242,8 @@ def protocol_options(
     given = {"learning_rate": learning_rate, "b2": b2, "weight_decay": weight_decay, "plateau": plateau}
     settings.update({k: v for k, v in given.items() if v is not None})
     out = {
-        "recipe": recipe, "rule": rule_name,
+        "recipe": recipe,
+        "rule": rule_name,
         "learning_rate": check_positive_float(settings["learning_rate"], "learning_rate"),
         "b2": check_fraction(settings["b2"], "b2", low=0.0, high=1.0, high_ok=False),
         "weight_decay": check_nonnegative_float(settings["weight_decay"], "weight_decay"),
@@ -258,8 +270,14 @@ def make_optimizer(options: dict) -> optax.GradientTransformation:
     if options["plateau"] < 1:
         from optax.contrib import reduce_on_plateau
 
-        tx = optax.chain(tx, reduce_on_plateau(factor=options["plateau"], patience=options["plateau_patience"],
-                                               accumulation_size=options["plateau_every"]))
+        tx = optax.chain(
+            tx,
+            reduce_on_plateau(
+                factor=options["plateau"],
+                patience=options["plateau_patience"],
+                accumulation_size=options["plateau_every"],
+            ),
+        )
     return tx
 
 
@@ -272,8 +290,10 @@ def describe_optimizer(options: dict) -> str:
     if options["weight_decay"] > 0:
         extra.append(f"weight decay {options['weight_decay']:g}")
     if options["plateau"] < 1:
-        extra.append(f"reduce-on-plateau ×{options['plateau']:g} after {options['plateau_patience']}×"
-                     f"{options['plateau_every']} steps without improvement")
+        extra.append(
+            f"reduce-on-plateau ×{options['plateau']:g} after {options['plateau_patience']}×"
+            f"{options['plateau_every']} steps without improvement"
+        )
     if options.get("rule") is not None:
         extra.append(f"recipe {options['recipe']!r} for {options['rule']}")
     return text + (f" ({', '.join(extra)})" if extra else "")
@@ -281,5 +301,5 @@ def describe_optimizer(options: dict) -> str:
 
 def metric_name(metric: str, split: str) -> str:
     """``"test_accuracy"`` under ``split="test"``, ``"validation_accuracy"`` under ``"validation"``."""
-    base = metric[len("test_"):] if metric.startswith("test_") else metric
+    base = metric[len("test_") :] if metric.startswith("test_") else metric
     return metric if split == "test" else f"validation_{base}"

@@ -58,7 +58,8 @@ import socket
 import sys
 import types
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -193,8 +194,10 @@ def name_option(value: Any, where: str) -> Any:
                 "defined with def, a functools.partial of one, or a dataclass"
             )
         closure = value.__closure__ or ()
-        cells = {v: name_option(c.cell_contents, f"{where} (closed-over {v!r})")
-                 for v, c in zip(value.__code__.co_freevars, closure)}
+        cells = {
+            v: name_option(c.cell_contents, f"{where} (closed-over {v!r})")
+            for v, c in zip(value.__code__.co_freevars, closure, strict=True)
+        }
         return {"function": name, "closure": cells} if cells else {"function": name}
     if isinstance(value, (types.BuiltinFunctionType, np.ufunc)) or (name is not None and isinstance(value, type)):
         return {"function": name}
@@ -236,7 +239,8 @@ def task_identity(task: Any) -> dict:
 
 
 def leaf_specs(state: Any, *, digests: bool = False) -> list[dict]:
-    """``[{"path", "shape", "dtype"}]`` of every leaf (plus ``"sha256"`` with ``digests``); keys as ``"key<impl>"`` dtypes."""
+    """``[{"path", "shape", "dtype"}]`` of every leaf (plus ``"sha256"`` with ``digests``);
+    keys as ``"key<impl>"`` dtypes."""
     specs = []
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
         if _checks.is_key(leaf):
@@ -276,7 +280,7 @@ def _diff(where: str, old: Any, new: Any, out: list[str]) -> None:
         for key in sorted(set(old) | set(new), key=str):
             _diff(f"{where}.{key}", old.get(key, _ABSENT), new.get(key, _ABSENT), out)
     elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and len(old) <= 16:
-        for i, (a, b) in enumerate(zip(old, new)):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
             _diff(f"{where}[{i}]", a, b, out)
     elif old != new:
         hint = ""
@@ -343,8 +347,10 @@ def _fsync_dir(path: str) -> None:
 
 def write_integrity(step_dir: str) -> dict:
     """Record size and SHA-256 of every file of a written step, atomically (temporary file, fsync, rename)."""
-    files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)), "sha256": _sha256_file(os.path.join(step_dir, rel))}
-             for rel in _step_files(step_dir)}
+    files = {
+        rel: {"size": os.path.getsize(os.path.join(step_dir, rel)), "sha256": _sha256_file(os.path.join(step_dir, rel))}
+        for rel in _step_files(step_dir)
+    }
     record = {"format": FORMAT, "files": files}
     record["digest"] = _sha256_bytes(_canonical(record))  # of everything but itself
     tmp = os.path.join(step_dir, INTEGRITY + ".tmp")
@@ -424,8 +430,9 @@ def _holder_text(info: Any) -> str:
     if not isinstance(info, dict):
         return "an unknown process"
     command = one_line(info.get("command", ""), 120)
-    return (f"pid {info.get('pid')} on host {info.get('host')}, since {info.get('since')}"
-            + (f", running {command!r}" if command else ""))
+    return f"pid {info.get('pid')} on host {info.get('host')}, since {info.get('since')}" + (
+        f", running {command!r}" if command else ""
+    )
 
 
 def _read_holder(fd: int) -> Any:
@@ -466,7 +473,7 @@ class DirectoryLock:
         self._report = _warn if report is None else report
         self._held = False
 
-    def acquire(self) -> "DirectoryLock":
+    def acquire(self) -> DirectoryLock:
         if self._held:
             return self
         key = os.path.realpath(self.path)
@@ -490,11 +497,16 @@ class DirectoryLock:
             raise CheckpointLocked(f"cannot lock checkpoint directory {self.directory}: {one_line(err, 120)}") from None
         previous = _read_holder(fd)
         if previous is not None and not (isinstance(previous, dict) and previous.get("pid") == os.getpid()):
-            self._report(f"took over the stale lock on {self.directory} left by {_holder_text(previous)} "
-                         "(that process no longer holds it)")
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "since": datetime.datetime.now().isoformat(timespec="seconds"),
-                "command": _command_line()}
+            self._report(
+                f"took over the stale lock on {self.directory} left by {_holder_text(previous)} "
+                "(that process no longer holds it)"
+            )
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now().isoformat(timespec="seconds"),
+            "command": _command_line(),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         os.fsync(fd)
@@ -520,7 +532,7 @@ class DirectoryLock:
                 fcntl.flock(entry[0], fcntl.LOCK_UN)
             os.close(entry[0])
 
-    def __enter__(self) -> "DirectoryLock":
+    def __enter__(self) -> DirectoryLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
@@ -529,7 +541,7 @@ class DirectoryLock:
     def __del__(self):
         try:
             self.release()
-        except Exception:  # noqa: BLE001 - at interpreter exit the modules may be gone; the kernel frees the lock
+        except Exception:  # at interpreter exit the modules may be gone; the kernel frees the lock
             pass
 
 
@@ -588,8 +600,16 @@ class Checkpointer:
       CheckpointLocked: another live process holds ``directory``.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, every: int, config: dict, keep: int = 2,
-                 restart_if_corrupt: bool = False, report: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        every: int,
+        config: dict,
+        keep: int = 2,
+        restart_if_corrupt: bool = False,
+        report: Callable[[str], None] | None = None,
+    ):
         import orbax.checkpoint as ocp  # heavy import, only when checkpointing
 
         if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
@@ -611,9 +631,16 @@ class Checkpointer:
         self._lock = DirectoryLock(self.directory, report=self._report).acquire()
         # In a multi-process job only process 0 opens a Checkpointer (distributed.SharedCheckpointer): orbax must
         # not wait for the others at its barriers.
-        alone = ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0}) if jax.process_count() > 1 else None
+        alone = (
+            ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})
+            if jax.process_count() > 1
+            else None
+        )
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=False, create=alone is None, cleanup_tmp_directories=True,
+            max_to_keep=keep,
+            enable_async_checkpointing=False,
+            create=alone is None,
+            cleanup_tmp_directories=True,
             **({} if alone is None else {"multiprocessing_options": alone}),
         )
         with _quiet_orbax():
@@ -627,7 +654,7 @@ class Checkpointer:
             with contextlib.suppress(Exception):
                 manager.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -669,7 +696,7 @@ class Checkpointer:
         try:
             with _quiet_orbax():
                 meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as err:  # noqa: BLE001 - any failure to read is reported, in one line
+        except Exception as err:  # any failure to read is reported, in one line
             return None, f"meta/ is unreadable ({type(err).__name__}: {one_line(err, 120)})"
         if not isinstance(meta, dict) or not isinstance(meta.get("leaves"), list):
             return None, "meta/metadata is not a checkpoint record"
@@ -682,13 +709,14 @@ class Checkpointer:
         try:
             with _quiet_orbax():
                 arrays = self._manager.restore(
-                    step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, restore_args=_restore_args(target)))
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.PyTreeRestore(target, restore_args=_restore_args(target))),
                 )["state"]
-        except Exception as err:  # noqa: BLE001 - a damaged file can fail inside tensorstore in many ways
+        except Exception as err:  # a damaged file can fail inside tensorstore in many ways
             _drop_closed_loop_noise()
             return None, f"state/ is unreadable ({type(err).__name__}: {one_line(err, 120)})"
         restored = []
-        for i, (like_leaf, spec) in enumerate(zip(leaves, meta["leaves"])):
+        for i, (like_leaf, spec) in enumerate(zip(leaves, meta["leaves"], strict=True)):
             value = np.asarray(arrays[f"leaf_{i:05d}"])
             if _checks.is_key(like_leaf):
                 value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(like_leaf))
@@ -700,7 +728,8 @@ class Checkpointer:
 
     def _mismatch(self, step: int, differences: list[str]) -> CheckpointMismatch:
         return CheckpointMismatch(
-            f"checkpoint {self._step_dir(step)} does not match this run: " + "; ".join(differences[:8])
+            f"checkpoint {self._step_dir(step)} does not match this run: "
+            + "; ".join(differences[:8])
             + ". Use another --checkpoint-dir or delete this one."
         )
 
@@ -758,7 +787,9 @@ class Checkpointer:
                 state, problem = self._read_state(step, like, meta)
                 if problem is None:
                     if self.unusable:
-                        self._report(f"resuming from step {step}, the newest checkpoint in {self.directory} that verifies")
+                        self._report(
+                            f"resuming from step {step}, the newest checkpoint in {self.directory} that verifies"
+                        )
                     return state
             self.unusable[step] = problem
             self._report(f"checkpoint {self._step_dir(step)} is unusable: {problem}")

@@ -51,7 +51,9 @@ def _parse_rules(text: str) -> list[str]:
     rules = [r.strip().lower() for r in text.split(",") if r.strip()]
     bad = [r for r in rules if r not in RULES]
     if not rules or bad:
-        raise _UsageError(f"--rules {text!r}: unknown rule(s) {bad or '(empty)'}; expected a comma list of {sorted(RULES)}")
+        raise _UsageError(
+            f"--rules {text!r}: unknown rule(s) {bad or '(empty)'}; expected a comma list of {sorted(RULES)}"
+        )
     return list(dict.fromkeys(rules))
 
 
@@ -109,8 +111,12 @@ def _factor(text: str) -> float:
     return value
 
 
-OPTIMIZER_FLAGS = {"lr": ("learning_rate", _positive), "b2": ("b2", _open_unit),
-                   "weight_decay": ("weight_decay", _nonnegative), "plateau": ("plateau", _factor)}
+OPTIMIZER_FLAGS = {
+    "lr": ("learning_rate", _positive),
+    "b2": ("b2", _open_unit),
+    "weight_decay": ("weight_decay", _nonnegative),
+    "plateau": ("plateau", _factor),
+}
 GRID_FLAGS = {"lr_grid": ("learning_rate", _positive), "wd_grid": ("weight_decay", _nonnegative)}
 
 
@@ -134,7 +140,9 @@ def _parse_spec(text: str, dest: str, rules: list[str]) -> dict[str, float]:
             raise _UsageError(f"{flag} {text!r}: {item!r}: {err}") from None
         if not rule:
             if common is not None:
-                raise _UsageError(f"{flag} {text!r}: two values for every rule; give one, and RULE=VALUE for the others")
+                raise _UsageError(
+                    f"{flag} {text!r}: two values for every rule; give one, and RULE=VALUE for the others"
+                )
             common = parsed
         elif rule not in rules:
             raise _UsageError(f"{flag} {text!r}: rule {rule!r} is not among --rules {','.join(rules)}")
@@ -176,65 +184,128 @@ def _settings(options: dict) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from fa_jax.experiments import TASKS
 
-    parser = _Parser(prog="fa-jax", description="fa_jax experiments: BP, FA, DFA, their family and shallow on offline data.")
+    parser = _Parser(
+        prog="fa-jax", description="fa_jax experiments: BP, FA, DFA, their family and shallow on offline data."
+    )
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     run = sub.add_parser("run", help="train every rule for every seed and report a results table")
     run.add_argument("task", help=f"one of {', '.join(TASKS)}")
     run.add_argument(
-        "--rules", default=DEFAULT_RULES, help=f"comma list of rules among {', '.join(sorted(RULES))} (default {DEFAULT_RULES})"
+        "--rules",
+        default=DEFAULT_RULES,
+        help=f"comma list of rules among {', '.join(sorted(RULES))} (default {DEFAULT_RULES})",
     )
-    run.add_argument("--seeds", type=_count(2**32, "seeds are the integers 0..N-1 below 2**32"), default=None,
-                     help="number of seeds (default: the task's, 8)")
-    run.add_argument("--steps", type=_count(2**31 - 1, "the step counter is int32"), default=None,
-                     help="training steps per run (default: the task's)")
+    run.add_argument(
+        "--seeds",
+        type=_count(2**32, "seeds are the integers 0..N-1 below 2**32"),
+        default=None,
+        help="number of seeds (default: the task's, 8)",
+    )
+    run.add_argument(
+        "--steps",
+        type=_count(2**31 - 1, "the step counter is int32"),
+        default=None,
+        help="training steps per run (default: the task's)",
+    )
     run.add_argument("--out", default=None, help="output directory (default results/TASK)")
-    run.add_argument("--data", default=None, help="user data file or directory (mnist: IDX dir or .npz; graph: Planetoid "
-                     ".npz; recsys: a MovieLens-style ratings file, user item rating timestamp per line)")
+    run.add_argument(
+        "--data",
+        default=None,
+        help="user data file or directory (mnist: IDX dir or .npz; graph: Planetoid "
+        ".npz; recsys: a MovieLens-style ratings file, user item rating timestamp per line)",
+    )
     run.add_argument("--dataset", default=None, help="mnist only: mnist_5k (default), digits or mnist1d")
-    run.add_argument("--model", default=None, help="mnist: mlp (default) or cnn; graph: gcn (default) or gat; "
-                     "recsys: deepfm (default), fm, tower or dcn")
-    run.add_argument("--taps", default=None, help="lm only: macro (default, one tap per block) or micro (after attention "
-                     "and after the MLP)")
-    run.add_argument("--threshold", type=float, default=None,
-                     help="recsys --data only: a rating at or above this many stars is a positive (default 4)")
-    run.add_argument("--recipe", default=None, help="default (one optimizer setting for every rule) or paper (lm, graph: "
-                     "Launay et al. 2020's settings per rule)")
-    for flag, what in (("--lr", "Adam learning rate"), ("--b2", "Adam beta2"),
-                       ("--weight-decay", "L2 weight decay added to the gradient before Adam"),
-                       ("--plateau", "reduce-on-plateau factor in (0, 1]; 1 is off")):
-        run.add_argument(flag, default=None, metavar="SPEC",
-                         help=f"{what}: a value for every rule, and/or RULE=VALUE for one (e.g. 3e-3,dfa=1e-3)")
-    run.add_argument("--lr-grid", default=None, metavar="LIST",
-                     help="learning rates to choose from per rule on a validation split (e.g. 1e-4,3e-4,1e-3,3e-3); "
-                     "the chosen one is trained and reported on the test split")
-    run.add_argument("--wd-grid", default=None, metavar="LIST",
-                     help="weight decays to choose from per rule on the validation split (with --lr-grid: every pair)")
-    run.add_argument("--grid-seeds", type=_count(2**32, "seeds"), default=None,
-                     help="seeds of each validation run of a grid (default: --seeds)")
+    run.add_argument(
+        "--model",
+        default=None,
+        help="mnist: mlp (default) or cnn; graph: gcn (default) or gat; recsys: deepfm (default), fm, tower or dcn",
+    )
+    run.add_argument(
+        "--taps",
+        default=None,
+        help="lm only: macro (default, one tap per block) or micro (after attention and after the MLP)",
+    )
+    run.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="recsys --data only: a rating at or above this many stars is a positive (default 4)",
+    )
+    run.add_argument(
+        "--recipe",
+        default=None,
+        help="default (one optimizer setting for every rule) or paper (lm, graph: "
+        "Launay et al. 2020's settings per rule)",
+    )
+    for flag, what in (
+        ("--lr", "Adam learning rate"),
+        ("--b2", "Adam beta2"),
+        ("--weight-decay", "L2 weight decay added to the gradient before Adam"),
+        ("--plateau", "reduce-on-plateau factor in (0, 1]; 1 is off"),
+    ):
+        run.add_argument(
+            flag,
+            default=None,
+            metavar="SPEC",
+            help=f"{what}: a value for every rule, and/or RULE=VALUE for one (e.g. 3e-3,dfa=1e-3)",
+        )
+    run.add_argument(
+        "--lr-grid",
+        default=None,
+        metavar="LIST",
+        help="learning rates to choose from per rule on a validation split (e.g. 1e-4,3e-4,1e-3,3e-3); "
+        "the chosen one is trained and reported on the test split",
+    )
+    run.add_argument(
+        "--wd-grid",
+        default=None,
+        metavar="LIST",
+        help="weight decays to choose from per rule on the validation split (with --lr-grid: every pair)",
+    )
+    run.add_argument(
+        "--grid-seeds",
+        type=_count(2**32, "seeds"),
+        default=None,
+        help="seeds of each validation run of a grid (default: --seeds)",
+    )
     run.add_argument("--strategy", default="auto", choices=("auto", "vmap", "map"), help="how seeds share a device")
-    run.add_argument("--devices", type=_count(1 << 16, "devices"), default=None,
-                     help="devices to shard the seeds over (default: all; on CPU one host device per core). "
-                     "Recorded in results.json and in checkpoints; results agree across counts to float tolerance")
+    run.add_argument(
+        "--devices",
+        type=_count(1 << 16, "devices"),
+        default=None,
+        help="devices to shard the seeds over (default: all; on CPU one host device per core). "
+        "Recorded in results.json and in checkpoints; results agree across counts to float tolerance",
+    )
     run.add_argument("--no-plot", action="store_true", help="skip curves.png")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument(
-        "--checkpoint-dir", default=None,
+        "--checkpoint-dir",
+        default=None,
         help="save the sweep state under DIR/RULE; re-running the same command resumes (bit-identical results)",
     )
-    run.add_argument("--checkpoint-every", type=_count(2**31 - 1, "steps"), default=None,
-                     help="checkpoint period in steps, a multiple of the eval interval (default: every eval)")
-    run.add_argument("--restart-if-corrupt", action="store_true",
-                     help="when no checkpoint in --checkpoint-dir verifies, set them aside and start afresh (default: refuse)")
+    run.add_argument(
+        "--checkpoint-every",
+        type=_count(2**31 - 1, "steps"),
+        default=None,
+        help="checkpoint period in steps, a multiple of the eval interval (default: every eval)",
+    )
+    run.add_argument(
+        "--restart-if-corrupt",
+        action="store_true",
+        help="when no checkpoint in --checkpoint-dir verifies, set them aside and start afresh (default: refuse)",
+    )
     job = run.add_argument_group(
         "one job over several processes (hosts)",
         "Give all three (or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed on "
         "a cluster JAX detects. Every process runs the same command; seeds are sharded over the devices of all; "
-        "process 0 alone writes --out and --checkpoint-dir.")
+        "process 0 alone writes --out and --checkpoint-dir.",
+    )
     job.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="process 0's address")
     job.add_argument("--num-processes", type=_count(1 << 16, "processes"), default=None, help="processes in the job")
     job.add_argument("--process-id", type=_index, default=None, help="this process's index, from 0")
-    job.add_argument("--distributed", action="store_true",
-                     help="join the job JAX detects (Slurm, Open MPI, Kubernetes, Cloud TPU)")
+    job.add_argument(
+        "--distributed", action="store_true", help="join the job JAX detects (Slurm, Open MPI, Kubernetes, Cloud TPU)"
+    )
     sub.add_parser("list", help="list the tasks")
     return parser
 
@@ -303,15 +374,22 @@ def _devices(requested: int | None) -> list:
     available = jax.devices()
     if jax.process_count() > 1:  # a job's mesh spans every process's devices; --devices counts this process's
         if requested is not None and requested != jax.local_device_count():
-            raise _UsageError(f"--devices {requested}: in a job of {jax.process_count()} processes every process "
-                              f"uses all its devices, and this one has {jax.local_device_count()}")
+            raise _UsageError(
+                f"--devices {requested}: in a job of {jax.process_count()} processes every process "
+                f"uses all its devices, and this one has {jax.local_device_count()}"
+            )
         return available
     if requested is None:
         return available
     if requested > len(available):
-        where = ("XLA_FLAGS fixes the host device count" if "xla_force_host_platform_device_count"
-                 in os.environ.get("XLA_FLAGS", "") else "this process started JAX with that many")
-        raise _UsageError(f"--devices {requested}: only {len(available)} {available[0].platform} device(s) available ({where})")
+        where = (
+            "XLA_FLAGS fixes the host device count"
+            if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+            else "this process started JAX with that many"
+        )
+        raise _UsageError(
+            f"--devices {requested}: only {len(available)} {available[0].platform} device(s) available ({where})"
+        )
     return available[:requested]
 
 
@@ -340,8 +418,14 @@ def _warn(message: str) -> None:
 
 def _task_options(args) -> dict:
     """The task options the command names (only those given: a task keeps its defaults for the rest)."""
-    named = (("data", args.data), ("dataset", args.dataset), ("model", args.model), ("taps", args.taps),
-             ("threshold", args.threshold), ("recipe", args.recipe))
+    named = (
+        ("data", args.data),
+        ("dataset", args.dataset),
+        ("model", args.model),
+        ("taps", args.taps),
+        ("threshold", args.threshold),
+        ("recipe", args.recipe),
+    )
     return {k: v for k, v in named if v is not None}
 
 
@@ -352,15 +436,12 @@ def _common(dicts: list[dict]) -> dict:
 
 
 def run(args, progress: _Progress | None = None) -> int:
-    from fa_jax.experiments import TASKS, get_task
-    from fa_jax.experiments import protocol
+    import jax
+
+    from fa_jax.experiments import TASKS, distributed, get_task, protocol
     from fa_jax.experiments import sweep as sweeps
     from fa_jax.experiments.checkpoint import DirectoryLock, data_fingerprint, name_option
     from fa_jax.experiments.divergence import describe as describe_summary
-
-    import jax
-
-    from fa_jax.experiments import distributed
 
     progress = _Progress() if progress is None else progress
     primary = distributed.is_primary()
@@ -369,8 +450,10 @@ def run(args, progress: _Progress | None = None) -> int:
         raise _UsageError(f"unknown task {args.task!r}; expected one of {sorted(TASKS)}")
     rules = _parse_rules(args.rules)
     if args.checkpoint_dir is None:
-        for flag, given in (("--checkpoint-every", args.checkpoint_every is not None),
-                            ("--restart-if-corrupt", args.restart_if_corrupt)):
+        for flag, given in (
+            ("--checkpoint-every", args.checkpoint_every is not None),
+            ("--restart-if-corrupt", args.restart_if_corrupt),
+        ):
             if given:
                 raise _UsageError(f"{flag} needs --checkpoint-dir (without it nothing is saved)")
     if args.data is not None and args.dataset is not None:
@@ -378,12 +461,20 @@ def run(args, progress: _Progress | None = None) -> int:
     if args.recipe is not None and args.recipe not in ("default", "paper"):
         raise _UsageError(f"--recipe {args.recipe!r}: expected default or paper")
     if args.threshold is not None and (args.data is None or not math.isfinite(args.threshold)):
-        raise _UsageError(f"--threshold {args.threshold:g} " + ("must be finite" if args.data is not None else
-                          "binarises the ratings of --data; give a ratings file"))
-    per_rule = {dest: _parse_spec(getattr(args, dest), dest, rules)
-                for dest in OPTIMIZER_FLAGS if getattr(args, dest) is not None}
-    grid = {GRID_FLAGS[dest][0]: _parse_grid(getattr(args, dest), dest)
-            for dest in GRID_FLAGS if getattr(args, dest) is not None}
+        raise _UsageError(
+            f"--threshold {args.threshold:g} "
+            + ("must be finite" if args.data is not None else "binarises the ratings of --data; give a ratings file")
+        )
+    per_rule = {
+        dest: _parse_spec(getattr(args, dest), dest, rules)
+        for dest in OPTIMIZER_FLAGS
+        if getattr(args, dest) is not None
+    }
+    grid = {
+        GRID_FLAGS[dest][0]: _parse_grid(getattr(args, dest), dest)
+        for dest in GRID_FLAGS
+        if getattr(args, dest) is not None
+    }
     for dest, option in (("lr", "learning_rate"), ("weight_decay", "weight_decay")):
         if dest in per_rule and option in grid:
             grid_flag = "--lr-grid" if option == "learning_rate" else "--wd-grid"
@@ -397,7 +488,9 @@ def run(args, progress: _Progress | None = None) -> int:
             raise _UsageError(f"--out {out!r}: {name} exists there and is not a file")
         if os.path.isfile(target) and not os.access(target, os.W_OK):
             raise _UsageError(f"--out {out!r}: {name} exists there and is not writable")
-    checkpoint_root = None if args.checkpoint_dir is None else _directory_target(args.checkpoint_dir, "--checkpoint-dir")
+    checkpoint_root = (
+        None if args.checkpoint_dir is None else _directory_target(args.checkpoint_dir, "--checkpoint-dir")
+    )
     if args.data is not None and not os.path.exists(args.data):
         raise _UsageError(f"--data {args.data!r} does not exist")
     from fa_jax.experiments.sweep import seed_mesh
@@ -432,12 +525,14 @@ def run(args, progress: _Progress | None = None) -> int:
     task = tasks[rules[0]]
     n_evals = steps // task.eval_every
     if args.checkpoint_every is not None and args.checkpoint_every % task.eval_every:
-        raise _UsageError(f"--checkpoint-every {args.checkpoint_every} must be a multiple of the eval interval, "
-                          f"{task.eval_every} steps")
+        raise _UsageError(
+            f"--checkpoint-every {args.checkpoint_every} must be a multiple of the eval interval, "
+            f"{task.eval_every} steps"
+        )
     if grid:  # the validation split exists and keeps the test data out: checked before anything trains
         for rule in rules:
             try:
-                protocol.validation_task(lambda **kw: build(rule, **kw), protocol.grid_points(grid)[0])
+                protocol.validation_task(lambda rule=rule, **kw: build(rule, **kw), protocol.grid_points(grid)[0])
             except ValueError as err:
                 raise _UsageError(f"--lr-grid/--wd-grid on task {args.task!r}: {err}") from None
     # The whole run's states live at once (every rule prepared before any trains): check their sum.
@@ -473,12 +568,21 @@ def run(args, progress: _Progress | None = None) -> int:
                 def show(point, rule=rule):
                     if not args.quiet:
                         values = " ".join(f"{k}={v:g}" for k, v in point.values.items())
-                        say(f"{rule}: {values}: validation {_format(point.mean, point.std, task.metric)}"
-                              + (f" ({len(point.diverged)} seed(s) diverged)" if point.diverged else ""))
+                        say(
+                            f"{rule}: {values}: validation {_format(point.mean, point.std, task.metric)}"
+                            + (f" ({len(point.diverged)} seed(s) diverged)" if point.diverged else "")
+                        )
 
                 selections[rule] = selection = protocol.select(
-                    lambda rule=rule, **kw: build(rule, **kw)._replace(eval_every=eval_every), rule, grid,
-                    seeds=grid_seeds, steps=steps, strategy=args.strategy, mesh=mesh, on_point=show)
+                    lambda rule=rule, **kw: build(rule, **kw)._replace(eval_every=eval_every),
+                    rule,
+                    grid,
+                    seeds=grid_seeds,
+                    steps=steps,
+                    strategy=args.strategy,
+                    mesh=mesh,
+                    on_point=show,
+                )
                 tasks[rule] = build(rule, **selection.chosen)._replace(eval_every=eval_every)
                 chosen = ", ".join(f"{k}={v:g}" for k, v in selection.chosen.items())
                 say(f"{rule}: chose {chosen} on the validation split ({selection.metric})")
@@ -486,17 +590,27 @@ def run(args, progress: _Progress | None = None) -> int:
         for rule in rules:
             progress.rule, progress.step = rule, 0
             prepared[rule] = sweep = sweeps.prepare_sweep(
-                tasks[rule], rule, seeds, steps=steps, chunks=n_evals, strategy=args.strategy, mesh=mesh,
+                tasks[rule],
+                rule,
+                seeds,
+                steps=steps,
+                chunks=n_evals,
+                strategy=args.strategy,
+                mesh=mesh,
                 checkpoint_dir=None if checkpoint_root is None else os.path.join(checkpoint_root, rule),
-                checkpoint_every=args.checkpoint_every, restart_if_corrupt=args.restart_if_corrupt, report=_warn,
+                checkpoint_every=args.checkpoint_every,
+                restart_if_corrupt=args.restart_if_corrupt,
+                report=_warn,
             )
             if sweep.start:
                 say(f"{rule}: resuming from step {sweep.start} ({checkpoint_root}/{rule}/{sweep.start})")
         if primary:
             os.makedirs(out, exist_ok=True)
             _probe_writable(out, "--out")
-        say(f"{task.name}: {task.description}; {steps} steps, {seeds} seeds, rules {','.join(rules)}, "
-              f"{mesh.size} {mesh.devices.flat[0].platform} device(s)")
+        say(
+            f"{task.name}: {task.description}; {steps} steps, {seeds} seeds, rules {','.join(rules)}, "
+            f"{mesh.size} {mesh.devices.flat[0].platform} device(s)"
+        )
 
         from tqdm.auto import tqdm
 
@@ -533,22 +647,46 @@ def run(args, progress: _Progress | None = None) -> int:
     extra = sorted({name for rule in rules for name in reports[rule]})
     settings = {rule: _settings(tasks[rule].options) for rule in rules}
     setting_width = max(len("settings"), *(len(v) for v in settings.values()))
-    lines = [f"{'rule':<8} {task.metric:<{width}} {'settings':<{setting_width}} "
-             + "".join(f"{name:<{max(len(name), 16)}} " for name in extra) + f"{'time':>8}  strategy  seeds"]
+    lines = [
+        f"{'rule':<8} {task.metric:<{width}} {'settings':<{setting_width}} "
+        + "".join(f"{name:<{max(len(name), 16)}} " for name in extra)
+        + f"{'time':>8}  strategy  seeds"
+    ]
+
+    def cell(rule, name):
+        report = reports[rule]
+        text = _format(report[name].mean, report[name].std, name) if name in report else "-"
+        return f"{text:<{max(len(name), 16)}} "
+
     for rule, m, s, t, strat in rows:
-        cells = "".join(f"{_format(reports[rule][n].mean, reports[rule][n].std, n) if n in reports[rule] else '-':<{max(len(n), 16)}} "
-                        for n in extra)
-        lines.append(f"{rule:<8} {_format(m, s, task.metric):<{width}} {settings[rule]:<{setting_width}} {cells}"
-                     f"{t:7.1f}s  {strat:<8}  {describe_summary(summaries[rule])}")
+        cells = "".join(cell(rule, n) for n in extra)
+        lines.append(
+            f"{rule:<8} {_format(m, s, task.metric):<{width}} {settings[rule]:<{setting_width}} {cells}"
+            f"{t:7.1f}s  {strat:<8}  {describe_summary(summaries[rule])}"
+        )
     for name, value in task.baselines.items():
         lines.append(f"{name:<8} {value:<{width}.4f} (baseline)")
     say("\n".join(lines))
 
-    named = {rule: {k: name_option(v, f"task option {k}") for k, v in sorted(tasks[rule].options.items())}
-             for rule in rules}
+    named = {
+        rule: {k: name_option(v, f"task option {k}") for k, v in sorted(tasks[rule].options.items())} for rule in rules
+    }
     task_options = _common([named[rule] for rule in rules])
-    command = ["python", "-m", "fa_jax", "run", task.name, "--rules", ",".join(sorted(rules)), "--seeds", str(seeds),
-               "--steps", str(steps), "--devices", str(mesh.size // jax.process_count())]
+    command = [
+        "python",
+        "-m",
+        "fa_jax",
+        "run",
+        task.name,
+        "--rules",
+        ",".join(sorted(rules)),
+        "--seeds",
+        str(seeds),
+        "--steps",
+        str(steps),
+        "--devices",
+        str(mesh.size // jax.process_count()),
+    ]
     if jax.process_count() > 1:
         command += ["--num-processes", str(jax.process_count())]
     for key in ("data", "dataset", "model", "taps", "threshold", "recipe"):
@@ -562,22 +700,39 @@ def run(args, progress: _Progress | None = None) -> int:
     if grid:
         command += ["--grid-seeds", str(grid_seeds)]
     payload = {
-        "task": task.name, "description": task.description, "metric": task.metric,
-        "higher_is_better": task.higher_is_better, "steps": steps, "seeds": seeds, "eval_every": task.eval_every,
-        "devices": mesh.size, "processes": jax.process_count(), "platform": mesh.devices.flat[0].platform, "task_options": task_options,
-        "data_content": data_fingerprint(task.data), "command": shlex.join(command),
+        "task": task.name,
+        "description": task.description,
+        "metric": task.metric,
+        "higher_is_better": task.higher_is_better,
+        "steps": steps,
+        "seeds": seeds,
+        "eval_every": task.eval_every,
+        "devices": mesh.size,
+        "processes": jax.process_count(),
+        "platform": mesh.devices.flat[0].platform,
+        "task_options": task_options,
+        "data_content": data_fingerprint(task.data),
+        "command": shlex.join(command),
         "baselines": task.baselines,
         "rules": {
             rule: {
-                "mean": m, "std": s, "strategy": strat, "final": results[rule].final.tolist(),
-                "healthy_seeds": summaries[rule].healthy, "diverged": {str(k): v for k, v in summaries[rule].diverged.items()},
-                "steps": results[rule].steps.tolist(), "metrics": results[rule].metrics.tolist(),
+                "mean": m,
+                "std": s,
+                "strategy": strat,
+                "final": results[rule].final.tolist(),
+                "healthy_seeds": summaries[rule].healthy,
+                "diverged": {str(k): v for k, v in summaries[rule].diverged.items()},
+                "steps": results[rule].steps.tolist(),
+                "metrics": results[rule].metrics.tolist(),
                 "losses": results[rule].losses.tolist(),
-                "task_options": named[rule], "description": tasks[rule].description,
+                "task_options": named[rule],
+                "description": tasks[rule].description,
                 "learning_rate": tasks[rule].options.get("learning_rate"),
                 "selection": selections[rule].to_json() if rule in selections else None,
-                "report": {name: {"mean": v.mean, "std": v.std, "final": results[rule].report[name].tolist()}
-                           for name, v in reports[rule].items()},
+                "report": {
+                    name: {"mean": v.mean, "std": v.std, "final": results[rule].report[name].tolist()}
+                    for name, v in reports[rule].items()
+                },
             }
             for rule, m, s, t, strat in rows
         },
@@ -601,8 +756,10 @@ def run(args, progress: _Progress | None = None) -> int:
         _plot(results, task, os.path.join(out, "curves.png"))
     say(f"wrote {out}/results.json, results.csv, timings.json" + ("" if args.no_plot else ", curves.png"))
     if failed:
-        say(f"fa-jax: error: no seed of {', '.join(failed)} finished healthy (every one diverged; see results.json)",
-              file=sys.stderr)
+        say(
+            f"fa-jax: error: no seed of {', '.join(failed)} finished healthy (every one diverged; see results.json)",
+            file=sys.stderr,
+        )
         return EXIT_DIVERGED
     return 0
 
@@ -637,8 +794,10 @@ def _interrupted(progress: _Progress) -> str:
     if progress.phase == "checking":
         return "fa-jax: interrupted before training started; nothing was trained"
     if progress.phase == "selecting":
-        return (f"fa-jax: rule {progress.rule}: interrupted while choosing its options on the validation split; "
-                "nothing was saved, so re-running the same command chooses again from the start")
+        return (
+            f"fa-jax: rule {progress.rule}: interrupted while choosing its options on the validation split; "
+            "nothing was saved, so re-running the same command chooses again from the start"
+        )
     if progress.phase == "writing":
         return "fa-jax: interrupted while writing the results; re-run the same command to write them again"
     where = f"fa-jax: rule {progress.rule}: interrupted at step {progress.step}"

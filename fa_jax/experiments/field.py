@@ -8,7 +8,7 @@ minibatch of pixels. Metric: PSNR (dB) of the whole image, ``-10 log10(MSE)``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,13 +17,22 @@ import numpy as np
 from fa_jax import apply
 from fa_jax.experiments import data as datasets
 from fa_jax.experiments._task import (
-    Task, check_count, check_positive_float, check_runner_defaults, check_sizes, check_split, describe_optimizer, holdout,
-    make_optimizer, protocol_options, row_batches,
+    Task,
+    check_count,
+    check_positive_float,
+    check_runner_defaults,
+    check_sizes,
+    check_split,
+    describe_optimizer,
+    holdout,
+    make_optimizer,
+    protocol_options,
+    row_batches,
 )
+from fa_jax.models import init_mlp, mlp
 
 #: The default recipe (Adam 1e-3 for every rule).
 DEFAULTS = {"learning_rate": 1e-3, "b2": 0.999, "weight_decay": 0.0, "plateau": 1.0}
-from fa_jax.models import init_mlp, mlp
 
 
 def fourier_features(size: int, frequencies: int, sigma: float, seed: int = 0) -> np.ndarray:
@@ -40,10 +49,23 @@ def psnr(prediction: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def make_task(
-    *, image: str = "camera", size: int = 64, frequencies: int = 64, sigma: float = 8.0, hidden: Sequence[int] = (128, 128),
-    batch_size: int = 256, learning_rate: float | None = None, b2: float | None = None, weight_decay: float | None = None,
-    plateau: float | None = None, recipe: str = "default", rule=None, split: str = "test", steps: int = 600,
-    eval_every: int = 100, seeds: int = 4,
+    *,
+    image: str = "camera",
+    size: int = 64,
+    frequencies: int = 64,
+    sigma: float = 8.0,
+    hidden: Sequence[int] = (128, 128),
+    batch_size: int = 256,
+    learning_rate: float | None = None,
+    b2: float | None = None,
+    weight_decay: float | None = None,
+    plateau: float | None = None,
+    recipe: str = "default",
+    rule=None,
+    split: str = "test",
+    steps: int = 600,
+    eval_every: int = 100,
+    seeds: int = 4,
 ) -> Task:
     """The field task: ``camera`` at 64×64, 128 Fourier features, ReLU MLP 128-128-128-1, Adam 1e-3, 256 pixels a batch.
 
@@ -64,8 +86,17 @@ def make_task(
     batch_size = check_count(batch_size, "batch_size")
     steps, eval_every, seeds = check_runner_defaults(steps=steps, eval_every=eval_every, seeds=seeds)
     split = check_split(split)
-    optimizer = protocol_options("field", recipe=recipe, rule=rule, learning_rate=learning_rate, b2=b2,
-                                 weight_decay=weight_decay, plateau=plateau, eval_every=eval_every, default=DEFAULTS)
+    optimizer = protocol_options(
+        "field",
+        recipe=recipe,
+        rule=rule,
+        learning_rate=learning_rate,
+        b2=b2,
+        weight_decay=weight_decay,
+        plateau=plateau,
+        eval_every=eval_every,
+        default=DEFAULTS,
+    )
     pixels = datasets.load_image(image, size=size).reshape(-1, 1)
     features = fourier_features(size, frequencies, sigma)
     if split == "test":
@@ -75,8 +106,12 @@ def make_task(
         order = np.random.RandomState(0).permutation(len(pixels))
         held = holdout(len(pixels), "split='validation'")
         fit, valid = order[:-held], order[-held:]
-        arrays = {"x": jnp.asarray(features[fit]), "y": jnp.asarray(pixels[fit]),
-                  "x_valid": jnp.asarray(features[valid]), "y_valid": jnp.asarray(pixels[valid])}
+        arrays = {
+            "x": jnp.asarray(features[fit]),
+            "y": jnp.asarray(pixels[fit]),
+            "x_valid": jnp.asarray(features[valid]),
+            "y_valid": jnp.asarray(pixels[valid]),
+        }
         eval_keys, scored = ("x_valid", "y_valid"), f"PSNR of {held} held-out pixels"
     sizes = (2 * frequencies, *hidden, 1)
     net = mlp("relu")
@@ -86,14 +121,31 @@ def make_task(
         return psnr(apply(net, params, data[eval_keys[0]]), data[eval_keys[1]])
 
     return Task(
-        name="field", metric="psnr_db" if split == "test" else "validation_psnr_db", higher_is_better=True, data=arrays,
-        init_params=lambda *, key: init_mlp(sizes, key=key), model=net,
-        loss=lambda out, y: jnp.mean((out - y) ** 2), batch=row_batches("x", "y", n, batch_size), evaluate=evaluate,
-        optimizer=make_optimizer(optimizer), steps=steps, eval_every=eval_every, seeds=seeds,
+        name="field",
+        metric="psnr_db" if split == "test" else "validation_psnr_db",
+        higher_is_better=True,
+        data=arrays,
+        init_params=lambda *, key: init_mlp(sizes, key=key),
+        model=net,
+        loss=lambda out, y: jnp.mean((out - y) ** 2),
+        batch=row_batches("x", "y", n, batch_size),
+        evaluate=evaluate,
+        optimizer=make_optimizer(optimizer),
+        steps=steps,
+        eval_every=eval_every,
+        seeds=seeds,
         baselines={"mean-grey": float(-10 * np.log10(pixels.var()))},
         description=f"scikit-image {image!r} {size}x{size} ({n} pixels fitted, {scored}), Fourier features "
         f"{2 * frequencies} (σ={sigma}), ReLU MLP {'-'.join(map(str, sizes))}, {describe_optimizer(optimizer)}, "
         f"batch {batch_size} pixels",
-        options={"image": image, "size": size, "frequencies": frequencies, "sigma": sigma, "hidden": list(hidden),
-                 "batch_size": batch_size, "split": split, **optimizer},
+        options={
+            "image": image,
+            "size": size,
+            "frequencies": frequencies,
+            "sigma": sigma,
+            "hidden": list(hidden),
+            "batch_size": batch_size,
+            "split": split,
+            **optimizer,
+        },
     )

@@ -23,7 +23,14 @@ import optax
 from fa_jax import apply, tap
 from fa_jax.experiments import data as datasets
 from fa_jax.experiments._task import (
-    Task, check_count, check_runner_defaults, check_split, data_path, describe_optimizer, make_optimizer, metric_name,
+    Task,
+    check_count,
+    check_runner_defaults,
+    check_split,
+    data_path,
+    describe_optimizer,
+    make_optimizer,
+    metric_name,
     protocol_options,
 )
 from fa_jax.models import init_mlp
@@ -59,9 +66,17 @@ def init_gat(d: int, hidden: int, classes: int, heads: int, *, key) -> list[dict
     keys = jax.random.split(key, 6)
     glorot = jax.nn.initializers.glorot_uniform()
     layers = []
-    for (k_w, k_s, k_d), (n_in, n_out, h) in zip((keys[:3], keys[3:]), ((d, hidden, heads), (hidden, classes, 1))):
-        layers.append({"kernel": glorot(k_w, (n_in, n_out)), "src": glorot(k_s, (h, n_out // h)),
-                       "dst": glorot(k_d, (h, n_out // h)), "bias": jnp.zeros((n_out,))})
+    for (k_w, k_s, k_d), (n_in, n_out, h) in zip(
+        (keys[:3], keys[3:]), ((d, hidden, heads), (hidden, classes, 1)), strict=True
+    ):
+        layers.append(
+            {
+                "kernel": glorot(k_w, (n_in, n_out)),
+                "src": glorot(k_s, (h, n_out // h)),
+                "dst": glorot(k_d, (h, n_out // h)),
+                "bias": jnp.zeros((n_out,)),
+            }
+        )
     return layers
 
 
@@ -82,18 +97,33 @@ def gat_layer(layer: dict, x: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def gat(params, inputs):
-    """``inputs = (mask (n, n), X (n, d))`` → logits ``(n, classes)``: ``gat(tap(ELU(gat(X))))``, the hidden layer tapped."""
+    """``inputs = (mask (n, n), X (n, d))`` → logits ``(n, classes)``: ``gat(tap(ELU(gat(X))))``,
+    the hidden layer tapped."""
     mask, x = inputs
     first, second = params
     h = tap(jax.nn.elu(gat_layer(first, x, mask)), name="gat_0")
     return gat_layer(second, h, mask)
 
 
-def make_task(*, data: str | None = None, model: str = "gcn", hidden: int = 64, heads: int = 8,
-              learning_rate: float | None = None, b2: float | None = None, weight_decay: float | None = None,
-              plateau: float | None = None, recipe: str = "default", rule=None, split: str = "test",
-              steps: int = 200, eval_every: int = 20, seeds: int = 8, train_per_class: int = 20,
-              valid_nodes: int | None = None) -> Task:
+def make_task(
+    *,
+    data: str | None = None,
+    model: str = "gcn",
+    hidden: int = 64,
+    heads: int = 8,
+    learning_rate: float | None = None,
+    b2: float | None = None,
+    weight_decay: float | None = None,
+    plateau: float | None = None,
+    recipe: str = "default",
+    rule=None,
+    split: str = "test",
+    steps: int = 200,
+    eval_every: int = 20,
+    seeds: int = 8,
+    train_per_class: int = 20,
+    valid_nodes: int | None = None,
+) -> Task:
     """The graph task: GCN ``d-64-classes`` with tanh (or ``model="gat"``, 8 heads), Adam 1e-2, full batch.
 
     ``data``: a Planetoid-style ``.npz`` (see :func:`fa_jax.experiments.data.load_planetoid`;
@@ -119,9 +149,18 @@ def make_task(*, data: str | None = None, model: str = "gcn", hidden: int = 64, 
         valid_nodes = check_count(valid_nodes, "valid_nodes", minimum=0)
     steps, eval_every, seeds = check_runner_defaults(steps=steps, eval_every=eval_every, seeds=seeds)
     split = check_split(split)
-    optimizer = protocol_options("graph", recipe=recipe, rule=rule, learning_rate=learning_rate, b2=b2,
-                                 weight_decay=weight_decay, plateau=plateau, eval_every=eval_every, default=DEFAULTS,
-                                 paper=PAPER)
+    optimizer = protocol_options(
+        "graph",
+        recipe=recipe,
+        rule=rule,
+        learning_rate=learning_rate,
+        b2=b2,
+        weight_decay=weight_decay,
+        plateau=plateau,
+        eval_every=eval_every,
+        default=DEFAULTS,
+        paper=PAPER,
+    )
     data = data_path(data)
     if data is not None:
         graph = datasets.load_planetoid(data, train_per_class=train_per_class)
@@ -129,17 +168,21 @@ def make_task(*, data: str | None = None, model: str = "gcn", hidden: int = 64, 
         graph = datasets.make_csbm(train_per_class=train_per_class)
     candidates = np.flatnonzero(graph.test_mask)  # labelled, not training
     if not len(candidates):
-        raise datasets.DataError(f"{data or graph.name}: labels: every labelled node is used for training, none is left "
-                                 f"to score; label more nodes or lower train_per_class={train_per_class} (a get_task option)")
+        raise datasets.DataError(
+            f"{data or graph.name}: labels: every labelled node is used for training, none is left "
+            f"to score; label more nodes or lower train_per_class={train_per_class} (a get_task option)"
+        )
     if valid_nodes is None:
         valid_nodes = min(100, len(candidates) // 2)
     if split == "validation" and valid_nodes == 0:
         raise ValueError("valid_nodes: split='validation' needs at least one validation node, given valid_nodes=0")
     if len(candidates) <= valid_nodes:
-        raise datasets.DataError(f"{data or graph.name}: labels: {len(candidates)} labelled nodes are left after the "
-                                 f"training nodes, too few for valid_nodes={valid_nodes} validation nodes and a test "
-                                 f"set; label more nodes or lower valid_nodes or train_per_class={train_per_class} "
-                                 "(get_task options)")
+        raise datasets.DataError(
+            f"{data or graph.name}: labels: {len(candidates)} labelled nodes are left after the "
+            f"training nodes, too few for valid_nodes={valid_nodes} validation nodes and a test "
+            f"set; label more nodes or lower valid_nodes or train_per_class={train_per_class} "
+            "(get_task options)"
+        )
     valid_mask = np.zeros_like(graph.test_mask)
     valid_mask[np.random.RandomState(1).choice(candidates, valid_nodes, replace=False)] = True
     test_mask = graph.test_mask & ~valid_mask
@@ -147,24 +190,28 @@ def make_task(*, data: str | None = None, model: str = "gcn", hidden: int = 64, 
     if model == "gat":
         available = datasets.host_available_bytes()
         if available is not None and 8 * 4 * n * n * heads > available:  # scores, softmax and their cotangents
-            raise ValueError(f"model: GAT's dense attention over {n} nodes and {heads} heads needs about "
-                             f"{8 * 4 * n * n * heads / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available")
+            raise ValueError(
+                f"model: GAT's dense attention over {n} nodes and {heads} heads needs about "
+                f"{8 * 4 * n * n * heads / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available"
+            )
         structure = (graph.adjacency + np.eye(n, dtype=np.float32) > 0).astype(np.float32)
     else:
         structure = normalized_adjacency(graph.adjacency)
     scored_mask = test_mask if split == "test" else valid_mask
     known = graph.train_mask | scored_mask  # labels present in the data; a validation task never holds test labels
     arrays = {
-        "adjacency": jnp.asarray(structure), "x": jnp.asarray(graph.features),
+        "adjacency": jnp.asarray(structure),
+        "x": jnp.asarray(graph.features),
         "y": jnp.asarray(np.where(known, graph.labels, -1).astype(np.int32)),
-        "train": jnp.asarray(graph.train_mask, jnp.float32), "scored": jnp.asarray(scored_mask, jnp.float32),
+        "train": jnp.asarray(graph.train_mask, jnp.float32),
+        "scored": jnp.asarray(scored_mask, jnp.float32),
     }
     sizes = (graph.features.shape[1], hidden, graph.num_classes)
     net = gcn if model == "gcn" else gat
     if model == "gcn":
-        init = lambda *, key: init_mlp(sizes, key=key)  # noqa: E731
+        init = lambda *, key: init_mlp(sizes, key=key)
     else:
-        init = lambda *, key: init_gat(*sizes, heads, key=key)  # noqa: E731
+        init = lambda *, key: init_gat(*sizes, heads, key=key)
 
     def masked_loss(logits, labels):
         """Mean cross-entropy over the labelled nodes; ``labels (n,)`` is ``-1`` at every unlabelled node."""
@@ -181,16 +228,37 @@ def make_task(*, data: str | None = None, model: str = "gcn", hidden: int = 64, 
         correct = (jnp.argmax(logits, -1) == data["y"]) * data["scored"]
         return jnp.sum(correct) / jnp.sum(data["scored"])
 
-    shape = f"GCN {'-'.join(map(str, sizes))}" if model == "gcn" else (
-        f"GAT {sizes[0]}-{heads}x{hidden // heads}-{sizes[2]}")
+    shape = (
+        f"GCN {'-'.join(map(str, sizes))}"
+        if model == "gcn"
+        else (f"GAT {sizes[0]}-{heads}x{hidden // heads}-{sizes[2]}")
+    )
     return Task(
-        name="graph", metric=metric_name("test_accuracy", split), higher_is_better=True, data=arrays,
-        init_params=init, model=net, loss=masked_loss, batch=batch,
-        evaluate=evaluate, optimizer=make_optimizer(optimizer), steps=steps, eval_every=eval_every, seeds=seeds,
+        name="graph",
+        metric=metric_name("test_accuracy", split),
+        higher_is_better=True,
+        data=arrays,
+        init_params=init,
+        model=net,
+        loss=masked_loss,
+        batch=batch,
+        evaluate=evaluate,
+        optimizer=make_optimizer(optimizer),
+        steps=steps,
+        eval_every=eval_every,
+        seeds=seeds,
         description=f"{graph.name} ({n} nodes, {int(graph.adjacency.sum()) // 2} edges, {graph.num_classes} classes, "
         f"{int(graph.train_mask.sum())} training / {valid_nodes} validation / {int(test_mask.sum())} test nodes"
         + (f", {int((graph.labels < 0).sum())} unlabelled" if (graph.labels < 0).any() else "")
         + f"; scoring the {split} nodes), {shape}, {describe_optimizer(optimizer)}, full batch",
-        options={"data": data, "model": model, "hidden": hidden, "heads": heads if model == "gat" else None,
-                 "train_per_class": train_per_class, "valid_nodes": valid_nodes, "split": split, **optimizer},
+        options={
+            "data": data,
+            "model": model,
+            "hidden": hidden,
+            "heads": heads if model == "gat" else None,
+            "train_per_class": train_per_class,
+            "valid_nodes": valid_nodes,
+            "split": split,
+            **optimizer,
+        },
     )

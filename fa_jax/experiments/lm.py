@@ -19,8 +19,16 @@ import numpy as np
 from fa_jax import apply, tap
 from fa_jax.experiments import data as datasets
 from fa_jax.experiments._task import (
-    Task, check_count, check_runner_defaults, check_split, cross_entropy, describe_optimizer, holdout, make_optimizer,
-    metric_name, protocol_options,
+    Task,
+    check_count,
+    check_runner_defaults,
+    check_split,
+    cross_entropy,
+    describe_optimizer,
+    holdout,
+    make_optimizer,
+    metric_name,
+    protocol_options,
 )
 
 
@@ -28,7 +36,7 @@ def init_transformer(vocab: int, d: int, layers: int, seq: int, *, key: jax.Arra
     """Params: ``embed (vocab, d)``, ``pos (seq, d)``, per block ``qkv (d, 3d)``, ``proj (d, d)``,
     ``up (d, 4d)``, ``down (4d, d)`` (+ biases), ``head (d, vocab)``."""
     keys = iter(jax.random.split(key, 3 + 4 * layers))
-    normal = lambda k, shape, fan_in: jax.random.normal(k, shape) / np.sqrt(fan_in)  # noqa: E731
+    normal = lambda k, shape, fan_in: jax.random.normal(k, shape) / np.sqrt(fan_in)
     blocks = [
         {
             "qkv": {"kernel": normal(next(keys), (d, 3 * d), d), "bias": jnp.zeros(3 * d)},
@@ -77,7 +85,7 @@ def transformer(heads: int, taps: str = "macro"):
         causal = jnp.tril(jnp.ones((t, t), bool))
         for index, block in enumerate(params["blocks"]):
             q, k, v = jnp.split(_dense(_norm(x), block["qkv"]), 3, axis=-1)
-            split = lambda a: a.reshape(*a.shape[:-1], heads, -1)  # noqa: E731
+            split = lambda a: a.reshape(*a.shape[:-1], heads, -1)
             q, k, v = split(q), split(k), split(v)
             scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
             attention = jax.nn.softmax(jnp.where(causal, scores, -1e9), axis=-1)
@@ -99,10 +107,25 @@ def unigram_bits(train: np.ndarray, valid: np.ndarray, vocab: int) -> float:
 
 
 def make_task(
-    *, d: int = 32, layers: int = 2, heads: int = 2, seq: int = 32, taps: str = "macro", batch_size: int = 16,
-    learning_rate: float | None = None, b2: float | None = None, weight_decay: float | None = None,
-    plateau: float | None = None, recipe: str = "default", rule=None, split: str = "test",
-    max_chars: int | None = 200_000, valid_windows: int = 64, steps: int = 400, eval_every: int = 100, seeds: int = 4,
+    *,
+    d: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    seq: int = 32,
+    taps: str = "macro",
+    batch_size: int = 16,
+    learning_rate: float | None = None,
+    b2: float | None = None,
+    weight_decay: float | None = None,
+    plateau: float | None = None,
+    recipe: str = "default",
+    rule=None,
+    split: str = "test",
+    max_chars: int | None = 200_000,
+    valid_windows: int = 64,
+    steps: int = 400,
+    eval_every: int = 100,
+    seeds: int = 4,
 ) -> Task:
     """The LM task: d=32, 2 blocks, 2 heads, context 32, batch 16, Adam 3e-3, 400 steps.
 
@@ -114,7 +137,9 @@ def make_task(
     Raises:
       TypeError, ValueError: a bad option, named.
     """
-    d, layers, heads, seq = (check_count(v, k) for k, v in (("d", d), ("layers", layers), ("heads", heads), ("seq", seq)))
+    d, layers, heads, seq = (
+        check_count(v, k) for k, v in (("d", d), ("layers", layers), ("heads", heads), ("seq", seq))
+    )
     if d % heads:
         raise ValueError(f"heads: {heads} heads must divide d={d}")
     if taps not in TAPS:
@@ -124,16 +149,27 @@ def make_task(
         max_chars = check_count(max_chars, "max_chars", minimum=2 * (seq + 1) * 10)
     steps, eval_every, seeds = check_runner_defaults(steps=steps, eval_every=eval_every, seeds=seeds)
     split = check_split(split)
-    optimizer = protocol_options("lm", recipe=recipe, rule=rule, learning_rate=learning_rate, b2=b2,
-                                 weight_decay=weight_decay, plateau=plateau, eval_every=eval_every, default=DEFAULTS,
-                                 paper=PAPER)
+    optimizer = protocol_options(
+        "lm",
+        recipe=recipe,
+        rule=rule,
+        learning_rate=learning_rate,
+        b2=b2,
+        weight_decay=weight_decay,
+        plateau=plateau,
+        eval_every=eval_every,
+        default=DEFAULTS,
+        paper=PAPER,
+    )
     text = datasets.load_text(max_chars=max_chars)
     train, scored = text.train, text.valid
     if split == "validation":  # the end of the training text; the test text never enters
         held = holdout(len(train), "split='validation'")
         train, scored = train[:-held], train[-held:]
     if len(scored) < seq + 2:
-        raise ValueError(f"max_chars: {max_chars} characters leave {len(scored)} to score, fewer than a context of {seq} + 2")
+        raise ValueError(
+            f"max_chars: {max_chars} characters leave {len(scored)} to score, fewer than a context of {seq} + 2"
+        )
     starts = np.linspace(0, len(scored) - seq - 1, valid_windows).astype(np.int32)
     arrays = {
         "train": jnp.asarray(train),
@@ -153,14 +189,33 @@ def make_task(
 
     what = "test" if split == "test" else "validation (held out of training)"
     return Task(
-        name="lm", metric=metric_name("test_bits_per_char", split), higher_is_better=False, data=arrays,
-        init_params=lambda *, key: init_transformer(text.vocab_size, d, layers, seq, key=key), model=net,
-        loss=cross_entropy, batch=batch, evaluate=evaluate, optimizer=make_optimizer(optimizer),
-        steps=steps, eval_every=eval_every, seeds=seeds,
+        name="lm",
+        metric=metric_name("test_bits_per_char", split),
+        higher_is_better=False,
+        data=arrays,
+        init_params=lambda *, key: init_transformer(text.vocab_size, d, layers, seq, key=key),
+        model=net,
+        loss=cross_entropy,
+        batch=batch,
+        evaluate=evaluate,
+        optimizer=make_optimizer(optimizer),
+        steps=steps,
+        eval_every=eval_every,
+        seeds=seeds,
         baselines={"unigram": unigram_bits(train, scored, text.vocab_size)},
         description=f"CPython stdlib sources ({len(train):,} train / {len(scored):,} {what} chars, "
         f"{len(text.files)} files), Transformer d={d} x{layers} blocks, {heads} heads, context {seq}, {taps} taps, "
         f"{describe_optimizer(optimizer)}, batch {batch_size}",
-        options={"d": d, "layers": layers, "heads": heads, "seq": seq, "taps": taps, "batch_size": batch_size,
-                 "max_chars": max_chars, "valid_windows": valid_windows, "split": split, **optimizer},
+        options={
+            "d": d,
+            "layers": layers,
+            "heads": heads,
+            "seq": seq,
+            "taps": taps,
+            "batch_size": batch_size,
+            "max_chars": max_chars,
+            "valid_windows": valid_windows,
+            "split": split,
+            **optimizer,
+        },
     )

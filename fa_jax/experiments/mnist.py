@@ -7,7 +7,7 @@ MNIST from ``--data PATH``. Metric: test accuracy.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +15,20 @@ import jax.numpy as jnp
 from fa_jax import apply, tap
 from fa_jax.experiments import data as datasets
 from fa_jax.experiments._task import (
-    Task, accuracy, check_count, check_runner_defaults, check_sizes, check_split, cross_entropy, data_path,
-    describe_optimizer, holdout, make_optimizer, metric_name, protocol_options, row_batches,
+    Task,
+    accuracy,
+    check_count,
+    check_runner_defaults,
+    check_sizes,
+    check_split,
+    cross_entropy,
+    data_path,
+    describe_optimizer,
+    holdout,
+    make_optimizer,
+    metric_name,
+    protocol_options,
+    row_batches,
 )
 from fa_jax.models import init_mlp, mlp
 
@@ -47,7 +59,7 @@ def init_cnn(side: int, classes: int, channels: Sequence[int] = (8, 16), *, key:
     keys = jax.random.split(key, len(channels) + 1)
     init = jax.nn.initializers.lecun_normal()
     params, c_in = [], 1
-    for k, c_out in zip(keys, channels):
+    for k, c_out in zip(keys[:-1], channels, strict=True):  # keys[-1] is the head's
         params.append({"kernel": init(k, (3, 3, c_in, c_out)), "bias": jnp.zeros((c_out,))})
         c_in, side = c_out, -(-side // 2)
     params.append({"kernel": init(keys[-1], (side * side * c_in, classes)), "bias": jnp.zeros((classes,))})
@@ -55,7 +67,8 @@ def init_cnn(side: int, classes: int, channels: Sequence[int] = (8, 16), *, key:
 
 
 def conv(h: jax.Array, kernel: jax.Array, bias: jax.Array, *, stride: int = 2) -> jax.Array:
-    """Channels-last ``SAME`` convolution: ``h (n, s, s, c_in)``, ``kernel (3, 3, c_in, c_out)`` → ``(n, ⌈s/stride⌉, ⌈s/stride⌉, c_out)``."""
+    """Channels-last ``SAME`` convolution: ``h (n, s, s, c_in)``, ``kernel (3, 3, c_in, c_out)``
+    → ``(n, ⌈s/stride⌉, ⌈s/stride⌉, c_out)``."""
     out = jax.lax.conv_general_dilated(h, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return out + bias
 
@@ -74,10 +87,22 @@ def cnn(side: int):
 
 
 def make_task(
-    *, dataset: str | None = None, data: str | None = None, model: str = "mlp", hidden: Sequence[int] = (128, 128),
-    batch_size: int = 64, learning_rate: float | None = None, b2: float | None = None, weight_decay: float | None = None,
-    plateau: float | None = None, recipe: str = "default", rule=None, split: str = "test", steps: int = 1000,
-    eval_every: int = 100, seeds: int = 8,
+    *,
+    dataset: str | None = None,
+    data: str | None = None,
+    model: str = "mlp",
+    hidden: Sequence[int] = (128, 128),
+    batch_size: int = 64,
+    learning_rate: float | None = None,
+    b2: float | None = None,
+    weight_decay: float | None = None,
+    plateau: float | None = None,
+    recipe: str = "default",
+    rule=None,
+    split: str = "test",
+    steps: int = 1000,
+    eval_every: int = 100,
+    seeds: int = 8,
 ) -> Task:
     """The digit task. MLP ``d-128-128-10`` with tanh (taps after each hidden layer), Adam 1e-3, batch 64.
 
@@ -95,8 +120,17 @@ def make_task(
     batch_size = check_count(batch_size, "batch_size")
     steps, eval_every, seeds = check_runner_defaults(steps=steps, eval_every=eval_every, seeds=seeds)
     split = check_split(split)
-    optimizer = protocol_options("mnist", recipe=recipe, rule=rule, learning_rate=learning_rate, b2=b2,
-                                 weight_decay=weight_decay, plateau=plateau, eval_every=eval_every, default=DEFAULTS)
+    optimizer = protocol_options(
+        "mnist",
+        recipe=recipe,
+        rule=rule,
+        learning_rate=learning_rate,
+        b2=b2,
+        weight_decay=weight_decay,
+        plateau=plateau,
+        eval_every=eval_every,
+        default=DEFAULTS,
+    )
     if dataset is not None and dataset not in DATASETS:
         raise ValueError(f"dataset: unknown dataset {dataset!r}; expected one of {DATASETS}")
     if model not in MODELS:
@@ -109,14 +143,14 @@ def make_task(
         x_train, y_train, x_eval, y_eval = x_train[:-held], y_train[:-held], x_train[-held:], y_train[-held:]
     arrays = {"x_train": jnp.asarray(x_train), "y_train": jnp.asarray(y_train)}
     eval_keys = ("x_test", "y_test") if split == "test" else ("x_valid", "y_valid")
-    arrays.update(zip(eval_keys, (jnp.asarray(x_eval), jnp.asarray(y_eval))))
+    arrays.update(zip(eval_keys, (jnp.asarray(x_eval), jnp.asarray(y_eval)), strict=True))
     d_in = x_train.shape[1]
     if model == "mlp":
         sizes = (d_in, *hidden, loaded.num_classes)
         net, init = mlp("tanh"), lambda *, key: init_mlp(sizes, key=key)
         shape = "-".join(map(str, sizes))
     else:
-        side = int(round(d_in**0.5))
+        side = round(d_in**0.5)
         if side * side != d_in:
             raise ValueError(f"--model cnn needs square images; {loaded.name} has {d_in} features")
         net, init = cnn(side), lambda *, key: init_cnn(side, loaded.num_classes, key=key)
@@ -128,11 +162,28 @@ def make_task(
 
     scored = f"{x_eval.shape[0]} test" if split == "test" else f"{x_eval.shape[0]} validation (held out of training)"
     return Task(
-        name="mnist", metric=metric_name("test_accuracy", split), higher_is_better=True, data=arrays, init_params=init,
-        model=net, loss=cross_entropy, batch=row_batches("x_train", "y_train", n_train, batch_size), evaluate=evaluate,
-        optimizer=make_optimizer(optimizer), steps=steps, eval_every=eval_every, seeds=seeds,
+        name="mnist",
+        metric=metric_name("test_accuracy", split),
+        higher_is_better=True,
+        data=arrays,
+        init_params=init,
+        model=net,
+        loss=cross_entropy,
+        batch=row_batches("x_train", "y_train", n_train, batch_size),
+        evaluate=evaluate,
+        optimizer=make_optimizer(optimizer),
+        steps=steps,
+        eval_every=eval_every,
+        seeds=seeds,
         description=f"{loaded.name} ({n_train} train / {scored}, {loaded.scale}), {model} {shape}, "
         f"{describe_optimizer(optimizer)}, batch {batch_size}",
-        options={"dataset": None if data is not None else (dataset or "mnist_5k"), "data": data, "model": model,
-                 "hidden": list(hidden), "batch_size": batch_size, "split": split, **optimizer},
+        options={
+            "dataset": None if data is not None else (dataset or "mnist_5k"),
+            "data": data,
+            "model": model,
+            "hidden": list(hidden),
+            "batch_size": batch_size,
+            "split": split,
+            **optimizer,
+        },
     )

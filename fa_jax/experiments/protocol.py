@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -48,9 +49,20 @@ class Selection(NamedTuple):
 
     def to_json(self) -> dict:
         return {
-            "metric": self.metric, "seeds": list(self.seeds), "steps": self.steps, "chosen": dict(self.chosen),
-            "points": [{**p.values, "mean": p.mean, "std": p.std, "healthy_seeds": p.healthy,
-                        "diverged": {str(k): v for k, v in p.diverged.items()}} for p in self.points],
+            "metric": self.metric,
+            "seeds": list(self.seeds),
+            "steps": self.steps,
+            "chosen": dict(self.chosen),
+            "points": [
+                {
+                    **p.values,
+                    "mean": p.mean,
+                    "std": p.std,
+                    "healthy_seeds": p.healthy,
+                    "diverged": {str(k): v for k, v in p.diverged.items()},
+                }
+                for p in self.points
+            ],
         }
 
 
@@ -68,7 +80,7 @@ def grid_points(grid: dict[str, Sequence[Any]]) -> list[dict]:
         if len(set(values)) != len(values):
             raise ValueError(f"grid[{name!r}]: values repeat: {list(values)}")
     names = list(grid)
-    return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
+    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(grid[n] for n in names))]
 
 
 def validation_task(build: Callable[..., Task], point: dict) -> Task:
@@ -82,12 +94,16 @@ def validation_task(build: Callable[..., Task], point: dict) -> Task:
         task = build(split="validation", **point)
     except TypeError as err:
         if "split" in str(err):
-            raise ValueError(f"this task has no validation split (its make_task takes no split=), so "
-                             f"hyperparameters cannot be chosen apart from its test data ({err})") from None
+            raise ValueError(
+                f"this task has no validation split (its make_task takes no split=), so "
+                f"hyperparameters cannot be chosen apart from its test data ({err})"
+            ) from None
         raise
     if (getattr(task, "options", None) or {}).get("split") != "validation":
-        raise ValueError(f"task {task.name!r} did not record split='validation' in its options; it cannot be "
-                         "trusted to keep its test data out of the choice")
+        raise ValueError(
+            f"task {task.name!r} did not record split='validation' in its options; it cannot be "
+            "trusted to keep its test data out of the choice"
+        )
     return task
 
 
@@ -97,8 +113,14 @@ def _rank(point: Point, higher_is_better: bool) -> tuple:
 
 
 def select(
-    build: Callable[..., Task], rule: str | fa_jax.Rule, grid: dict[str, Sequence[Any]], *, seeds: int | Sequence[int],
-    steps: int | None = None, strategy: str = "auto", mesh: Any = None,
+    build: Callable[..., Task],
+    rule: str | fa_jax.Rule,
+    grid: dict[str, Sequence[Any]],
+    *,
+    seeds: int | Sequence[int],
+    steps: int | None = None,
+    strategy: str = "auto",
+    mesh: Any = None,
     on_point: Callable[[Point], None] | None = None,
 ) -> Selection:
     """Choose ``rule``'s options from ``grid`` on the validation split.

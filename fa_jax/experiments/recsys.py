@@ -38,7 +38,7 @@ model alone, and ``--model fm`` / ``--model tower`` train each branch on its own
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +48,18 @@ import optax
 from fa_jax import apply, tap
 from fa_jax.experiments import data as datasets
 from fa_jax.experiments._task import (
-    Task, check_count, check_runner_defaults, check_sizes, check_split, data_path, describe_optimizer, holdout,
-    make_optimizer, metric_name, protocol_options, sample_rows,
+    Task,
+    check_count,
+    check_runner_defaults,
+    check_sizes,
+    check_split,
+    data_path,
+    describe_optimizer,
+    holdout,
+    make_optimizer,
+    metric_name,
+    protocol_options,
+    sample_rows,
 )
 
 MODELS = ("deepfm", "fm", "tower", "dcn")
@@ -81,8 +91,9 @@ def log_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.sigmoid_binary_cross_entropy(logits, labels.astype(logits.dtype)).mean()
 
 
-def init_params(table: int, fields: int, model: str, *, embed: int, hidden: Sequence[int], cross: int,
-                key: jax.Array) -> dict:
+def init_params(
+    table: int, fields: int, model: str, *, embed: int, hidden: Sequence[int], cross: int, key: jax.Array
+) -> dict:
     """Params: ``embedding (table, embed)`` ~ N(0, 0.1²), ``linear (table,)`` zeros, ``bias ()``; a
     ``tower`` (``[{kernel, bias}]``, He-normal kernels, ``hidden`` widths then 1) unless ``fm``;
     ``fm`` only: no tower; ``dcn``: ``cross`` layers ``{w (F·embed,), b (F·embed,)}`` and a linear
@@ -99,19 +110,23 @@ def init_params(table: int, fields: int, model: str, *, embed: int, hidden: Sequ
         return params
     he = jax.nn.initializers.he_normal()
     sizes = (width, *hidden) + ((1,) if model != "dcn" else ())
-    params["tower"] = [{"kernel": he(k, (a, b)), "bias": jnp.zeros((b,))}
-                       for k, a, b in zip(keys[3:], sizes[:-1], sizes[1:])]
+    params["tower"] = [
+        {"kernel": he(k, (a, b)), "bias": jnp.zeros((b,))}
+        for k, a, b in zip(keys[3 : 3 + len(sizes) - 1], sizes[:-1], sizes[1:], strict=True)
+    ]
     if model == "dcn":
         glorot = jax.nn.initializers.glorot_normal()
-        params["cross"] = [{"w": glorot(k, (width, 1))[:, 0], "b": jnp.zeros((width,))}
-                           for k in keys[4 + len(hidden):]]
+        params["cross"] = [
+            {"w": glorot(k, (width, 1))[:, 0], "b": jnp.zeros((width,))} for k in keys[4 + len(hidden) :]
+        ]
         head = 0.01 * jax.random.normal(keys[1], (width + hidden[-1],))
         params["head"] = {"cross": head[:width], "tower": head[width:]}
     return params
 
 
 def branches(model: str):
-    """``branches(params, x (n, fields) int) -> {name: logit part (n,)}``; the model's logit is their sum plus the bias."""
+    """``branches(params, x (n, fields) int) -> {name: logit part (n,)}``; the model's logit is
+    their sum plus the bias."""
 
     def fm_part(params, e, rows):
         total = e.sum(1)
@@ -160,11 +175,27 @@ def load(data: str | None, *, threshold: float, train: int, test: int, buckets: 
 
 
 def make_task(
-    *, data: str | None = None, threshold: float = datasets.RATING_THRESHOLD, model: str = "deepfm", embed: int = 8,
-    hidden: Sequence[int] = (64, 64), cross: int = 2, buckets: int = 1024, train: int = 200_000, test: int = 10_000,
-    batch_size: int = 512, learning_rate: float | None = None, b2: float | None = None,
-    weight_decay: float | None = None, plateau: float | None = None, recipe: str = "default", rule=None,
-    split: str = "test", steps: int = 1000, eval_every: int = 100, seeds: int = 4,
+    *,
+    data: str | None = None,
+    threshold: float = datasets.RATING_THRESHOLD,
+    model: str = "deepfm",
+    embed: int = 8,
+    hidden: Sequence[int] = (64, 64),
+    cross: int = 2,
+    buckets: int = 1024,
+    train: int = 200_000,
+    test: int = 10_000,
+    batch_size: int = 512,
+    learning_rate: float | None = None,
+    b2: float | None = None,
+    weight_decay: float | None = None,
+    plateau: float | None = None,
+    recipe: str = "default",
+    rule=None,
+    split: str = "test",
+    steps: int = 1000,
+    eval_every: int = 100,
+    seeds: int = 4,
 ) -> Task:
     """The recsys task: DeepFM (embeddings 8, tower 64-64 ReLU) on generated clicks, Adam 3e-3, batch 512, 1000 steps.
 
@@ -180,7 +211,11 @@ def make_task(
     """
     if model not in MODELS:
         raise ValueError(f"model: unknown model {model!r}; expected one of {MODELS}")
-    embed, cross, buckets = check_count(embed, "embed"), check_count(cross, "cross", minimum=0), check_count(buckets, "buckets")
+    embed, cross, buckets = (
+        check_count(embed, "embed"),
+        check_count(cross, "cross", minimum=0),
+        check_count(buckets, "buckets"),
+    )
     hidden = check_sizes(hidden, "hidden")
     if model != "fm" and not hidden:
         raise ValueError(f"hidden: model {model!r} needs at least one tower layer, given ()")
@@ -190,8 +225,17 @@ def make_task(
         raise TypeError(f"threshold: expected a finite number of stars, given {threshold!r}")
     steps, eval_every, seeds = check_runner_defaults(steps=steps, eval_every=eval_every, seeds=seeds)
     split = check_split(split)
-    optimizer = protocol_options("recsys", recipe=recipe, rule=rule, learning_rate=learning_rate, b2=b2,
-                                 weight_decay=weight_decay, plateau=plateau, eval_every=eval_every, default=DEFAULTS)
+    optimizer = protocol_options(
+        "recsys",
+        recipe=recipe,
+        rule=rule,
+        learning_rate=learning_rate,
+        b2=b2,
+        weight_decay=weight_decay,
+        plateau=plateau,
+        eval_every=eval_every,
+        default=DEFAULTS,
+    )
     data = data_path(data)
     clicks = load(data, threshold=float(threshold), train=train, test=test, buckets=buckets)
     x_train, y_train, x_eval, y_eval = clicks.x_train, clicks.y_train, clicks.x_test, clicks.y_test
@@ -202,8 +246,12 @@ def make_task(
         truth = None
     if y_eval.all() or not y_eval.any():
         raise datasets.DataError(f"{data or clicks.name}: the {split} split holds one class only; AUC needs both")
-    arrays = {"x_train": jnp.asarray(x_train), "y_train": jnp.asarray(y_train),
-              "x_scored": jnp.asarray(x_eval), "y_scored": jnp.asarray(y_eval)}
+    arrays = {
+        "x_train": jnp.asarray(x_train),
+        "y_train": jnp.asarray(y_train),
+        "x_scored": jnp.asarray(x_eval),
+        "y_scored": jnp.asarray(y_eval),
+    }
     fields, table = x_train.shape[1], sum(clicks.table)
     net, parts = network(model), branches(model)
     n_train = len(y_train)
@@ -225,19 +273,43 @@ def make_task(
     baselines = {}
     if truth is not None:
         baselines["oracle"] = float(auc(jnp.asarray(truth), jnp.asarray(y_eval)))  # the generator's own probability
-    shape = {"fm": f"FM (embeddings {embed})", "tower": f"tower {fields * embed}-{'-'.join(map(str, hidden))}-1",
-             "deepfm": f"DeepFM (embeddings {embed}, tower {'-'.join(map(str, hidden))})",
-             "dcn": f"Deep & Cross ({cross} cross layers, tower {'-'.join(map(str, hidden))})"}[model]
+    shape = {
+        "fm": f"FM (embeddings {embed})",
+        "tower": f"tower {fields * embed}-{'-'.join(map(str, hidden))}-1",
+        "deepfm": f"DeepFM (embeddings {embed}, tower {'-'.join(map(str, hidden))})",
+        "dcn": f"Deep & Cross ({cross} cross layers, tower {'-'.join(map(str, hidden))})",
+    }[model]
     scored = f"{len(y_eval)} test" if split == "test" else f"{len(y_eval)} validation (held out of training)"
     return Task(
-        name="recsys", metric=metric_name("test_auc", split), higher_is_better=True, data=arrays,
+        name="recsys",
+        metric=metric_name("test_auc", split),
+        higher_is_better=True,
+        data=arrays,
         init_params=lambda *, key: init_params(table, fields, model, embed=embed, hidden=hidden, cross=cross, key=key),
-        model=net, loss=log_loss, batch=batch, evaluate=evaluate, optimizer=make_optimizer(optimizer),
-        steps=steps, eval_every=eval_every, seeds=seeds, baselines=baselines, report=report,
+        model=net,
+        loss=log_loss,
+        batch=batch,
+        evaluate=evaluate,
+        optimizer=make_optimizer(optimizer),
+        steps=steps,
+        eval_every=eval_every,
+        seeds=seeds,
+        baselines=baselines,
+        report=report,
         description=f"{clicks.name}: {clicks.detail}; {n_train} train / {scored} rows, {shape}, "
         f"{describe_optimizer(optimizer)}, batch {batch_size}",
-        options={"data": data, "threshold": float(threshold) if data is not None else None, "model": model,
-                 "embed": embed, "hidden": list(hidden), "cross": cross if model == "dcn" else None,
-                 "buckets": buckets, "train": train if data is None else None, "test": test if data is None else None,
-                 "batch_size": batch_size, "split": split, **optimizer},
+        options={
+            "data": data,
+            "threshold": float(threshold) if data is not None else None,
+            "model": model,
+            "embed": embed,
+            "hidden": list(hidden),
+            "cross": cross if model == "dcn" else None,
+            "buckets": buckets,
+            "train": train if data is None else None,
+            "test": test if data is None else None,
+            "batch_size": batch_size,
+            "split": split,
+            **optimizer,
+        },
     )

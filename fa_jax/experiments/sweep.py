@@ -34,13 +34,15 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import fa_jax
 from fa_jax import _checks
@@ -126,7 +128,13 @@ def init_state(task: Task, rule: fa_jax.Rule, data: Any, seed: jax.Array, *, ste
     metrics = jnp.full((_n_evals(task, steps) + 1,), jnp.nan, jnp.float32)
     metrics = metrics.at[0].set(task.evaluate(params, data))
     return TrainState(
-        params, task.optimizer.init(params), feedback, data_key, jnp.int32(0), metrics, jnp.full_like(metrics, jnp.nan),
+        params,
+        task.optimizer.init(params),
+        feedback,
+        data_key,
+        jnp.int32(0),
+        metrics,
+        jnp.full_like(metrics, jnp.nan),
         jnp.int32(divergence.NOT_DIVERGED),
     )
 
@@ -163,7 +171,9 @@ def _chunk(task: Task, rule: fa_jax.Rule) -> Callable:
         *new, loss, finite = step(*learned, ctx.data, ctx.key, ctx.step)
         # A seed with a NaN/Inf is frozen at its last finite state (params, optimizer and
         # feedback: KP learns B from the same update); the other seeds go on.
-        learned, diverged_at = divergence.guard(learned, tuple(new), finite=finite, step=ctx.step, diverged_at=ctx.diverged_at)
+        learned, diverged_at = divergence.guard(
+            learned, tuple(new), finite=finite, step=ctx.step, diverged_at=ctx.diverged_at
+        )
         return (learned, ctx._replace(step=ctx.step + 1, diverged_at=diverged_at)), loss
 
     class _Ctx(NamedTuple):  # what a step reads besides params, opt_state and feedback
@@ -178,7 +188,11 @@ def _chunk(task: Task, rule: fa_jax.Rule) -> Callable:
         ((params, opt_state, feedback), ctx), losses = jax.lax.scan(train_step, (learned, ctx), length=task.eval_every)
         slot = ctx.step // task.eval_every
         return state._replace(
-            params=params, opt_state=opt_state, feedback=feedback, step=ctx.step, diverged_at=ctx.diverged_at,
+            params=params,
+            opt_state=opt_state,
+            feedback=feedback,
+            step=ctx.step,
+            diverged_at=ctx.diverged_at,
             metrics=state.metrics.at[slot].set(task.evaluate(params, data)),
             losses=state.losses.at[slot].set(losses.mean()),
         )
@@ -257,8 +271,14 @@ def seed_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
 
 
 def make_trainer(
-    task: Task, rule: str | fa_jax.Rule, n_seeds: int, *, steps: int | None = None, strategy: str = "auto",
-    batch_size: int = 1, mesh: Mesh | None = None,
+    task: Task,
+    rule: str | fa_jax.Rule,
+    n_seeds: int,
+    *,
+    steps: int | None = None,
+    strategy: str = "auto",
+    batch_size: int = 1,
+    mesh: Mesh | None = None,
 ) -> Trainer:
     """Jitted ``init``/``run_chunk`` for ``n_seeds`` seeds of ``task`` under ``rule``.
 
@@ -296,7 +316,9 @@ def make_trainer(
 
     @jax.jit
     def init_all(seeds, data):
-        return sharded(lambda s, d: per_device(lambda seed: init_state(task, rule, d, seed, steps=steps))(s))(seeds, data)
+        return sharded(lambda s, d: per_device(lambda seed: init_state(task, rule, d, seed, steps=steps))(s))(
+            seeds, data
+        )
 
     @functools.partial(jax.jit, static_argnums=2)
     def run_all(state, data, n_intervals):
@@ -364,8 +386,17 @@ def _check_steps(steps: Any, name: str = "steps") -> int:
     return _checks.check_int(steps, name, minimum=1, limit=STEP_LIMIT)
 
 
-def sweep_config(task: Task, rule: fa_jax.Rule, seeds: np.ndarray, steps: int, chunks: int, *,
-                 devices: int = 1, strategy: str | None = None, batch_size: int | None = None) -> dict:
+def sweep_config(
+    task: Task,
+    rule: fa_jax.Rule,
+    seeds: np.ndarray,
+    steps: int,
+    chunks: int,
+    *,
+    devices: int = 1,
+    strategy: str | None = None,
+    batch_size: int | None = None,
+) -> dict:
     """What a checkpoint must agree on to be resumed by this sweep (JSON-able).
 
     The rule enters as ``rule.name`` and ``rule.config()`` with every option named
@@ -382,9 +413,16 @@ def sweep_config(task: Task, rule: fa_jax.Rule, seeds: np.ndarray, steps: int, c
 
     identity = rule_identity(rule)
     return {
-        "task": task_identity(task), "description": task.description, "rule": identity["name"],
-        "rule_options": identity["config"], "seeds": [int(s) for s in seeds], "steps": steps,
-        "eval_every": task.eval_every, "chunks": chunks, "devices": devices, "strategy": strategy,
+        "task": task_identity(task),
+        "description": task.description,
+        "rule": identity["name"],
+        "rule_options": identity["config"],
+        "seeds": [int(s) for s in seeds],
+        "steps": steps,
+        "eval_every": task.eval_every,
+        "chunks": chunks,
+        "devices": devices,
+        "strategy": strategy,
         "map_batch_size": batch_size if strategy == "map" else None,
     }
 
@@ -470,7 +508,13 @@ class Sweep:
 
     def __init__(self, task, rule, seeds, steps, chunks, trainer, state, start, checkpointer, config):
         self.task, self.rule, self.seeds, self.steps, self.chunks = task, rule, seeds, steps, chunks
-        self.trainer, self.state, self.start, self.checkpointer, self.config = trainer, state, start, checkpointer, config
+        self.trainer, self.state, self.start, self.checkpointer, self.config = (
+            trainer,
+            state,
+            start,
+            checkpointer,
+            config,
+        )
 
     @property
     def chunk_steps(self) -> int:
@@ -497,9 +541,15 @@ class Sweep:
             values = jax.jit(jax.vmap(self.task.report, in_axes=(0, None)))(state.params, self.trainer.data)
             report = {k: np.asarray(v, np.float64)[:n] for k, v in distributed.gather(values).items()}
         return SweepResult(
-            self.rule.name, self.seeds, np.arange(_n_evals(self.task, self.steps) + 1) * self.task.eval_every,
-            np.asarray(metrics)[:n], np.asarray(losses)[:n], self.trainer.strategy, np.asarray(diverged_at)[:n],
-            jax.tree.map(lambda x: x[:n], state) if addressable else None, report,
+            self.rule.name,
+            self.seeds,
+            np.arange(_n_evals(self.task, self.steps) + 1) * self.task.eval_every,
+            np.asarray(metrics)[:n],
+            np.asarray(losses)[:n],
+            self.trainer.strategy,
+            np.asarray(diverged_at)[:n],
+            jax.tree.map(lambda x: x[:n], state) if addressable else None,
+            report,
         )
 
     def close(self) -> None:
@@ -507,7 +557,7 @@ class Sweep:
         if self.checkpointer is not None:
             self.checkpointer.close()
 
-    def __enter__(self) -> "Sweep":
+    def __enter__(self) -> Sweep:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -527,10 +577,19 @@ def _seed_values(seeds: Any) -> tuple[int, np.ndarray | None]:
 
 
 def prepare_sweep(
-    task: Task, rule: str | fa_jax.Rule, seeds: int | Sequence[int] = 8, *, steps: int | None = None,
-    chunks: int = 1, strategy: str = "auto", batch_size: int = 1, mesh: Mesh | None = None,
-    checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int | None = None,
-    restart_if_corrupt: bool = False, report: Callable[[str], None] | None = None,
+    task: Task,
+    rule: str | fa_jax.Rule,
+    seeds: int | Sequence[int] = 8,
+    *,
+    steps: int | None = None,
+    chunks: int = 1,
+    strategy: str = "auto",
+    batch_size: int = 1,
+    mesh: Mesh | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    restart_if_corrupt: bool = False,
+    report: Callable[[str], None] | None = None,
 ) -> Sweep:
     """Check every argument, build the trainer, and initialise or restore the state; train nothing.
 
@@ -550,8 +609,12 @@ def prepare_sweep(
         raise ValueError(f"chunks={chunks} must divide the {n_evals} eval intervals")
     chunk_steps = steps // chunks
     if checkpoint_dir is None and checkpoint_every is not None:
-        raise ValueError(f"checkpoint_every={checkpoint_every!r} was given without checkpoint_dir: nothing would be saved")
-    every = chunk_steps if checkpoint_every is None else _checks.check_int(checkpoint_every, "checkpoint_every", minimum=1)
+        raise ValueError(
+            f"checkpoint_every={checkpoint_every!r} was given without checkpoint_dir: nothing would be saved"
+        )
+    every = (
+        chunk_steps if checkpoint_every is None else _checks.check_int(checkpoint_every, "checkpoint_every", minimum=1)
+    )
     if every % chunk_steps:
         raise ValueError(f"checkpoint_every={every} must be a multiple of the chunk size, {chunk_steps} steps")
     if checkpoint_dir is not None and not isinstance(checkpoint_dir, (str, os.PathLike)):
@@ -572,14 +635,19 @@ def prepare_sweep(
         return Sweep(task, rule, seeds, steps, chunks, trainer, trainer.init(seeds), start, checkpointer, config)
     from fa_jax.experiments.checkpoint import Checkpointer  # orbax is imported only when asked for
 
-    config = sweep_config(task, rule, seeds, steps, chunks, devices=mesh.size, strategy=trainer.strategy,
-                          batch_size=trainer.batch_size)
+    config = sweep_config(
+        task, rule, seeds, steps, chunks, devices=mesh.size, strategy=trainer.strategy, batch_size=trainer.batch_size
+    )
+
     def open_checkpointer():
-        return Checkpointer(checkpoint_dir, every=every, config=config, restart_if_corrupt=restart_if_corrupt,
-                            report=report)
+        return Checkpointer(
+            checkpoint_dir, every=every, config=config, restart_if_corrupt=restart_if_corrupt, report=report
+        )
 
     # Several processes: process 0 alone reads and writes the directory; the others take part through it.
-    checkpointer = open_checkpointer() if jax.process_count() == 1 else distributed.SharedCheckpointer(open_checkpointer)
+    checkpointer = (
+        open_checkpointer() if jax.process_count() == 1 else distributed.SharedCheckpointer(open_checkpointer)
+    )
     try:
         checkpointer.check()  # another run's or no usable checkpoint: refused before anything compiles
         state = trainer.init(seeds)
@@ -593,10 +661,19 @@ def prepare_sweep(
 
 
 def run_sweep(
-    task: Task, rule: str | fa_jax.Rule, seeds: int | Sequence[int] = 8, *, steps: int | None = None,
-    chunks: int = 1, strategy: str = "auto", batch_size: int = 1, mesh: Mesh | None = None,
-    on_chunk: Callable[[int], None] | None = None, checkpoint_dir: str | os.PathLike | None = None,
-    checkpoint_every: int | None = None, restart_if_corrupt: bool = False,
+    task: Task,
+    rule: str | fa_jax.Rule,
+    seeds: int | Sequence[int] = 8,
+    *,
+    steps: int | None = None,
+    chunks: int = 1,
+    strategy: str = "auto",
+    batch_size: int = 1,
+    mesh: Mesh | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    restart_if_corrupt: bool = False,
     report: Callable[[str], None] | None = None,
 ) -> SweepResult:
     """Train ``task`` under ``rule`` for every seed in one jitted program per chunk.
@@ -623,8 +700,17 @@ def run_sweep(
         holds no checkpoint that verifies.
     """
     with prepare_sweep(
-        task, rule, seeds, steps=steps, chunks=chunks, strategy=strategy, batch_size=batch_size, mesh=mesh,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, restart_if_corrupt=restart_if_corrupt,
+        task,
+        rule,
+        seeds,
+        steps=steps,
+        chunks=chunks,
+        strategy=strategy,
+        batch_size=batch_size,
+        mesh=mesh,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        restart_if_corrupt=restart_if_corrupt,
         report=report,
     ) as sweep:
         return sweep.run(on_chunk)

@@ -23,7 +23,8 @@ model, initial weights) for fixed-point work in float64.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -74,10 +75,18 @@ def _check_sizes(sizes: Sequence[int], name: str, minimum: int = 2) -> tuple[int
 
 
 def teacher_student(
-    *, inputs: int = 6, outputs: int = 2, teacher_hidden: Sequence[int] = (4, 4), student_hidden: Sequence[int] = (12, 12),
-    train: int = 32, test: int = 1000, seed: int = 0, dtype: Any = jnp.float32,
+    *,
+    inputs: int = 6,
+    outputs: int = 2,
+    teacher_hidden: Sequence[int] = (4, 4),
+    student_hidden: Sequence[int] = (12, 12),
+    train: int = 32,
+    test: int = 1000,
+    seed: int = 0,
+    dtype: Any = jnp.float32,
 ) -> Problem:
-    """A tanh teacher ``inputs-teacher_hidden-outputs`` labels ``x ~ N(0, I)``; the student is ``inputs-student_hidden-outputs``.
+    """A tanh teacher ``inputs-teacher_hidden-outputs`` labels ``x ~ N(0, I)``; the student is
+    ``inputs-student_hidden-outputs``.
 
     The teacher has LeCun-normal kernels and biases ``N(0, 0.1²)`` (drawn from
     ``key(seed)``); each student layer is at least as wide as the teacher's, so a zero
@@ -87,7 +96,9 @@ def teacher_student(
     """
     teacher_hidden = _check_sizes(teacher_hidden, "teacher_hidden", 1)
     student_hidden = _check_sizes(student_hidden, "student_hidden", 1)
-    if len(teacher_hidden) != len(student_hidden) or any(s < t for s, t in zip(student_hidden, teacher_hidden)):
+    if len(teacher_hidden) != len(student_hidden) or any(
+        s < t for s, t in zip(student_hidden, teacher_hidden, strict=True)
+    ):
         raise ValueError(
             f"student_hidden: expected one width per teacher layer, each >= the teacher's {teacher_hidden}, "
             f"given {student_hidden}"
@@ -98,8 +109,10 @@ def teacher_student(
     sizes = (inputs, *teacher_hidden, outputs)
     teacher = init_mlp(sizes, key=keys[0], dtype=dtype)
     bias_keys = jax.random.split(keys[1], len(teacher))
-    teacher = [dict(layer, bias=0.1 * jax.random.normal(k, layer["bias"].shape, dtype))
-               for layer, k in zip(teacher, bias_keys)]
+    teacher = [
+        dict(layer, bias=0.1 * jax.random.normal(k, layer["bias"].shape, dtype))
+        for layer, k in zip(teacher, bias_keys, strict=True)
+    ]
     net = mlp("tanh")
     x = jax.random.normal(keys[2], (train + test, inputs), dtype)
     y = net(teacher, x)
@@ -108,9 +121,17 @@ def teacher_student(
     def init_params(*, key, dtype=dtype):
         return init_mlp(student, key=key, dtype=dtype)
 
-    return Problem(x[:train], y[:train], x[train:], y[train:], net, init_params, teacher,
-                   f"teacher-student tanh, teacher {'-'.join(map(str, sizes))}, student {'-'.join(map(str, student))}, "
-                   f"{train} training samples")
+    return Problem(
+        x[:train],
+        y[:train],
+        x[train:],
+        y[train:],
+        net,
+        init_params,
+        teacher,
+        f"teacher-student tanh, teacher {'-'.join(map(str, sizes))}, student {'-'.join(map(str, student))}, "
+        f"{train} training samples",
+    )
 
 
 def embed(teacher: list[dict], student_hidden: Sequence[int]) -> list[dict]:
@@ -122,10 +143,12 @@ def embed(teacher: list[dict], student_hidden: Sequence[int]) -> list[dict]:
     """
     student_hidden = _check_sizes(student_hidden, "student_hidden", 1)
     widths = [layer["kernel"].shape[1] for layer in teacher[:-1]]
-    if len(widths) != len(student_hidden) or any(s < t for s, t in zip(student_hidden, widths)):
-        raise ValueError(f"student_hidden: expected one width per teacher layer, each >= {widths}, given {student_hidden}")
+    if len(widths) != len(student_hidden) or any(s < t for s, t in zip(student_hidden, widths, strict=True)):
+        raise ValueError(
+            f"student_hidden: expected one width per teacher layer, each >= {widths}, given {student_hidden}"
+        )
     out, fan_in = [], teacher[0]["kernel"].shape[0]
-    for layer, width in zip(teacher, [*student_hidden, teacher[-1]["kernel"].shape[1]]):
+    for layer, width in zip(teacher, [*student_hidden, teacher[-1]["kernel"].shape[1]], strict=True):
         kernel = jnp.zeros((fan_in, width), layer["kernel"].dtype)
         kernel = kernel.at[: layer["kernel"].shape[0], : layer["kernel"].shape[1]].set(layer["kernel"])
         bias = jnp.zeros((width,), layer["bias"].dtype).at[: layer["bias"].shape[0]].set(layer["bias"])
@@ -179,16 +202,32 @@ def lillicrap(
 
     def init_params(*, key, dtype=dtype):
         init = uniform(0.01)
-        return [{"kernel": init(k, (a, b), dtype)}
-                for k, a, b in zip(jax.random.split(key, len(sizes) - 1), sizes[:-1], sizes[1:])]
+        return [
+            {"kernel": init(k, (a, b), dtype)}
+            for k, a, b in zip(jax.random.split(key, len(sizes) - 1), sizes[:-1], sizes[1:], strict=True)
+        ]
 
-    return Problem(x[:train], y[:train], x[train:], y[train:], linear_net, init_params, target_map,
-                   f"Lillicrap linear {'-'.join(map(str, sizes))} (no biases), W ~ U[±0.01], {train} training samples")
+    return Problem(
+        x[:train],
+        y[:train],
+        x[train:],
+        y[train:],
+        linear_net,
+        init_params,
+        target_map,
+        f"Lillicrap linear {'-'.join(map(str, sizes))} (no biases), W ~ U[±0.01], {train} training samples",
+    )
 
 
 def make_task(
-    *, dataset: str = "student", model: str | None = None, batch_size: int | None = None,
-    learning_rate: float | None = None, steps: int | None = None, eval_every: int | None = None, seeds: int = 8,
+    *,
+    dataset: str = "student",
+    model: str | None = None,
+    batch_size: int | None = None,
+    learning_rate: float | None = None,
+    steps: int | None = None,
+    eval_every: int | None = None,
+    seeds: int = 8,
     train: int | None = None,
 ) -> Task:
     """The task for the runner: ``student`` (SGD 0.05 on the 32-sample training batch) or ``linear``.
@@ -224,8 +263,7 @@ def make_task(
 
     else:
         raise ValueError(f"dataset: unknown teacher task {dataset!r}; expected one of {DATASETS}")
-    data = {"x_train": problem.x_train, "y_train": problem.y_train, "x_test": problem.x_test,
-            "y_test": problem.y_test}
+    data = {"x_train": problem.x_train, "y_train": problem.y_train, "x_test": problem.x_test, "y_test": problem.y_test}
     if dataset == "linear":
         data["T"] = problem.teacher
     net = problem.model
@@ -234,9 +272,19 @@ def make_task(
         return squared_error(apply(net, params, data["x_test"]), data["y_test"])
 
     return Task(
-        name=f"teacher_{dataset}", metric="test_squared_error", higher_is_better=False, data=data,
-        init_params=lambda *, key: problem.init_params(key=key), model=net, loss=squared_error, batch=batch,
-        evaluate=evaluate, optimizer=optax.sgd(learning_rate), steps=steps, eval_every=eval_every, seeds=seeds,
+        name=f"teacher_{dataset}",
+        metric="test_squared_error",
+        higher_is_better=False,
+        data=data,
+        init_params=lambda *, key: problem.init_params(key=key),
+        model=net,
+        loss=squared_error,
+        batch=batch,
+        evaluate=evaluate,
+        optimizer=optax.sgd(learning_rate),
+        steps=steps,
+        eval_every=eval_every,
+        seeds=seeds,
         baselines={"predict-0": float(squared_error(jnp.zeros_like(problem.y_test), problem.y_test))},
         description=f"{problem.name}, SGD {learning_rate}, batch {batch_size}",
     )
