@@ -166,8 +166,9 @@ def name_option(value: Any, where: str) -> Any:
         return float(value)
     if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
         return {"dtype": str(np.dtype(value))}
-    if isinstance(value, type) and isinstance(getattr(value, "dtype", None), np.dtype):  # jnp.float32, jnp.bfloat16
-        return {"dtype": str(value.dtype)}
+    dtype = getattr(value, "dtype", None) if isinstance(value, type) else None
+    if isinstance(dtype, np.dtype):  # jnp.float32, jnp.bfloat16
+        return {"dtype": str(dtype)}
     if _checks.is_array(value):
         raise TypeError(
             f"{where}: an array ({_checks.describe(value)}) cannot be named in a checkpoint's run identity; pass "
@@ -187,7 +188,7 @@ def name_option(value: Any, where: str) -> Any:
             "keywords": {k: name_option(v, f"{where}.keywords[{k!r}]") for k, v in sorted(value.keywords.items())},
         }
     name = _qualified(value) if callable(value) else None
-    if isinstance(value, types.FunctionType):
+    if isinstance(value, types.FunctionType) and name is not None:  # one without a module is refused below
         if "<lambda>" in name:
             raise TypeError(
                 f"{where}: a lambda ({name}) cannot be named in a checkpoint's run identity; use a function "
@@ -548,18 +549,21 @@ class DirectoryLock:
 def _drop_closed_loop_noise() -> None:
     """After a failed read, tensorstore's other pending reads finish into orbax's closed event loop and
     print "Exception ignored ... Event loop is closed" tracebacks; the failure is already reported in one line."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_fa_jax", False):
-        return
+    if not isinstance(sys.unraisablehook, _LoopClosedHook):
+        sys.unraisablehook = _LoopClosedHook(sys.unraisablehook)
 
-    def hook(unraisable):
+
+class _LoopClosedHook:
+    """``sys.unraisablehook`` dropping "Event loop is closed" and passing the rest to the hook it replaced."""
+
+    def __init__(self, previous: Callable[[Any], object]):
+        self.previous = previous
+
+    def __call__(self, unraisable: Any) -> None:
         value = unraisable.exc_value
         if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
             return
-        previous(unraisable)
-
-    hook._fa_jax = True
-    sys.unraisablehook = hook
+        self.previous(unraisable)
 
 
 @contextlib.contextmanager
@@ -686,21 +690,23 @@ class Checkpointer:
 
     def verify(self) -> dict[int, str | None]:
         """``{step: None or what failed}`` for every step on disk: files against their record, and the JSON record."""
-        return {step: self._check_meta(step)[1] for step in self.steps_on_disk()}
+        records = {step: self._check_meta(step) for step in self.steps_on_disk()}
+        return {step: record if isinstance(record, str) else None for step, record in records.items()}
 
-    def _check_meta(self, step: int) -> tuple[dict | None, str | None]:
+    def _check_meta(self, step: int) -> dict | str:
+        """The step's JSON record, or what failed (its files' integrity, reading it, its form)."""
         problem = check_integrity(self._step_dir(step))
         if problem is not None:
-            return None, problem
+            return problem
         ocp = self._ocp
         try:
             with _quiet_orbax():
                 meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as err:  # any failure to read is reported, in one line
-            return None, f"meta/ is unreadable ({type(err).__name__}: {one_line(err, 120)})"
+            return f"meta/ is unreadable ({type(err).__name__}: {one_line(err, 120)})"
         if not isinstance(meta, dict) or not isinstance(meta.get("leaves"), list):
-            return None, "meta/metadata is not a checkpoint record"
-        return meta, None
+            return "meta/metadata is not a checkpoint record"
+        return meta
 
     def _read_state(self, step: int, like: Any, meta: dict) -> tuple[Any, str | None]:
         ocp = self._ocp
@@ -719,7 +725,7 @@ class Checkpointer:
         for i, (like_leaf, spec) in enumerate(zip(leaves, meta["leaves"], strict=True)):
             value = np.asarray(arrays[f"leaf_{i:05d}"])
             if _checks.is_key(like_leaf):
-                value = jax.random.wrap_key_data(value, impl=jax.random.key_impl(like_leaf))
+                value = jax.random.wrap_key_data(jnp.asarray(value), impl=jax.random.key_impl(like_leaf))
             if leaf_digest(value) != spec.get("sha256"):
                 return None, f"leaf {spec['path']} does not match its recorded SHA-256 (corrupted)"
             sharding = getattr(like_leaf, "sharding", None)
@@ -750,15 +756,16 @@ class Checkpointer:
           CheckpointMismatch: that step's recorded run identity differs from ``config``.
           CheckpointCorrupt: no step verifies (and ``restart_if_corrupt`` is off).
         """
-        unusable = {}
+        unusable: dict[int, str] = {}
         for step in self.steps_on_disk():
-            meta, problem = self._check_meta(step)
-            if problem is None:
-                differences = _differences(meta, {"config": self.config})
-                if differences:
-                    raise self._mismatch(step, differences)
-                return step
-            unusable[step] = problem
+            meta = self._check_meta(step)
+            if isinstance(meta, str):
+                unusable[step] = meta
+                continue
+            differences = _differences(meta, {"config": self.config})
+            if differences:
+                raise self._mismatch(step, differences)
+            return step
         if unusable and not self.restart_if_corrupt:
             raise self._corrupt(unusable)
         return None
@@ -779,18 +786,21 @@ class Checkpointer:
         with _quiet_orbax():
             self._manager.reload()
         for step in self.steps_on_disk():
-            meta, problem = self._check_meta(step)
-            if problem is None:
+            meta = self._check_meta(step)
+            if isinstance(meta, str):
+                problem = meta
+            else:
                 differences = _differences(meta, self._record(like, step))
                 if differences:
                     raise self._mismatch(step, differences)
-                state, problem = self._read_state(step, like, meta)
-                if problem is None:
+                state, read_problem = self._read_state(step, like, meta)
+                if read_problem is None:
                     if self.unusable:
                         self._report(
                             f"resuming from step {step}, the newest checkpoint in {self.directory} that verifies"
                         )
                     return state
+                problem = read_problem
             self.unusable[step] = problem
             self._report(f"checkpoint {self._step_dir(step)} is unusable: {problem}")
         if self.unusable and not self.restart_if_corrupt:

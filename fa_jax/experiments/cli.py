@@ -30,6 +30,8 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Sequence
+from typing import Any
 
 from fa_jax import RULES, get_rule
 
@@ -150,7 +152,8 @@ def _parse_spec(text: str, dest: str, rules: list[str]) -> dict[str, float]:
             raise _UsageError(f"{flag} {text!r}: rule {rule!r} is given twice")
         else:
             out[rule] = parsed
-    return {rule: out.get(rule, common) for rule in rules if out.get(rule, common) is not None}
+    values = {rule: out.get(rule, common) for rule in rules}
+    return {rule: value for rule, value in values.items() if value is not None}
 
 
 def _parse_grid(text: str, dest: str) -> list[float]:
@@ -470,7 +473,7 @@ def run(args, progress: _Progress | None = None) -> int:
         for dest in OPTIMIZER_FLAGS
         if getattr(args, dest) is not None
     }
-    grid = {
+    grid: dict[str, Sequence[Any]] = {
         GRID_FLAGS[dest][0]: _parse_grid(getattr(args, dest), dest)
         for dest in GRID_FLAGS
         if getattr(args, dest) is not None
@@ -730,7 +733,7 @@ def run(args, progress: _Progress | None = None) -> int:
                 "learning_rate": tasks[rule].options.get("learning_rate"),
                 "selection": selections[rule].to_json() if rule in selections else None,
                 "report": {
-                    name: {"mean": v.mean, "std": v.std, "final": results[rule].report[name].tolist()}
+                    name: {"mean": v.mean, "std": v.std, "final": (results[rule].report or {})[name].tolist()}
                     for name, v in reports[rule].items()
                 },
             }

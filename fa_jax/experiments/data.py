@@ -23,7 +23,9 @@ import struct
 import sysconfig
 import zipfile
 import zlib
-from typing import NamedTuple
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
+from typing import Any, NamedTuple, Protocol, cast
 
 import numpy as np
 
@@ -51,7 +53,15 @@ def _frozen(value):
     return value
 
 
-def cached(fn):
+class _Cached(Protocol):
+    """A loader wrapped by :func:`cached`: called like the loader, ``cache_clear()`` empties its memo."""
+
+    cache_clear: Callable[[], None]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def cached(fn: Callable[..., Any]) -> _Cached:
     """Memoise a loader of bundled or generated data on its arguments; a call naming a user
     file (``path``) is never memoised (the file may change between calls).
 
@@ -66,8 +76,9 @@ def cached(fn):
             return fn(*args, **kwargs)
         return memo(*args, **kwargs)
 
-    load.cache_clear = memo.cache_clear
-    return load
+    wrapped = cast(_Cached, load)
+    wrapped.cache_clear = memo.cache_clear
+    return wrapped
 
 
 def _check_path(path: str | os.PathLike) -> str:
@@ -125,7 +136,7 @@ def host_available_bytes() -> int | None:
         return None
 
 
-def _read_npz(path: str, required: set[str], optional: set[str] = frozenset()) -> dict[str, np.ndarray]:
+def _read_npz(path: str, required: AbstractSet[str], optional: AbstractSet[str] = frozenset()) -> dict[str, np.ndarray]:
     """The named arrays of a ``.npz`` file (never unpickling), each failure one :class:`DataError` line."""
     if os.path.isdir(path):
         _fail(path, None, "is a directory, expected a .npz file")
@@ -706,15 +717,17 @@ def make_clicks(
     """
     rng = np.random.RandomState(seed)
     n, fields = train + test, len(cardinalities)
-    values, latents = [], []
+    columns, latents = [], []
     for c in cardinalities:
         weights = (np.arange(c) + 1.0) ** -zipf
         weights /= weights.sum()
-        values.append(rng.choice(c, size=n, p=weights))
+        columns.append(rng.choice(c, size=n, p=weights))
         u = rng.normal(size=(c, rank))
         latents.append(u - weights @ u)  # mean 0 under the field's value distribution
-    values = np.stack(values, 1)
-    w = sum(rng.normal(size=c)[values[:, f]] for f, c in enumerate(cardinalities))
+    values = np.stack(columns, 1)
+    w = np.zeros(n)  # Σ_f w_f[value_f], one weight table drawn per field in order
+    for f, c in enumerate(cardinalities):
+        w += rng.normal(size=c)[values[:, f]]
     u = np.stack([latents[f][values[:, f]] for f in range(fields)], 1)  # (n, fields, rank)
     p1, p2, p3 = u.sum(1), (u**2).sum(1), (u**3).sum(1)  # power sums over fields, per rank component
     pairs = (0.5 * (p1**2 - p2)).sum(-1)  # e2 = Σ_{f<g} u_f u_g
@@ -816,14 +829,14 @@ def load_ratings(
         ratings.append(value)
     if len(ratings) < 10:
         _fail(path, None, f"{len(ratings)} ratings, too few to split into training and test data (at least 10)")
-    ratings = np.asarray(ratings)
-    y = (ratings >= threshold).astype(np.float32)
+    scores = np.asarray(ratings)
+    y = (scores >= threshold).astype(np.float32)
     if y.all() or not y.any():
         side = "at or above" if y.all() else "below"
         _fail(
             path,
             "ratings",
-            f"every rating ({ratings.min():g}..{ratings.max():g}) is {side} the threshold {threshold:g}: "
+            f"every rating ({scores.min():g}..{scores.max():g}) is {side} the threshold {threshold:g}: "
             "one class only; choose another threshold",
         )
     columns = []

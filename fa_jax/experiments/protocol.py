@@ -153,5 +153,6 @@ def select(
             on_point(point)
         seed_values = [int(s) for s in np.asarray(result.seeds)]
         steps_run = int(result.steps[-1])
+    assert first is not None, "grid_points yields at least one point"
     best = min(points, key=lambda p: _rank(p, first.higher_is_better))  # min keeps the earliest of equals
     return Selection(rule.name, first.metric, first.higher_is_better, dict(best.values), points, seed_values, steps_run)

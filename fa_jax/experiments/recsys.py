@@ -39,6 +39,7 @@ model alone, and ``--model fm`` / ``--model tower`` train each branch on its own
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +101,7 @@ def init_params(
     ``head`` ``{cross (F·embed,), tower (hidden[-1],)}`` in place of the tower's last layer."""
     keys = jax.random.split(key, 4 + len(hidden) + cross)  # embedding, head, tower layers (hidden + 1), cross layers
     width = fields * embed
-    params = {
+    params: dict[str, Any] = {
         "embedding": 0.1 * jax.random.normal(keys[0], (table, embed)),
         "bias": jnp.zeros(()),
     }

@@ -250,7 +250,7 @@ def step_flops(task: Task, rule: fa_jax.Rule) -> float:
         lowered = step.lower(state.params, state.opt_state, state.feedback, task.data, state.key, state.step)
         cost = lowered.cost_analysis()  # HLO estimate before compilation: no compile cost
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops", 0.0))
+        return float(cost.get("flops", 0.0)) if cost else 0.0
     except Exception:  # cost analysis is best effort; never fail a sweep over it
         return 0.0
 
@@ -628,15 +628,24 @@ def prepare_sweep(
     mesh = seed_mesh() if mesh is None else mesh
     if n_seeds > MEMORY_CHECK_SEEDS or n_evals > MEMORY_CHECK_EVALS:  # where seeds or steps can outgrow memory
         check_memory(task, rule, n_seeds, steps, mesh)
-    seeds = np.arange(n_seeds, dtype=np.int64) if values is None else values
+    seed_values = np.arange(n_seeds, dtype=np.int64) if values is None else values
     trainer = make_trainer(task, rule, n_seeds, steps=steps, strategy=strategy, batch_size=batch_size, mesh=mesh)
     start, checkpointer, config = 0, None, None
     if checkpoint_dir is None:
-        return Sweep(task, rule, seeds, steps, chunks, trainer, trainer.init(seeds), start, checkpointer, config)
+        return Sweep(
+            task, rule, seed_values, steps, chunks, trainer, trainer.init(seed_values), start, checkpointer, config
+        )
     from fa_jax.experiments.checkpoint import Checkpointer  # orbax is imported only when asked for
 
     config = sweep_config(
-        task, rule, seeds, steps, chunks, devices=mesh.size, strategy=trainer.strategy, batch_size=trainer.batch_size
+        task,
+        rule,
+        seed_values,
+        steps,
+        chunks,
+        devices=mesh.size,
+        strategy=trainer.strategy,
+        batch_size=trainer.batch_size,
     )
 
     def open_checkpointer():
@@ -650,14 +659,14 @@ def prepare_sweep(
     )
     try:
         checkpointer.check()  # another run's or no usable checkpoint: refused before anything compiles
-        state = trainer.init(seeds)
+        state = trainer.init(seed_values)
         restored = checkpointer.restore(like=state)
     except BaseException:
         checkpointer.close()
         raise
     if restored is not None:
         state, start = restored, int(np.asarray(distributed.gather(restored.step)).reshape(-1)[0])
-    return Sweep(task, rule, seeds, steps, chunks, trainer, state, start, checkpointer, config)
+    return Sweep(task, rule, seed_values, steps, chunks, trainer, state, start, checkpointer, config)
 
 
 def run_sweep(

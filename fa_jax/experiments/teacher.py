@@ -238,27 +238,27 @@ def make_task(
     if model not in (None, "mlp"):
         raise ValueError(f"model: the teacher task fixes its network; expected 'mlp' or nothing, given {model!r}")
     if dataset == "student":
-        problem = teacher_student(**({} if train is None else {"train": train}))
-        batch_size = batch_size or problem.x_train.shape[0]
+        problem = teacher_student() if train is None else teacher_student(train=train)
+        size = batch_size or problem.x_train.shape[0]
         learning_rate = 0.05 if learning_rate is None else learning_rate
         steps, eval_every = steps or 2000, eval_every or 200
         n = problem.x_train.shape[0]
 
         def batch(data, key, step):
-            if batch_size >= n:
+            if size >= n:
                 return data["x_train"], data["y_train"]
-            rows = jax.random.randint(jax.random.fold_in(key, step), (batch_size,), 0, n)
+            rows = jax.random.randint(jax.random.fold_in(key, step), (size,), 0, n)
             return data["x_train"][rows], data["y_train"][rows]
 
     elif dataset == "linear":
-        problem = lillicrap(**({} if train is None else {"train": train}))
-        batch_size = batch_size or 1
+        problem = lillicrap() if train is None else lillicrap(train=train)
+        size = batch_size or 1
         learning_rate = 1e-3 if learning_rate is None else learning_rate
         steps, eval_every = steps or 5000, eval_every or 500
         target_map = problem.teacher
 
         def batch(data, key, step):
-            x = jax.random.normal(jax.random.fold_in(key, step), (batch_size, target_map.shape[0]))
+            x = jax.random.normal(jax.random.fold_in(key, step), (size, target_map.shape[0]))
             return x, x @ data["T"]
 
     else:
@@ -286,5 +286,5 @@ def make_task(
         eval_every=eval_every,
         seeds=seeds,
         baselines={"predict-0": float(squared_error(jnp.zeros_like(problem.y_test), problem.y_test))},
-        description=f"{problem.name}, SGD {learning_rate}, batch {batch_size}",
+        description=f"{problem.name}, SGD {learning_rate}, batch {size}",
     )
