@@ -39,14 +39,25 @@ SIZES = (6, 8, 8, 3)
 N_TRAIN, BATCH = 48, 8
 
 
-def make_task(*, steps: int = 48, eval_every: int = 4, seeds: int = 3, optimizer: str = "adam",
-              learning_rate: float | None = None, **_) -> Task:
+def make_task(
+    *,
+    steps: int = 48,
+    eval_every: int = 4,
+    seeds: int = 3,
+    optimizer: str = "adam",
+    learning_rate: float | None = None,
+    **_,
+) -> Task:
     """6-8-8-3 tanh MLP on a fixed random linear-teacher problem (64 points)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, SIZES[0])).astype(np.float32)
     y = np.argmax(x @ rng.normal(size=(SIZES[0], SIZES[-1])), axis=1).astype(np.int32)
-    data = {"x_train": jnp.asarray(x[:N_TRAIN]), "y_train": jnp.asarray(y[:N_TRAIN]),
-            "x_test": jnp.asarray(x[N_TRAIN:]), "y_test": jnp.asarray(y[N_TRAIN:])}
+    data = {
+        "x_train": jnp.asarray(x[:N_TRAIN]),
+        "y_train": jnp.asarray(y[:N_TRAIN]),
+        "x_test": jnp.asarray(x[N_TRAIN:]),
+        "y_test": jnp.asarray(y[N_TRAIN:]),
+    }
     net = mlp("tanh")
 
     def batch(data, key, step):
@@ -62,16 +73,33 @@ def make_task(*, steps: int = 48, eval_every: int = 4, seeds: int = 3, optimizer
     else:
         opt = optax.inject_hyperparams(optax.sgd)(learning_rate=0.05 if learning_rate is None else learning_rate)
     return Task(
-        name="tiny", metric="test_accuracy", higher_is_better=True, data=data,
-        init_params=lambda *, key: init_mlp(SIZES, key=key), model=net, loss=cross_entropy, batch=batch,
-        evaluate=evaluate, optimizer=opt, steps=steps, eval_every=eval_every, seeds=seeds,
+        name="tiny",
+        metric="test_accuracy",
+        higher_is_better=True,
+        data=data,
+        init_params=lambda *, key: init_mlp(SIZES, key=key),
+        model=net,
+        loss=cross_entropy,
+        batch=batch,
+        evaluate=evaluate,
+        optimizer=opt,
+        steps=steps,
+        eval_every=eval_every,
+        seeds=seeds,
         description=f"tiny {'-'.join(map(str, SIZES))} tanh MLP, {optimizer}",
         options={"optimizer": optimizer, "learning_rate": learning_rate},
     )
 
 
-def make_split_task(*, split: str = "test", learning_rate: float = 1e-2, steps: int = 16, eval_every: int = 8,
-                    seeds: int = 2, poison_test: bool = False) -> Task:
+def make_split_task(
+    *,
+    split: str = "test",
+    learning_rate: float = 1e-2,
+    steps: int = 16,
+    eval_every: int = 8,
+    seeds: int = 2,
+    poison_test: bool = False,
+) -> Task:
     """The tiny task with a validation split, for the protocol's tests.
 
     ``split="validation"``: trains on training rows 0-39 and scores rows 40-47 (no test row in its
@@ -86,8 +114,12 @@ def make_split_task(*, split: str = "test", learning_rate: float = 1e-2, steps: 
     else:
         train, scored = slice(0, N_TRAIN), slice(N_TRAIN, None)
     x_scored = np.full_like(x[scored], np.nan) if poison_test and split == "test" else x[scored]
-    data = {"x_train": jnp.asarray(x[train]), "y_train": jnp.asarray(y[train]),
-            "x_scored": jnp.asarray(x_scored), "y_scored": jnp.asarray(y[scored])}
+    data = {
+        "x_train": jnp.asarray(x[train]),
+        "y_train": jnp.asarray(y[train]),
+        "x_scored": jnp.asarray(x_scored),
+        "y_scored": jnp.asarray(y[scored]),
+    }
     n, net = len(y[train]), mlp("tanh")
 
     def batch(data, key, step):
@@ -98,9 +130,19 @@ def make_split_task(*, split: str = "test", learning_rate: float = 1e-2, steps: 
         return accuracy(apply(net, params, data["x_scored"]), data["y_scored"])
 
     return Task(
-        name="tiny_split", metric=f"{split}_accuracy", higher_is_better=True, data=data,
-        init_params=lambda *, key: init_mlp(SIZES, key=key), model=net, loss=cross_entropy, batch=batch,
-        evaluate=evaluate, optimizer=optax.adam(learning_rate), steps=steps, eval_every=eval_every, seeds=seeds,
+        name="tiny_split",
+        metric=f"{split}_accuracy",
+        higher_is_better=True,
+        data=data,
+        init_params=lambda *, key: init_mlp(SIZES, key=key),
+        model=net,
+        loss=cross_entropy,
+        batch=batch,
+        evaluate=evaluate,
+        optimizer=optax.adam(learning_rate),
+        steps=steps,
+        eval_every=eval_every,
+        seeds=seeds,
         description=f"tiny {'-'.join(map(str, SIZES))} tanh MLP, Adam {learning_rate}, {split} split",
         options={"split": split, "learning_rate": learning_rate, "poison_test": poison_test},
     )
@@ -121,7 +163,9 @@ def recording_sgd(learning_rate: float, steps: int) -> optax.GradientTransformat
 
     def update(grads, state, params=None):
         del params
-        kept = jax.tree.map(lambda h, g: h.at[state.count].set(g, mode="drop"), state.grads, grads)  # past `steps`: kept as is
+        kept = jax.tree.map(
+            lambda h, g: h.at[state.count].set(g, mode="drop"), state.grads, grads
+        )  # past `steps`: kept as is
         return jax.tree.map(lambda g: -learning_rate * g, grads), Recorded(state.count + 1, kept)
 
     return optax.GradientTransformation(init, update)

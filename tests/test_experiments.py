@@ -23,7 +23,9 @@ from fa_jax.experiments.sweep import make_single
 TINY = {
     "mnist": dict(dataset="digits", hidden=(32,), steps=40, eval_every=20, batch_size=32, learning_rate=3e-3),
     "field": dict(size=16, frequencies=16, hidden=(32,), steps=60, eval_every=30, batch_size=64, learning_rate=3e-3),
-    "lm": dict(d=16, layers=1, heads=2, seq=8, batch_size=8, max_chars=20_000, valid_windows=16, steps=40, eval_every=20),
+    "lm": dict(
+        d=16, layers=1, heads=2, seq=8, batch_size=8, max_chars=20_000, valid_windows=16, steps=40, eval_every=20
+    ),
     "graph": dict(hidden=16, steps=20, eval_every=10),
 }
 
@@ -64,7 +66,7 @@ def test_chunks_give_the_same_numbers_as_one_chunk(digits):
     state = trainer.init()
     for _ in range(digits.steps // digits.eval_every):
         state = trainer.run_chunk(state, digits.eval_every)
-    for a, b in zip(jax.tree.leaves(whole._replace(key=None)), jax.tree.leaves(state._replace(key=None))):
+    for a, b in zip(jax.tree.leaves(whole._replace(key=None)), jax.tree.leaves(state._replace(key=None)), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     assert int(state.step[0]) == digits.steps
 
@@ -92,7 +94,9 @@ SHARDED = textwrap.dedent(
 
 
 def test_sharded_sweep_on_4_cpu_devices_equals_unsharded():
-    flags = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"  # as conftest: faster compiles
+    flags = (
+        "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"  # as conftest: faster compiles
+    )
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -123,7 +127,8 @@ def test_cli_errors_are_one_line(argv, needle, capsys):
 
 
 def test_cli_runs_and_writes_results(tmp_path, capsys):
-    # Rules beyond the default four: any name registered in fa_jax.RULES (DRTP reads the graph's -1 labels as no target).
+    # Rules beyond the default four: any name registered in fa_jax.RULES (DRTP reads the graph's -1
+    # labels as no target).
     argv = ["run", "graph", "--steps", "10", "--seeds", "2", "--rules", "kp,DRTP", "--out", str(tmp_path), "--quiet"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -140,7 +145,10 @@ def test_python_dash_m_entry_point_reports_one_line():
     done = subprocess.run([sys.executable, "-m", "fa_jax", "run", "nope"], capture_output=True, text=True, timeout=120)
     from fa_jax.experiments import TASKS
 
-    assert done.returncode == 2 and done.stderr.strip() == f"fa-jax: error: unknown task 'nope'; expected one of {sorted(TASKS)}"
+    assert (
+        done.returncode == 2
+        and done.stderr.strip() == f"fa-jax: error: unknown task 'nope'; expected one of {sorted(TASKS)}"
+    )
 
 
 # ----------------------------------------------------------------------------- data loaders
@@ -164,15 +172,19 @@ def test_mnist_from_idx_dir_and_npz(tmp_path):
     rng = np.random.RandomState(0)
     x_train, y_train = rng.randint(0, 256, (5, 28, 28)), rng.randint(0, 10, 5)
     x_test, y_test = rng.randint(0, 256, (3, 28, 28)), rng.randint(0, 10, 3)
-    for stem, array in (("train-images-idx3-ubyte", x_train), ("train-labels-idx1-ubyte", y_train),
-                        ("t10k-images-idx3-ubyte", x_test), ("t10k-labels-idx1-ubyte", y_test)):
+    for stem, array in (
+        ("train-images-idx3-ubyte", x_train),
+        ("train-labels-idx1-ubyte", y_train),
+        ("t10k-images-idx3-ubyte", x_test),
+        ("t10k-labels-idx1-ubyte", y_test),
+    ):
         _write_idx(str(tmp_path / f"{stem}.gz"), array)
     np.savez(tmp_path / "mnist.npz", x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     for source in (str(tmp_path), str(tmp_path / "mnist.npz")):
         split = datasets.load_mnist(source)
         np.testing.assert_allclose(split.x_train, x_train.reshape(5, -1) / 255.0, rtol=1e-6)
         np.testing.assert_array_equal(split.y_test, y_test)
-    with pytest.raises(FileNotFoundError, match="missing.npz"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.npz"):
         datasets.load_mnist(str(tmp_path / "missing.npz"))
 
 
@@ -180,8 +192,15 @@ def _write_planetoid(path, features):
     import scipy.sparse as sp
 
     adjacency = sp.csr_matrix(np.array([[0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 0]], np.float32))
-    np.savez(path, adj_data=adjacency.data, adj_indices=adjacency.indices, adj_indptr=adjacency.indptr,
-             adj_shape=adjacency.shape, features=features, labels=np.array([0, 1, 0, 1]))
+    np.savez(
+        path,
+        adj_data=adjacency.data,
+        adj_indices=adjacency.indices,
+        adj_indptr=adjacency.indptr,
+        adj_shape=adjacency.shape,
+        features=features,
+        labels=np.array([0, 1, 0, 1]),
+    )
     return str(path)
 
 
@@ -198,8 +217,14 @@ def test_planetoid_npz_loader(tmp_path):
 
 def test_graph_task_with_identity_features(tmp_path):
     """A featureless graph (X = I, as many features as nodes): DFA's batch dims are the node axis."""
-    task = get_task("graph", data=_write_planetoid(tmp_path / "eye.npz", np.eye(4, dtype=np.float32)), hidden=4,
-                    steps=2, eval_every=1, train_per_class=1)
+    task = get_task(
+        "graph",
+        data=_write_planetoid(tmp_path / "eye.npz", np.eye(4, dtype=np.float32)),
+        hidden=4,
+        steps=2,
+        eval_every=1,
+        train_per_class=1,
+    )
     assert np.isfinite(run_sweep(task, "dfa", 1).metrics).all()
 
 

@@ -49,11 +49,14 @@ def test_mnist_validation_split_is_the_end_of_the_training_rows_and_holds_no_tes
     assert valid.metric == "validation_accuracy" and test.metric == "test_accuracy"
 
 
-@pytest.mark.parametrize("name, options", [
-    ("field", dict(size=16, frequencies=8, hidden=(8,))),
-    ("lm", dict(d=8, layers=1, heads=2, seq=8, max_chars=20_000, valid_windows=4)),
-    ("graph", dict(hidden=8)),
-])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("field", dict(size=16, frequencies=8, hidden=(8,))),
+        ("lm", dict(d=8, layers=1, heads=2, seq=8, max_chars=20_000, valid_windows=4)),
+        ("graph", dict(hidden=8)),
+    ],
+)
 def test_every_validation_split_keeps_the_test_data_out(name, options):
     valid, test = get_task(name, split="validation", **options), get_task(name, **options)
     assert valid.options["split"] == "validation" and valid.metric.startswith("validation_")
@@ -66,7 +69,7 @@ def test_every_validation_split_keeps_the_test_data_out(name, options):
         held = round(0.1 * len(text.train))
         np.testing.assert_array_equal(valid.data["train"], text.train[:-held])  # the test text is text.valid
         starts = np.linspace(0, held - 9, 4).astype(int)
-        np.testing.assert_array_equal(valid.data["scored"], [text.train[-held:][s:s + 9] for s in starts])
+        np.testing.assert_array_equal(valid.data["scored"], [text.train[-held:][s : s + 9] for s in starts])
     else:  # graph: test nodes carry no label in the validation data, and validation nodes are never test nodes
         scored_valid, scored_test = np.asarray(valid.data["scored"]) > 0, np.asarray(test.data["scored"]) > 0
         assert not (scored_valid & scored_test).any() and scored_valid.sum() == valid.options["valid_nodes"]
@@ -92,8 +95,24 @@ def test_a_task_without_a_validation_split_is_refused():
 
 
 def test_cli_records_the_chosen_learning_rate_in_the_table_and_the_json(tmp_path, capsys):
-    argv = ["run", "graph", "--rules", "dfa", "--seeds", "2", "--steps", "20", "--lr-grid", "1e-3,3e-2",
-            "--strategy", "vmap", "--quiet", "--no-plot", "--out", str(tmp_path)]
+    argv = [
+        "run",
+        "graph",
+        "--rules",
+        "dfa",
+        "--seeds",
+        "2",
+        "--steps",
+        "20",
+        "--lr-grid",
+        "1e-3,3e-2",
+        "--strategy",
+        "vmap",
+        "--quiet",
+        "--no-plot",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     payload = json.loads((tmp_path / "results.json").read_text())
@@ -105,23 +124,26 @@ def test_cli_records_the_chosen_learning_rate_in_the_table_and_the_json(tmp_path
     assert entry["task_options"]["learning_rate"] == chosen and entry["task_options"]["split"] == "test"
     assert selection["metric"] == "validation_accuracy" and payload["metric"] == "test_accuracy"
     assert f"dfa: chose learning_rate={chosen:g} on the validation split" in printed
-    assert f"lr {chosen:g}" in printed[printed.index("rule "):]  # the table's settings column
+    assert f"lr {chosen:g}" in printed[printed.index("rule ") :]  # the table's settings column
     assert "--lr-grid 0.001,0.03 --grid-seeds 2" in payload["command"]
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--lr", "dfa=-1"], "--lr 'dfa=-1': 'dfa=-1': expected a finite number > 0"),
-    (["--lr", "kp=1e-3"], "rule 'kp' is not among --rules dfa"),
-    (["--lr", "1e-3,2e-3"], "two values for every rule"),
-    (["--b2", "1"], "--b2 '1': '1': expected a number in (0, 1)"),
-    (["--lr", "1e-3", "--lr-grid", "1e-3,3e-3"], "--lr and --lr-grid both set the learning rate"),
-    (["--lr-grid", "1e-3,1e-3"], "--lr-grid '1e-3,1e-3': values repeat"),
-    (["--grid-seeds", "2"], "--grid-seeds needs --lr-grid or --wd-grid"),
-    (["--recipe", "paper"], "recipe: task 'mnist' has no per-rule 'paper' recipe"),
-    (["--recipe", "fancy"], "--recipe 'fancy': expected default or paper"),
-    (["--taps", "micro"], "task 'mnist' does not take"),
-    (["--threshold", "3"], "--threshold 3 binarises the ratings of --data"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--lr", "dfa=-1"], "--lr 'dfa=-1': 'dfa=-1': expected a finite number > 0"),
+        (["--lr", "kp=1e-3"], "rule 'kp' is not among --rules dfa"),
+        (["--lr", "1e-3,2e-3"], "two values for every rule"),
+        (["--b2", "1"], "--b2 '1': '1': expected a number in (0, 1)"),
+        (["--lr", "1e-3", "--lr-grid", "1e-3,3e-3"], "--lr and --lr-grid both set the learning rate"),
+        (["--lr-grid", "1e-3,1e-3"], "--lr-grid '1e-3,1e-3': values repeat"),
+        (["--grid-seeds", "2"], "--grid-seeds needs --lr-grid or --wd-grid"),
+        (["--recipe", "paper"], "recipe: task 'mnist' has no per-rule 'paper' recipe"),
+        (["--recipe", "fancy"], "--recipe 'fancy': expected default or paper"),
+        (["--taps", "micro"], "task 'mnist' does not take"),
+        (["--threshold", "3"], "--threshold 3 binarises the ratings of --data"),
+    ],
+)
 def test_protocol_flag_errors_are_one_line(extra, needle, capsys, monkeypatch):
     monkeypatch.setattr(sweeps, "prepare_sweep", lambda *a, **k: pytest.fail("prepared a refused run"))
     assert main(["run", "mnist", "--dataset", "digits", "--rules", "dfa", "--quiet", "--no-plot", *extra]) == 2
@@ -141,12 +163,22 @@ def test_lr_grid_on_a_task_without_a_validation_split_is_one_line(capsys, monkey
 
 def test_optimizer_options_match_their_closed_forms():
     params, grads = {"w": jnp.array([1.0, -2.0])}, {"w": jnp.array([0.5, 0.25])}
-    base = dict(recipe="default", rule=None, learning_rate=None, b2=None, weight_decay=None, plateau=None, eval_every=1,
-                default={"learning_rate": 0.1, "b2": 0.999, "weight_decay": 0.0, "plateau": 1.0})
+    base = dict(
+        recipe="default",
+        rule=None,
+        learning_rate=None,
+        b2=None,
+        weight_decay=None,
+        plateau=None,
+        eval_every=1,
+        default={"learning_rate": 0.1, "b2": 0.999, "weight_decay": 0.0, "plateau": 1.0},
+    )
     plain = make_optimizer(protocol_options("t", **base))
     reference = optax.adam(0.1)
-    np.testing.assert_array_equal(plain.update(grads, plain.init(params), params)[0]["w"],
-                                  reference.update(grads, reference.init(params), params)[0]["w"])
+    np.testing.assert_array_equal(
+        plain.update(grads, plain.init(params), params)[0]["w"],
+        reference.update(grads, reference.init(params), params)[0]["w"],
+    )
     # Weight decay λ adds λW to the gradient before Adam; β2 enters Adam's second moment.
     tx = make_optimizer(protocol_options("t", **{**base, "weight_decay": 0.1, "b2": 0.9}))
     state = tx.init(params)
@@ -175,7 +207,10 @@ def test_paper_recipes_are_per_rule_and_a_task_built_for_one_rule_refuses_anothe
     assert (bp.options["b2"], bp.options["plateau"], bp.options["learning_rate"]) == (0.98, 1.0, 3e-3)
     assert dfa.options["rule"] == "dfa" and "recipe 'paper' for dfa" in dfa.description
     assert get_task("lm", recipe="paper", rule="shallow", max_chars=20_000).options["b2"] == 0.999  # it cuts at taps
-    assert get_task("lm", recipe="paper", rule="dfa", learning_rate=2e-4, max_chars=20_000).options["learning_rate"] == 2e-4
+    assert (
+        get_task("lm", recipe="paper", rule="dfa", learning_rate=2e-4, max_chars=20_000).options["learning_rate"]
+        == 2e-4
+    )
     graph = get_task("graph", recipe="paper", rule=fj.DFA())
     assert (graph.options["learning_rate"], graph.options["weight_decay"]) == (5e-3, 1e-4)
     assert get_task("graph", recipe="paper", rule="fa").options["weight_decay"] == 5e-4
@@ -194,8 +229,20 @@ def test_gat_and_micro_taps_train_under_dfa_with_the_recipes_optimizer():
     assert "0/src" in plan and "0/dst" in plan and "feedback (dense)" in plan  # attention vectors are weight products
     result = run_sweep(gat, "dfa", 1, strategy="vmap")
     assert np.isfinite(result.metrics).all() and result.metrics[0, -1] > result.metrics[0, 0] + 0.05
-    lm = get_task("lm", d=8, layers=2, heads=2, seq=8, taps="micro", max_chars=20_000, valid_windows=4, steps=20,
-                  eval_every=10, recipe="paper", rule="dfa")
+    lm = get_task(
+        "lm",
+        d=8,
+        layers=2,
+        heads=2,
+        seq=8,
+        taps="micro",
+        max_chars=20_000,
+        valid_windows=4,
+        steps=20,
+        eval_every=10,
+        recipe="paper",
+        rule="dfa",
+    )
     params = lm.init_params(key=jax.random.key(0))
     inputs, _ = lm.batch(lm.data, jax.random.key(0), 0)
     taps = [t.name for t in fj.plan(lm.model, params, inputs, fj.DFA()).taps]  # the plan's tap listing, in order

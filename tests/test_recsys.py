@@ -24,7 +24,7 @@ generate = datasets.make_clicks.__wrapped__  # the generator itself, not the mem
 def test_generator_is_deterministic_and_controls_the_positive_rate():
     a = generate(train=3000, test=1000, seed=3)
     b = generate(train=3000, test=1000, seed=3)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         if isinstance(x, np.ndarray):
             np.testing.assert_array_equal(x, y)
     c = generate(train=3000, test=1000, seed=4)
@@ -40,7 +40,10 @@ def test_generator_is_deterministic_and_controls_the_positive_rate():
         assert offsets[f] <= a.x_train[:, f].min() and a.x_train[:, f].max() < offsets[f + 1]
     # The third-order term carries what a FM cannot: the oracle scores clearly better than its FM part alone.
     fm_part = generate(train=3000, test=1000, seed=3, triple=0.0)
-    assert auc(jnp.asarray(a.p_test), jnp.asarray(a.y_test)) > auc(jnp.asarray(fm_part.p_test), jnp.asarray(a.y_test)) + 0.02
+    assert (
+        auc(jnp.asarray(a.p_test), jnp.asarray(a.y_test))
+        > auc(jnp.asarray(fm_part.p_test), jnp.asarray(a.y_test)) + 0.02
+    )
 
 
 def test_hash_fields_keeps_small_fields_and_hashes_large_ones():
@@ -64,7 +67,9 @@ def test_auc_perfect_reversed_constant_and_against_ranks_with_ties():
     expected = np.mean((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :]))
     assert float(auc(jnp.asarray(scores), jnp.asarray(y))) == pytest.approx(expected, abs=1e-6)
     logits, targets = jnp.array([0.3, -2.0, 1.5]), jnp.array([1.0, 0.0, 0.0])
-    expected = -np.mean([np.log(1 / (1 + np.exp(-0.3))), np.log(1 - 1 / (1 + np.exp(2.0))), np.log(1 - 1 / (1 + np.exp(-1.5)))])
+    expected = -np.mean(
+        [np.log(1 / (1 + np.exp(-0.3))), np.log(1 - 1 / (1 + np.exp(2.0))), np.log(1 - 1 / (1 + np.exp(-1.5)))]
+    )
     assert float(log_loss(logits, targets)) == pytest.approx(expected, rel=1e-6)
 
 
@@ -79,16 +84,20 @@ def _grads(model, rule, params, rows, labels):
 
 def test_fm_branch_trains_exactly_under_every_rule_and_shallow_leaves_the_tower_and_its_embeddings():
     rng = np.random.default_rng(0)
-    rows, labels = jnp.asarray(rng.integers(0, 40, (16, 4)), jnp.int32), jnp.asarray(rng.integers(0, 2, 16), jnp.float32)
+    rows, labels = (
+        jnp.asarray(rng.integers(0, 40, (16, 4)), jnp.int32),
+        jnp.asarray(rng.integers(0, 2, 16), jnp.float32),
+    )
     params = init_params(40, 4, "deepfm", embed=3, hidden=(8,), cross=0, key=jax.random.key(0))
     assert [layer["kernel"].shape for layer in params["tower"]] == [(12, 8), (8, 1)]
     model = network("deepfm")
     bp = _grads(model, "bp", params, rows, labels)
-    fm_only = lambda p, x: p["bias"] + branches("deepfm")(p, x)["fm"]  # noqa: E731  the FM branch's own gradient
-    fm_grads = jax.grad(lambda p: log_loss(fm_only(p, rows) + jax.lax.stop_gradient(
-        branches("deepfm")(p, rows)["tower"]), labels))(params)
+    fm_only = lambda p, x: p["bias"] + branches("deepfm")(p, x)["fm"]  # the FM branch's own gradient
+    fm_grads = jax.grad(
+        lambda p: log_loss(fm_only(p, rows) + jax.lax.stop_gradient(branches("deepfm")(p, rows)["tower"]), labels)
+    )(params)
     grads = {rule: _grads(model, rule, params, rows, labels) for rule in ("fa", "dfa", "shallow")}
-    for rule, g in grads.items():
+    for g in grads.values():
         np.testing.assert_allclose(g["linear"], bp["linear"], atol=1e-7)  # a lookup: exact
         np.testing.assert_allclose(g["tower"][-1]["kernel"], bp["tower"][-1]["kernel"], atol=1e-7)  # the head
     shallow, dfa = grads["shallow"], grads["dfa"]
@@ -114,26 +123,34 @@ def _ratings(path, lines):
 def _movielens(n=40, separator="\t"):
     rng = np.random.default_rng(0)
     users, items, stars = rng.integers(1, 7, n), rng.integers(100, 112, n), rng.integers(1, 6, n)
-    lines = [separator.join(map(str, (u, i, r, 880000000 + k))) for k, (u, i, r) in enumerate(zip(users, items, stars))]
+    lines = [
+        separator.join(map(str, (u, i, r, 880000000 + k)))
+        for k, (u, i, r) in enumerate(zip(users, items, stars, strict=True))
+    ]
     return lines, users, items, stars
 
 
 def test_movielens_loader_reads_every_layout_and_binarises_at_the_threshold(tmp_path):
     lines, users, items, stars = _movielens()
     tab = datasets.load_ratings(_ratings(tmp_path / "u.data", lines))
-    colons = datasets.load_ratings(_ratings(tmp_path / "ratings.dat", [l.replace("\t", "::") for l in lines]))
-    csv = datasets.load_ratings(_ratings(tmp_path / "ratings.csv", ["userId,movieId,rating,timestamp"]
-                                         + [l.replace("\t", ",") for l in lines]))
+    colons = datasets.load_ratings(_ratings(tmp_path / "ratings.dat", [line.replace("\t", "::") for line in lines]))
+    csv = datasets.load_ratings(
+        _ratings(
+            tmp_path / "ratings.csv", ["userId,movieId,rating,timestamp"] + [line.replace("\t", ",") for line in lines]
+        )
+    )
     assert tab.fields == ("user", "item") and tab.table == (len(set(users)), len(set(items)))
     assert len(tab.y_train) == 32 and len(tab.y_test) == 8  # 20% test
     labels = np.concatenate([tab.y_train, tab.y_test])
     assert labels.sum() == (stars >= 4).sum()  # rating >= 4 stars is a positive
     for other in (colons, csv):
-        for a, b in zip(tab[:4], other[:4]):
+        for a, b in zip(tab[:4], other[:4], strict=True):
             np.testing.assert_array_equal(a, b)
     # Rows of the shuffled split are the (user, item) of the file, renumbered densely in sorted order.
-    pairs = {(int(np.searchsorted(np.unique(users), u)), len(set(users)) + int(np.searchsorted(np.unique(items), i)))
-             for u, i in zip(users, items)}
+    pairs = {
+        (int(np.searchsorted(np.unique(users), u)), len(set(users)) + int(np.searchsorted(np.unique(items), i)))
+        for u, i in zip(users, items, strict=True)
+    }
     assert {tuple(r) for r in np.concatenate([tab.x_train, tab.x_test]).tolist()} <= pairs
     strict = datasets.load_ratings(_ratings(tmp_path / "u5.data", lines), threshold=5)
     assert np.concatenate([strict.y_train, strict.y_test]).sum() == (stars >= 5).sum()
@@ -164,8 +181,24 @@ def untrainable(monkeypatch):
 def test_malformed_ratings_are_one_line_and_exit_2_before_training(name, tmp_path, capsys, untrainable):
     lines, needle = MALFORMED[name]
     path = _ratings(tmp_path / "ratings.dat", lines)
-    status = main(["run", "recsys", "--data", path, "--rules", "bp", "--seeds", "1", "--steps", "2", "--quiet",
-                   "--no-plot", "--out", str(tmp_path / "out")])
+    status = main(
+        [
+            "run",
+            "recsys",
+            "--data",
+            path,
+            "--rules",
+            "bp",
+            "--seeds",
+            "1",
+            "--steps",
+            "2",
+            "--quiet",
+            "--no-plot",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert status == 2 and len(err.splitlines()) == 1 and err.startswith("fa-jax: error: "), err
@@ -184,11 +217,27 @@ def test_binary_and_directory_ratings_are_refused_in_one_line(tmp_path):
 def test_run_recsys_on_a_ratings_file_prints_auc_per_rule(tmp_path, capsys):
     lines, *_ = _movielens(n=400)
     path = _ratings(tmp_path / "u.data", lines)
-    argv = ["run", "recsys", "--data", path, "--rules", "dfa", "--seeds", "2", "--steps", "20", "--strategy", "vmap",
-            "--quiet", "--no-plot", "--out", str(tmp_path / "out")]
+    argv = [
+        "run",
+        "recsys",
+        "--data",
+        path,
+        "--rules",
+        "dfa",
+        "--seeds",
+        "2",
+        "--steps",
+        "20",
+        "--strategy",
+        "vmap",
+        "--quiet",
+        "--no-plot",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    table = printed[printed.index("rule "):]
+    table = printed[printed.index("rule ") :]
     assert "test_auc" in table and "fm_branch_auc" in table and "tower_branch_auc" in table
     assert table.count("±") == 4 and "dfa " in table  # AUC, log loss and each branch's AUC
     payload = json.loads((tmp_path / "out" / "results.json").read_text())

@@ -32,16 +32,39 @@ def _env(cache: str | None) -> dict:
     if cache is not None:
         # The persistent compilation cache makes the 7 child processes cheap; a cached
         # executable is the very program the first process compiled.
-        env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=cache,
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+        )
     return env
 
 
 def _child(mode: str, at: int, out: str, checkpoint_dir: str, cache: str) -> subprocess.CompletedProcess:
     command = [
-        sys.executable, CHILD, mode, str(at), "--", "run", "tiny", "--rules", "kp", "--seeds", "3",
-        "--steps", str(STEPS), "--strategy", "vmap", "--no-plot", "--quiet", "--out", out,
-        "--checkpoint-dir", checkpoint_dir, "--checkpoint-every", str(EVERY),
+        sys.executable,
+        CHILD,
+        mode,
+        str(at),
+        "--",
+        "run",
+        "tiny",
+        "--rules",
+        "kp",
+        "--seeds",
+        "3",
+        "--steps",
+        str(STEPS),
+        "--strategy",
+        "vmap",
+        "--no-plot",
+        "--quiet",
+        "--out",
+        out,
+        "--checkpoint-dir",
+        checkpoint_dir,
+        "--checkpoint-every",
+        str(EVERY),
     ]
     return subprocess.run(command, env=_env(cache), capture_output=True, text=True, timeout=300)
 
@@ -75,8 +98,13 @@ def test_sigkill_five_times_then_resume_is_bit_identical(tmp_path):
     # Five kills at random steps; the third one lands while a checkpoint is being written.
     rng = np.random.default_rng(2024)
     kill_steps = sorted(rng.choice(np.arange(4, STEPS - 4, 4), size=5, replace=False).tolist())
-    plan = [("after", kill_steps[0]), ("after", kill_steps[1]), ("saving", kill_steps[2]),
-            ("after", kill_steps[3]), ("after", kill_steps[4])]
+    plan = [
+        ("after", kill_steps[0]),
+        ("after", kill_steps[1]),
+        ("saving", kill_steps[2]),
+        ("after", kill_steps[3]),
+        ("after", kill_steps[4]),
+    ]
     latest = 0
     for mode, at in plan:
         proc = _child(mode, at, str(tmp_path / "out"), ck, cache)
@@ -95,7 +123,9 @@ def test_sigkill_five_times_then_resume_is_bit_identical(tmp_path):
     assert final.returncode == 0, final.stderr[-2000:]
     # The killed process's locks (the directory's and the rule's) were free and taken over, saying whose they were.
     stale = [line for line in final.stderr.splitlines() if "took over the stale lock" in line]
-    assert len(stale) == 2 and all(line.startswith("fa-jax: warning: ") and "pid " in line for line in stale), final.stderr
+    assert len(stale) == 2 and all(line.startswith("fa-jax: warning: ") and "pid " in line for line in stale), (
+        final.stderr
+    )
     assert _steps_on_disk(os.path.join(ck, "kp"))[1] == []  # the stale temporary directory was cleaned
 
     # Metrics, losses and the final state (params, optimizer, feedback, key...) bit for bit.
@@ -114,8 +144,25 @@ def test_sigkill_five_times_then_resume_is_bit_identical(tmp_path):
 
 def test_same_command_twice_gives_identical_json(tmp_path):
     command = [
-        sys.executable, "-m", "fa_jax", "run", "mnist", "--dataset", "digits", "--rules", "dfa", "--seeds", "2",
-        "--steps", "20", "--strategy", "vmap", "--no-plot", "--quiet", "--out", str(tmp_path / "out"),
+        sys.executable,
+        "-m",
+        "fa_jax",
+        "run",
+        "mnist",
+        "--dataset",
+        "digits",
+        "--rules",
+        "dfa",
+        "--seeds",
+        "2",
+        "--steps",
+        "20",
+        "--strategy",
+        "vmap",
+        "--no-plot",
+        "--quiet",
+        "--out",
+        str(tmp_path / "out"),
     ]
     texts = []
     for _ in range(2):
@@ -142,15 +189,18 @@ def test_one_diverging_seed_is_frozen_and_the_others_match(rule):
     assert at[3] >= 0 and np.all(np.delete(at, 3) == -1), at
     assert np.all(np.asarray(baseline.diverged_at) == -1)
     others = np.arange(8) != 3
-    for got, want in zip(jax.tree.leaves(diverged._replace(key=None)), jax.tree.leaves(baseline._replace(key=None))):
+    for got, want in zip(
+        jax.tree.leaves(diverged._replace(key=None)), jax.tree.leaves(baseline._replace(key=None)), strict=True
+    ):
         np.testing.assert_array_equal(np.asarray(got)[others], np.asarray(want)[others])
     # Seed 3 froze at its last finite state: no NaN/Inf reached its params, optimizer state or
     # feedback (KP learns B from the same update that blew up W).
     for leaf in jax.tree.leaves((diverged.params, diverged.opt_state, diverged.feedback)):
         assert np.all(np.isfinite(np.asarray(leaf)[3]))
     if rule == "kp":  # B learned up to the divergence, then stayed
-        assert not np.array_equal(np.asarray(diverged.feedback.weights["0/kernel"][3]),
-                                  np.asarray(start.feedback.weights["0/kernel"][3]))
+        assert not np.array_equal(
+            np.asarray(diverged.feedback.weights["0/kernel"][3]), np.asarray(start.feedback.weights["0/kernel"][3])
+        )
     assert not np.all(np.isfinite(np.asarray(diverged.losses)[3, 1:]))  # the loss shows it
 
     final = np.asarray(diverged.metrics)[:, -1]
@@ -263,7 +313,9 @@ def test_brsf_and_data_order_depend_only_on_seed_and_step():
     np.testing.assert_array_equal(matrix(5), matrix(5))
     assert not np.array_equal(matrix(5), matrix(6))
     data_key = jax.random.key(11)
-    np.testing.assert_array_equal(sample_rows(48, 8, data_key, jnp.int32(9)), sample_rows(48, 8, data_key, jnp.int32(9)))
+    np.testing.assert_array_equal(
+        sample_rows(48, 8, data_key, jnp.int32(9)), sample_rows(48, 8, data_key, jnp.int32(9))
+    )
 
     # A brSF sweep gives the same numbers whether it runs in one chunk or two, and with the
     # seeds listed in either order: each seed's run depends on its seed and the step alone.
@@ -281,12 +333,16 @@ def test_learned_feedback_round_trips_exactly_through_a_sweep_checkpoint(tmp_pat
     first = run_sweep(task, "kp", 2, chunks=2, strategy="vmap", checkpoint_dir=str(tmp_path))
     again = run_sweep(task, "kp", 2, chunks=2, strategy="vmap", checkpoint_dir=str(tmp_path))  # nothing left to train
     assert jax.tree.structure(again.state) == jax.tree.structure(first.state)
-    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(again.state), jax.tree.leaves(first.state)):
+    for (path, got), want in zip(
+        jax.tree_util.tree_leaves_with_path(again.state), jax.tree.leaves(first.state), strict=True
+    ):
         if is_key(want):
             got, want = jax.random.key_data(got), jax.random.key_data(want)
         assert np.asarray(got).tobytes() == np.asarray(want).tobytes(), jax.tree_util.keystr(path)
     initial = make_trainer(task, "kp", 2, strategy="vmap").init().feedback
-    assert not np.array_equal(np.asarray(first.state.feedback.weights["0/kernel"]), np.asarray(initial.weights["0/kernel"]))
+    assert not np.array_equal(
+        np.asarray(first.state.feedback.weights["0/kernel"]), np.asarray(initial.weights["0/kernel"])
+    )
     np.testing.assert_array_equal(again.metrics, first.metrics)
 
 
@@ -305,15 +361,17 @@ def test_feedback_layouts_and_keys_round_trip_and_other_layouts_are_refused(tmp_
     restored = Checkpointer(tmp_path, every=1, config={}).restore(like=state)
     assert jax.tree.structure(restored) == jax.tree.structure(state)
     assert restored["dfa"].layout == state["dfa"].layout and restored["fa"].exact == ("2/kernel",)
-    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         assert is_key(got) == is_key(want)
         if is_key(want):
             assert jax.random.key_impl(got) == jax.random.key_impl(want)
             got, want = jax.random.key_data(got), jax.random.key_data(want)
         assert np.asarray(got).tobytes() == np.asarray(want).tobytes()
     # Same leaves, other static layout (taps cut at every layer input, other exact paths): refused.
-    for other in ({"dfa": feedback(fj.DFA(taps="layer")), "fa": state["fa"]},
-                  {"dfa": state["dfa"], "fa": feedback(fj.FA(regenerate=True), exact="0/kernel")}):
+    for other in (
+        {"dfa": feedback(fj.DFA(taps="layer")), "fa": state["fa"]},
+        {"dfa": state["dfa"], "fa": feedback(fj.FA(regenerate=True), exact="0/kernel")},
+    ):
         with pytest.raises(CheckpointMismatch):
             Checkpointer(tmp_path, every=1, config={}).restore(like=other)
 
@@ -322,7 +380,7 @@ def test_resume_refuses_other_rule_options_and_unnamed_ones(tmp_path):
     task = reliability_task.make_task(steps=4, eval_every=4)
     run_sweep(task, "fa", 1, strategy="vmap", checkpoint_dir=str(tmp_path))
     # Same rule name, another initializer for B: a different run, named in the message.
-    with pytest.raises(CheckpointMismatch, match="rule_options.*fan_in.*fan_avg"):
+    with pytest.raises(CheckpointMismatch, match=r"rule_options.*fan_in.*fan_avg"):
         run_sweep(task, fj.FA(init=fj.xavier()), 1, strategy="vmap", checkpoint_dir=str(tmp_path))
     with pytest.raises(CheckpointMismatch, match="rule_options"):
         run_sweep(task, fj.FA(regenerate=True), 1, strategy="vmap", checkpoint_dir=str(tmp_path))
@@ -335,6 +393,8 @@ def test_resume_refuses_other_rule_options_and_unnamed_ones(tmp_path):
     from fa_jax.experiments.checkpoint import rule_identity
 
     tiled = rule_identity(fj.FA(init=fj.Tiled(rows=8), regenerate=True))["config"]["init"]
-    assert tiled == {"class": "fa_jax.initializers.Tiled",
-                     "fields": {"rows": 8, "distribution": "truncated_normal", "mode": "fan_in", "scale": 1.0}}
+    assert tiled == {
+        "class": "fa_jax.initializers.Tiled",
+        "fields": {"rows": 8, "distribution": "truncated_normal", "mode": "fan_in", "scale": 1.0},
+    }
     assert rule_identity(fj.KolenPollack(decay=0.25))["config"]["decay"] == 0.25

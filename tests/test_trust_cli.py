@@ -59,7 +59,11 @@ def _error_cases(tmp_path):
         (["--out", str(out)], "--out", "results.json exists there and is not a file"),
         (["--out", str(other)], "--out", "timings.json exists there and is not a file"),
         (["--checkpoint-dir", str(a_file)], "--checkpoint-dir", "is a file, not a directory"),
-        (["--checkpoint-dir", str(a_file / "ck")], "--checkpoint-dir", "is a file, so no directory can be made under it"),
+        (
+            ["--checkpoint-dir", str(a_file / "ck")],
+            "--checkpoint-dir",
+            "is a file, so no directory can be made under it",
+        ),
         (["--steps", "1e12"], "argument --steps", "expected a whole number, given '1e12'"),
         (["--steps", str(10**12)], "argument --steps", "expected an integer from 1 to 2,147,483,647"),
         (["--steps", "2.5"], "argument --steps", "expected a whole number"),
@@ -69,8 +73,11 @@ def _error_cases(tmp_path):
         (["--seeds", "200000"], "--seeds 200000", "more than the 64.0 MiB available; use fewer seeds"),
         (["--checkpoint-every", "8"], "--checkpoint-every", "needs --checkpoint-dir (without it nothing is saved)"),
         (["--restart-if-corrupt"], "--restart-if-corrupt", "needs --checkpoint-dir"),
-        (["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "6"], "--checkpoint-every 6",
-         "must be a multiple of the eval interval, 4 steps"),
+        (
+            ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "6"],
+            "--checkpoint-every 6",
+            "must be a multiple of the eval interval, 4 steps",
+        ),
         (["--devices", "2"], "--devices 2", "only 1 cpu device(s) available"),
         (["--data", str(tmp_path / "missing.npz")], "--data", "does not exist"),
     ]
@@ -79,7 +86,7 @@ def _error_cases(tmp_path):
 def test_user_errors_are_one_line_and_exit_2_before_training(tmp_path, capsys, tiny, untrainable, monkeypatch):
     monkeypatch.setattr(sweeps, "available_bytes", lambda mesh: 64 * 2**20)
     for extra, flag, needle in _error_cases(tmp_path):
-        argv = ["run", "tiny", *TINY, "--out", str(tmp_path / "fresh")] + extra
+        argv = ["run", "tiny", *TINY, "--out", str(tmp_path / "fresh"), *extra]
         assert main(argv) == 2, extra
         err = _one_line(capsys)
         assert flag in err and needle in err, (extra, err)
@@ -97,7 +104,7 @@ def test_a_stray_empty_step_is_refused_in_one_line_or_set_aside_when_asked(tmp_p
     assert err[-1].startswith("fa-jax: error: no usable checkpoint in ") and "step 500: empty directory" in err[-1]
     assert "--restart-if-corrupt" in err[-1] and not any("Traceback" in line for line in err)
     assert not (tmp_path / "out").exists()
-    assert main(argv + ["--restart-if-corrupt"]) == 0
+    assert main([*argv, "--restart-if-corrupt"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert all(line.startswith("fa-jax: warning: ") for line in err), err
     assert any("set aside unusable checkpoint" in line and "500.corrupt-0" in line for line in err), err
@@ -106,10 +113,10 @@ def test_a_stray_empty_step_is_refused_in_one_line_or_set_aside_when_asked(tmp_p
 
 def test_garbage_metadata_is_one_line_and_the_run_resumes_from_the_previous_checkpoint(tmp_path, capsys, tiny):
     argv = ["run", "tiny", *TINY, "--checkpoint-dir", str(tmp_path / "ck")]
-    assert main(argv + ["--out", str(tmp_path / "first")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "first")]) == 0
     (tmp_path / "ck" / "kp" / "8" / "meta" / "metadata").write_text("<html>not json</html>")
     capsys.readouterr()
-    assert main(argv + ["--out", str(tmp_path / "second")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "second")]) == 0
     captured = capsys.readouterr()
     err = captured.err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("fa-jax: warning: ") for line in err), err
@@ -129,17 +136,34 @@ def _digits(path, *, permute=False):
 
 def test_resume_with_other_data_content_or_path_is_refused_naming_it(tmp_path, capsys):
     _digits(tmp_path / "a.npz")
-    argv = ["run", "mnist", "--rules", "bp", "--seeds", "1", "--steps", "2", "--quiet", "--no-plot",
-            "--out", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ck")]
-    assert main(argv + ["--data", str(tmp_path / "a.npz")]) == 0
+    argv = [
+        "run",
+        "mnist",
+        "--rules",
+        "bp",
+        "--seeds",
+        "1",
+        "--steps",
+        "2",
+        "--quiet",
+        "--no-plot",
+        "--out",
+        str(tmp_path / "out"),
+        "--checkpoint-dir",
+        str(tmp_path / "ck"),
+    ]
+    assert main([*argv, "--data", str(tmp_path / "a.npz")]) == 0
     capsys.readouterr()
     _digits(tmp_path / "a.npz", permute=True)  # the same file name, labels permuted
-    assert main(argv + ["--data", str(tmp_path / "a.npz")]) == 2
+    assert main([*argv, "--data", str(tmp_path / "a.npz")]) == 2
     err = _one_line(capsys)
-    assert "does not match this run: task.data_content: checkpoint has 'sha256:" in err and "(the data's content changed)" in err
+    assert (
+        "does not match this run: task.data_content: checkpoint has 'sha256:" in err
+        and "(the data's content changed)" in err
+    )
     _digits(tmp_path / "a.npz")
     os.rename(tmp_path / "a.npz", tmp_path / "b.npz")  # the same content under another name
-    assert main(argv + ["--data", str(tmp_path / "b.npz")]) == 2
+    assert main([*argv, "--data", str(tmp_path / "b.npz")]) == 2
     err = _one_line(capsys)
     assert f"task.options.data: checkpoint has '{tmp_path}/a.npz', this run has '{tmp_path}/b.npz'" in err
 
@@ -164,10 +188,45 @@ def test_results_json_is_strict_lists_diverged_seeds_and_exit_1_when_no_seed_is_
 
 def test_results_json_depends_on_the_run_not_on_how_the_command_was_spelled(tmp_path, capsys, tiny, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["run", "tiny", "--rules", "KP", "--seeds", "2", "--steps", "8", "--strategy", "vmap", "--quiet",
-                 "--no-plot", "--out", str(tmp_path / "one")]) == 0
-    assert main(["run", "tiny", "--rules", " kp,KP ", "--seeds=2", "--steps=8", "--no-plot", "--out", "./sub/../two",
-                 "--checkpoint-dir", "ck"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "tiny",
+                "--rules",
+                "KP",
+                "--seeds",
+                "2",
+                "--steps",
+                "8",
+                "--strategy",
+                "vmap",
+                "--quiet",
+                "--no-plot",
+                "--out",
+                str(tmp_path / "one"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "run",
+                "tiny",
+                "--rules",
+                " kp,KP ",
+                "--seeds=2",
+                "--steps=8",
+                "--no-plot",
+                "--out",
+                "./sub/../two",
+                "--checkpoint-dir",
+                "ck",
+            ]
+        )
+        == 0
+    )
     one, two = ((tmp_path / d / "results.json").read_text() for d in ("one", "two"))
     assert one == two
     payload = json.loads(one)
@@ -181,10 +240,15 @@ def test_results_json_depends_on_the_run_not_on_how_the_command_was_spelled(tmp_
 
 
 def _env(cache: str) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
-            "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
-            "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+        "JAX_COMPILATION_CACHE_DIR": cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    }
 
 
 def test_ctrl_c_a_second_run_on_a_locked_directory_and_the_resume(tmp_path, capsys, tiny):
@@ -192,17 +256,47 @@ def test_ctrl_c_a_second_run_on_a_locked_directory_and_the_resume(tmp_path, caps
     SIGINT stops the first (exit 130, one line saying where to resume); a third resumes and finishes.
     The children shard 3 seeds over 2 host devices: their results equal a 1-device run to float tolerance."""
     ck, out, cache = str(tmp_path / "ck"), str(tmp_path / "out"), str(tmp_path / "cache")
-    args = ["run", "tiny", "--rules", "kp", "--seeds", "3", "--steps", "24", "--strategy", "vmap", "--quiet",
-            "--no-plot", "--out", out, "--checkpoint-dir", ck, "--checkpoint-every", "8"]
-    first = subprocess.Popen([sys.executable, CHILD, "pause", "8", "--", *args], env=_env(cache),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = [
+        "run",
+        "tiny",
+        "--rules",
+        "kp",
+        "--seeds",
+        "3",
+        "--steps",
+        "24",
+        "--strategy",
+        "vmap",
+        "--quiet",
+        "--no-plot",
+        "--out",
+        out,
+        "--checkpoint-dir",
+        ck,
+        "--checkpoint-every",
+        "8",
+    ]
+    first = subprocess.Popen(
+        [sys.executable, CHILD, "pause", "8", "--", *args],
+        env=_env(cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not os.path.exists(ck + ".paused"):
-            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.poll() else "timeout"
+            assert first.poll() is None and time.monotonic() < deadline, (
+                first.stderr.read() if first.poll() else "timeout"
+            )
             time.sleep(0.2)
-        second = subprocess.run([sys.executable, CHILD, "none", "0", "--", *args], env=_env(cache),
-                                capture_output=True, text=True, timeout=300)
+        second = subprocess.run(
+            [sys.executable, CHILD, "none", "0", "--", *args],
+            env=_env(cache),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert second.returncode == 2, second.stderr[-2000:]
         line = second.stderr.strip()
         assert len(line.splitlines()) == 1 and "Traceback" not in line, line
@@ -212,10 +306,12 @@ def test_ctrl_c_a_second_run_on_a_locked_directory_and_the_resume(tmp_path, caps
     finally:
         first.kill()
     assert first.returncode == 130, stderr[-2000:]
-    assert stderr.strip() == ("fa-jax: rule kp: interrupted at step 8; re-run the same command to resume "
-                              "(from step 8, the last checkpoint)"), stderr[-2000:]
-    third = subprocess.run([sys.executable, CHILD, "none", "0", "--", *args], env=_env(cache), capture_output=True,
-                           text=True, timeout=300)
+    assert stderr.strip() == (
+        "fa-jax: rule kp: interrupted at step 8; re-run the same command to resume (from step 8, the last checkpoint)"
+    ), stderr[-2000:]
+    third = subprocess.run(
+        [sys.executable, CHILD, "none", "0", "--", *args], env=_env(cache), capture_output=True, text=True, timeout=300
+    )
     assert third.returncode == 0, third.stderr[-2000:]
     assert "kp: resuming from step 8" in third.stdout and third.stderr.strip() == ""
     with open(os.path.join(out, "results.json")) as f:
@@ -226,8 +322,11 @@ def test_ctrl_c_a_second_run_on_a_locked_directory_and_the_resume(tmp_path, caps
         alone = json.load(f)
     assert (sharded["devices"], alone["devices"]) == (2, 1)
     np.testing.assert_allclose(sharded["rules"]["kp"]["metrics"], alone["rules"]["kp"]["metrics"], atol=1e-6)
-    np.testing.assert_allclose(np.asarray(sharded["rules"]["kp"]["losses"], float)[:, 1:],
-                               np.asarray(alone["rules"]["kp"]["losses"], float)[:, 1:], rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(sharded["rules"]["kp"]["losses"], float)[:, 1:],
+        np.asarray(alone["rules"]["kp"]["losses"], float)[:, 1:],
+        rtol=1e-5,
+    )
     for payload in (sharded, alone):
         del payload["devices"], payload["command"], payload["rules"]["kp"]["metrics"], payload["rules"]["kp"]["losses"]
         del payload["rules"]["kp"]["mean"], payload["rules"]["kp"]["std"], payload["rules"]["kp"]["final"]

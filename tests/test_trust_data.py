@@ -77,12 +77,20 @@ def _object_labels(path):
 
 
 def _idx(array):
-    return struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+    return (
+        struct.pack(">HBB", 0, 0x08, array.ndim)
+        + struct.pack(f">{array.ndim}I", *array.shape)
+        + array.astype(np.uint8).tobytes()
+    )
 
 
 def _idx_dir(**change):
-    parts = {"train-images-idx3-ubyte": _idx(X[:30]), "train-labels-idx1-ubyte": _idx(Y[:30]),
-             "t10k-images-idx3-ubyte": _idx(X[30:]), "t10k-labels-idx1-ubyte": _idx(Y[30:])}
+    parts = {
+        "train-images-idx3-ubyte": _idx(X[:30]),
+        "train-labels-idx1-ubyte": _idx(Y[:30]),
+        "t10k-images-idx3-ubyte": _idx(X[30:]),
+        "t10k-labels-idx1-ubyte": _idx(Y[30:]),
+    }
     parts.update(change)
 
     def write(path):
@@ -97,10 +105,17 @@ def _idx_dir(**change):
 def _graph(nodes=60, **change):
     import scipy.sparse as sp
 
-    ring = sp.csr_matrix((np.ones(nodes, np.float32), (np.arange(nodes), (np.arange(nodes) + 1) % nodes)), shape=(nodes, nodes))
-    arrays = {"adj_data": ring.data, "adj_indices": ring.indices, "adj_indptr": ring.indptr,
-              "adj_shape": np.array(ring.shape), "features": RNG.normal(size=(nodes, 3)).astype(np.float32),
-              "labels": np.arange(nodes) % 2}
+    ring = sp.csr_matrix(
+        (np.ones(nodes, np.float32), (np.arange(nodes), (np.arange(nodes) + 1) % nodes)), shape=(nodes, nodes)
+    )
+    arrays = {
+        "adj_data": ring.data,
+        "adj_indices": ring.indices,
+        "adj_indptr": ring.indptr,
+        "adj_shape": np.array(ring.shape),
+        "features": RNG.normal(size=(nodes, 3)).astype(np.float32),
+        "labels": np.arange(nodes) % 2,
+    }
     for key, value in change.items():
         if value is None:
             arrays.pop(key)
@@ -117,54 +132,141 @@ MALFORMED = {
     # mnist, .npz
     "short-y_train": ("mnist", _mnist(y_train=Y[:15]), "y_train: 15 labels for 30 rows"),
     "short-y_test": ("mnist", _mnist(y_test=Y[30:35]), "y_test: 5 labels for 10 rows"),
-    "label-minus-one": ("mnist", _mnist(y_train=np.where(np.arange(30) == 3, -1, Y[:30])), "y_train: 1 labels outside 0..9 (e.g. -1 at row 3)"),
-    "float-labels": ("mnist", _mnist(y_train=_floats(Y[:30], 4, 2.5)), "y_train: float labels such as 2.5 are not class numbers"),
+    "label-minus-one": (
+        "mnist",
+        _mnist(y_train=np.where(np.arange(30) == 3, -1, Y[:30])),
+        "y_train: 1 labels outside 0..9 (e.g. -1 at row 3)",
+    ),
+    "float-labels": (
+        "mnist",
+        _mnist(y_train=_floats(Y[:30], 4, 2.5)),
+        "y_train: float labels such as 2.5 are not class numbers",
+    ),
     "labels-10-to-19": ("mnist", _mnist(y_train=Y[:30] + 10), "y_train: 30 labels outside 0..9 (e.g. 10"),
     "nan-labels": ("mnist", _mnist(y_test=_floats(Y[30:], 0)), "y_test: 1 values are NaN or Inf (first at row 0)"),
-    "nan-test-pixels": ("mnist", _mnist(x_test=_floats(X[30:] / 255.0, 70)), "x_test: 1 values are NaN or Inf (first at index (1, 0, 6))"),
+    "nan-test-pixels": (
+        "mnist",
+        _mnist(x_test=_floats(X[30:] / 255.0, 70)),
+        "x_test: 1 values are NaN or Inf (first at index (1, 0, 6))",
+    ),
     "inf-train-pixels": ("mnist", _mnist(x_train=_floats(X[:30], 5, np.inf)), "x_train: 1 values are NaN or Inf"),
     "empty-file": ("mnist", _raw(b""), "is empty (0 bytes), expected a .npz archive"),
     "truncated-npz": ("mnist", _truncated(_mnist()), ".npz"),
-    "damaged-member": ("mnist", _damaged_member, "x_train: unreadable, the archive is truncated or damaged (Bad CRC-32"),
+    "damaged-member": (
+        "mnist",
+        _damaged_member,
+        "x_train: unreadable, the archive is truncated or damaged (Bad CRC-32",
+    ),
     "text-file": ("mnist", _raw(b"x_train,y_train\n1,2\n"), "is not a .npz archive (not a zip file"),
     "npy-not-npz": ("mnist", _npy, "holds a single .npy array, expected a .npz archive"),
     "missing-y_test": ("mnist", _mnist(y_test=None), "lacks arrays ['y_test']"),
-    "one-class": ("mnist", _mnist(y_train=np.full(30, 3)), "y_train: every label is 3; training needs at least two classes"),
+    "one-class": (
+        "mnist",
+        _mnist(y_train=np.full(30, 3)),
+        "y_train: every label is 3; training needs at least two classes",
+    ),
     "no-rows": ("mnist", _mnist(x_train=X[:0], y_train=Y[:0]), "x_train: has no examples (0 rows)"),
-    "no-pixels": ("mnist", _mnist(x_train=np.zeros((30, 0)), x_test=np.zeros((10, 0))), "x_train: has no pixels per example"),
-    "negative-pixels": ("mnist", _mnist(x_train=_floats(X[:30] / 128.0 - 1.0)), "x_train: values in [-1, 0.992188] fit neither"),
-    "pixels-above-255": ("mnist", _mnist(x_test=X[30:].astype(np.int32) * 4), "x_test: values in [0, 1020] fit neither"),
-    "mixed-scales": ("mnist", _mnist(x_train=_floats(X[:30] / 255.0)), "x_test: pixels on the 0–255 scale, x_train's on the 0–1 scale"),
-    "other-image-size": ("mnist", _mnist(x_test=X[30:, :7, :7]), "x_test: examples of shape (7, 7), x_train's are (8, 8)"),
+    "no-pixels": (
+        "mnist",
+        _mnist(x_train=np.zeros((30, 0)), x_test=np.zeros((10, 0))),
+        "x_train: has no pixels per example",
+    ),
+    "negative-pixels": (
+        "mnist",
+        _mnist(x_train=_floats(X[:30] / 128.0 - 1.0)),
+        "x_train: values in [-1, 0.992188] fit neither",
+    ),
+    "pixels-above-255": (
+        "mnist",
+        _mnist(x_test=X[30:].astype(np.int32) * 4),
+        "x_test: values in [0, 1020] fit neither",
+    ),
+    "mixed-scales": (
+        "mnist",
+        _mnist(x_train=_floats(X[:30] / 255.0)),
+        "x_test: pixels on the 0–255 scale, x_train's on the 0–1 scale",
+    ),
+    "other-image-size": (
+        "mnist",
+        _mnist(x_test=X[30:, :7, :7]),
+        "x_test: examples of shape (7, 7), x_train's are (8, 8)",
+    ),
     "object-labels": ("mnist", _object_labels, "y_train: holds Python objects (dtype object)"),
-    "one-hot-labels": ("mnist", _mnist(y_train=np.eye(10)[Y[:30]]), "y_train: expected a 1-d array of class labels, given shape (30, 10) (one-hot?"),
+    "one-hot-labels": (
+        "mnist",
+        _mnist(y_train=np.eye(10)[Y[:30]]),
+        "y_train: expected a 1-d array of class labels, given shape (30, 10) (one-hot?",
+    ),
     "flat-pixels": ("mnist", _mnist(x_train=X[:30].reshape(-1)), "x_train: expected (examples, pixels...)"),
-    "string-pixels": ("mnist", _mnist(x_train=np.full((30, 64), "a")), "x_train: expected numeric pixels, given dtype <U1"),
+    "string-pixels": (
+        "mnist",
+        _mnist(x_train=np.full((30, 64), "a")),
+        "x_train: expected numeric pixels, given dtype <U1",
+    ),
     # mnist, a directory of IDX files
-    "idx-truncated": ("mnist-dir", _idx_dir(**{"train-images-idx3-ubyte": _idx(X[:30])[:-100]}),
-                      "train-images-idx3-ubyte.gz: x_train: truncated: its header promises 1920 bytes of data"),
-    "idx-label-count": ("mnist-dir", _idx_dir(**{"t10k-labels-idx1-ubyte": _idx(Y[30:39])}),
-                        "t10k-labels-idx1-ubyte.gz: labels: 9 labels for the 10 images"),
-    "idx-bad-magic": ("mnist-dir", _idx_dir(**{"train-labels-idx1-ubyte": b"\x01\x02" + _idx(Y[:30])[2:]}),
-                      "train-labels-idx1-ubyte.gz: y_train: not an IDX file"),
+    "idx-truncated": (
+        "mnist-dir",
+        _idx_dir(**{"train-images-idx3-ubyte": _idx(X[:30])[:-100]}),
+        "train-images-idx3-ubyte.gz: x_train: truncated: its header promises 1920 bytes of data",
+    ),
+    "idx-label-count": (
+        "mnist-dir",
+        _idx_dir(**{"t10k-labels-idx1-ubyte": _idx(Y[30:39])}),
+        "t10k-labels-idx1-ubyte.gz: labels: 9 labels for the 10 images",
+    ),
+    "idx-bad-magic": (
+        "mnist-dir",
+        _idx_dir(**{"train-labels-idx1-ubyte": b"\x01\x02" + _idx(Y[:30])[2:]}),
+        "train-labels-idx1-ubyte.gz: y_train: not an IDX file",
+    ),
     "idx-not-gzip": ("mnist-dir", _idx_dir(), None),  # replaced below by a plain file named .gz
     # graph
-    "feature-rows": ("graph", _graph(features=np.ones((61, 3), np.float32)), "features: 61 feature rows for a graph of 60 nodes"),
+    "feature-rows": (
+        "graph",
+        _graph(features=np.ones((61, 3), np.float32)),
+        "features: 61 feature rows for a graph of 60 nodes",
+    ),
     "label-count": ("graph", _graph(labels=np.arange(59) % 2), "labels: 59 labels for 60 rows"),
     "one-class-graph": ("graph", _graph(labels=np.zeros(60, int)), "labels: every labelled node is class 0"),
     "no-labelled-node": ("graph", _graph(labels=np.full(60, -1)), "labels: no labelled node"),
-    "label-minus-two": ("graph", _graph(labels=np.where(np.arange(60) == 7, -2, np.arange(60) % 2)),
-                        "labels: 1 labels below -1 (e.g. -2 at row 7); -1 marks an unlabelled node"),
-    "float-graph-labels": ("graph", _graph(labels=np.where(np.arange(60) == 2, 0.5, np.arange(60) % 2)), "labels: float labels such as 0.5"),
-    "nan-features": ("graph", _graph(features=_floats(np.ones((60, 3)), 10)), "features: 1 values are NaN or Inf (first at index (3, 1))"),
-    "adjacency-not-square": ("graph", _graph(adj_shape=np.array([60, 61])), "adj_shape: the adjacency matrix must be square, given 60 x 61"),
-    "adjacency-index-out-of-range": ("graph", _graph(adj_indices=np.full(60, 99, np.int32)), "adj_indices: column indices outside 0..59"),
-    "adjacency-row-pointer": ("graph", _graph(adj_indptr=np.arange(60)), "adj_indptr: 60 entries for 60 rows (expected 61)"),
+    "label-minus-two": (
+        "graph",
+        _graph(labels=np.where(np.arange(60) == 7, -2, np.arange(60) % 2)),
+        "labels: 1 labels below -1 (e.g. -2 at row 7); -1 marks an unlabelled node",
+    ),
+    "float-graph-labels": (
+        "graph",
+        _graph(labels=np.where(np.arange(60) == 2, 0.5, np.arange(60) % 2)),
+        "labels: float labels such as 0.5",
+    ),
+    "nan-features": (
+        "graph",
+        _graph(features=_floats(np.ones((60, 3)), 10)),
+        "features: 1 values are NaN or Inf (first at index (3, 1))",
+    ),
+    "adjacency-not-square": (
+        "graph",
+        _graph(adj_shape=np.array([60, 61])),
+        "adj_shape: the adjacency matrix must be square, given 60 x 61",
+    ),
+    "adjacency-index-out-of-range": (
+        "graph",
+        _graph(adj_indices=np.full(60, 99, np.int32)),
+        "adj_indices: column indices outside 0..59",
+    ),
+    "adjacency-row-pointer": (
+        "graph",
+        _graph(adj_indptr=np.arange(60)),
+        "adj_indptr: 60 entries for 60 rows (expected 61)",
+    ),
     "missing-labels": ("graph", _graph(labels=None), "lacks arrays ['labels']"),
     "features-1d": ("graph", _graph(features=np.ones(60)), "features: expected a 2-d numeric (nodes, features) array"),
     "truncated-graph": ("graph", _truncated(_graph()), ".npz"),
-    "every-labelled-node-trains": ("graph", _graph(nodes=30, labels=np.arange(30) % 2),
-                                   "labels: every labelled node is used for training, none is left to score"),
+    "every-labelled-node-trains": (
+        "graph",
+        _graph(nodes=30, labels=np.arange(30) % 2),
+        "labels: every labelled node is used for training, none is left to score",
+    ),
 }
 
 
@@ -191,8 +293,24 @@ def untrainable(monkeypatch):
 def test_malformed_data_is_one_line_and_exit_2_before_training(name, tmp_path, capsys, untrainable):
     task, path, needle = _write_case(tmp_path, name)
     out = tmp_path / "out"
-    status = main(["run", task, "--data", path, "--rules", "bp", "--seeds", "1", "--steps", "2", "--quiet", "--no-plot",
-                   "--out", str(out)])
+    status = main(
+        [
+            "run",
+            task,
+            "--data",
+            path,
+            "--rules",
+            "bp",
+            "--seeds",
+            "1",
+            "--steps",
+            "2",
+            "--quiet",
+            "--no-plot",
+            "--out",
+            str(out),
+        ]
+    )
     captured = capsys.readouterr()
     err = captured.err.strip()
     assert status == 2, (status, err)
@@ -234,7 +352,9 @@ def test_unlabelled_graph_nodes_are_masked_never_trained_on_nor_scored(tmp_path)
     assert np.all(np.asarray(targets)[unlabelled] == -1)  # masked out of the loss
     assert "30 unlabelled" in task.description
     # A model that always says class 0 scores the share of class 0 among the scored (labelled, held-out) nodes.
-    always_zero = [{"kernel": np.zeros((3, 4), np.float32), "bias": np.zeros(4, np.float32)},
-                   {"kernel": np.zeros((4, 2), np.float32), "bias": np.array([1.0, 0.0], np.float32)}]
+    always_zero = [
+        {"kernel": np.zeros((3, 4), np.float32), "bias": np.zeros(4, np.float32)},
+        {"kernel": np.zeros((4, 2), np.float32), "bias": np.array([1.0, 0.0], np.float32)},
+    ]
     scored = test > 0
     assert float(task.evaluate(always_zero, task.data)) == pytest.approx(np.mean(labels[scored] == 0))
