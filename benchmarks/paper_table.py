@@ -65,6 +65,11 @@ CASES = {
     "recsys/deepfm": ("recsys", {}, BASE, (1e-3, 3e-3), "default", 3, 1),
     "recsys/tower": ("recsys", {"model": "tower"}, ("dfa", "shallow"), (1e-3, 3e-3), "default", 3, 1),
     "recsys/dcn": ("recsys", {"model": "dcn"}, ("bp", "dfa", "shallow"), (1e-3, 3e-3), "default", 3, 1),
+    # The cases the first table left out, run apart (`--only field,graph/gat,lm/fa,recsys/dcn-fa`).
+    "field/mlp": ("field", {}, BASE, (1e-3, 3e-3), "default", 2, 1),
+    "graph/gat": ("graph", {"model": "gat"}, BASE, (3e-3, 1e-2), "paper", 2, 1),
+    "lm/fa": ("lm", {}, ("fa",), (1e-3, 3e-3), "paper", 2, 1),
+    "recsys/dcn-fa": ("recsys", {"model": "dcn"}, ("fa",), (1e-3, 3e-3), "default", 3, 1),
 }
 
 OPTIMIZER_KEYS = ("learning_rate", "b2", "weight_decay", "plateau")
