@@ -556,7 +556,10 @@ def run(args, progress: _Progress | None = None) -> int:
         if checkpoint_root is not None and primary:
             os.makedirs(checkpoint_root, exist_ok=True)
             lock = DirectoryLock(checkpoint_root, report=_warn).acquire()
-        if primary and jax.process_count() > 1:  # its partners cannot wait for a refusal found after training
+        # One process checks --out after its checkpoints (a refused resume leaves no empty --out); a job's
+        # process 0 checks it before its partners go on, since they cannot wait for a refusal found later.
+        early = primary and jax.process_count() > 1
+        if early:
             os.makedirs(out, exist_ok=True)
             _probe_writable(out, "--out")
         distributed.agree(None, "checking the run")  # every process passed its checks, or every one stops
@@ -607,7 +610,7 @@ def run(args, progress: _Progress | None = None) -> int:
             )
             if sweep.start:
                 say(f"{rule}: resuming from step {sweep.start} ({checkpoint_root}/{rule}/{sweep.start})")
-        if primary:
+        if primary and not early:
             os.makedirs(out, exist_ok=True)
             _probe_writable(out, "--out")
         say(
